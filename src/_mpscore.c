@@ -1,0 +1,372 @@
+/*
+ * _mpscore.c -- the mps scoreboard: child slots and the idle counter in
+ * anonymous MAP_SHARED memory, guarded by a process-shared robust mutex.
+ *
+ * Compiled through cffi (build_ffi.py pastes this file into set_source) and
+ * also #included by benchmarks/ for the C-only floor measurement, so it must
+ * stay Python-free: PODs only, no pointers inside the shared mapping, every
+ * function returns 0 (or a documented non-negative value) or -errno.
+ *
+ * Invariant kept by every locked transition below:
+ *     head.idle == number of slots whose state is MPS_IDLE
+ * because the slot state and the counter change inside the same critical
+ * section.  A holder that dies inside it leaves the mutex EOWNERDEAD; the
+ * next locker recounts the counter from the slots and marks it consistent.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MPS_MAGIC   0x3153504dU     /* "MPS1" */
+#define MPS_VERSION 1
+
+enum mps_state {
+    MPS_EMPTY = 0,      /* free slot */
+    MPS_STARTING = 1,   /* reserved by the master before fork() */
+    MPS_IDLE = 2,       /* child waiting in accept() */
+    MPS_BUSY = 3,       /* child serving a connection */
+    MPS_EXITING = 4     /* child told to leave, or leaving on its own */
+};
+
+struct mps_slot {
+    int64_t pid;
+    int64_t state;          /* enum mps_state */
+    int64_t connections;    /* connections this child accepted */
+    int64_t changed_ns;     /* CLOCK_MONOTONIC time of the last state change */
+    int64_t retire;         /* set by the master: leave after this connection */
+};
+
+struct mps_head {
+    int64_t nslots;
+    int64_t idle;           /* the idle counter (the seed's servers_waiting) */
+    int64_t min_spare;      /* the master's live min_spare: busy below it wakes the master */
+    int64_t connections;    /* connections accepted by all children */
+    int64_t repairs;        /* times the counter was recounted from the slots */
+};
+
+typedef struct mps_board {
+    uint32_t magic;
+    uint32_t version;
+    size_t size;            /* bytes mapped, for munmap */
+    struct mps_head head;
+    pthread_mutex_t lock;
+    struct mps_slot slots[];
+} mps_board;
+
+static int64_t mps_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Caller holds the lock.  Returns how far the counter had drifted. */
+static int64_t mps_recount(mps_board *b)
+{
+    int64_t idle = 0, i;
+    for (i = 0; i < b->head.nslots; i++)
+        idle += b->slots[i].state == MPS_IDLE;
+    idle -= b->head.idle;
+    b->head.idle += idle;
+    return idle;
+}
+
+/* Every transition locks through here.  EOWNERDEAD means a process died
+ * holding the lock, possibly between a slot store and the counter store:
+ * recount before anyone trusts the counter again. */
+static int mps_lock_(mps_board *b)
+{
+    int rc = pthread_mutex_lock(&b->lock);
+    if (rc == EOWNERDEAD) {
+        mps_recount(b);
+        b->head.repairs++;
+        pthread_mutex_consistent(&b->lock);
+        return 0;
+    }
+    return -rc;
+}
+
+static void mps_unlock_(mps_board *b)
+{
+    pthread_mutex_unlock(&b->lock);
+}
+
+static int mps_bad_slot(const mps_board *b, int64_t slot)
+{
+    return slot < 0 || slot >= b->head.nslots;
+}
+
+static void mps_set_state(struct mps_slot *s, int64_t state)
+{
+    s->state = state;
+    s->changed_ns = mps_now_ns();
+}
+
+/* Master, before any fork: map and initialise a board of nslots slots. */
+static int mps_create(int64_t nslots, mps_board **out)
+{
+    pthread_mutexattr_t attr;
+    mps_board *b;
+    size_t size;
+    int rc;
+
+    if (nslots < 1 || nslots > 1 << 20)
+        return -EINVAL;
+    size = sizeof(mps_board) + (size_t)nslots * sizeof(struct mps_slot);
+    b = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED)
+        return -errno;
+    memset(b, 0, size);     /* anonymous maps are zeroed; say so anyway */
+    b->magic = MPS_MAGIC;
+    b->version = MPS_VERSION;
+    b->size = size;
+    b->head.nslots = nslots;
+
+    if ((rc = pthread_mutexattr_init(&attr)) == 0) {
+        if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) == 0 &&
+            (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)) == 0)
+            rc = pthread_mutex_init(&b->lock, &attr);
+        pthread_mutexattr_destroy(&attr);
+    }
+    if (rc != 0) {
+        munmap(b, size);
+        return -rc;
+    }
+    *out = b;
+    return 0;
+}
+
+/* Master, at exit (each child's copy dies with the child).  No lock. */
+static int mps_destroy(mps_board *b)
+{
+    return munmap(b, b->size) == 0 ? 0 : -errno;
+}
+
+/* Master, before fork(): claim the first empty slot as STARTING.
+ * Locks.  Returns the slot index, or -ENOSPC when every slot is taken. */
+static int64_t mps_reserve(mps_board *b)
+{
+    int64_t i;
+    int rc = mps_lock_(b);
+    if (rc < 0)
+        return rc;
+    for (i = 0; i < b->head.nslots; i++) {
+        struct mps_slot *s = &b->slots[i];
+        if (s->state == MPS_EMPTY) {
+            s->pid = 0;
+            s->connections = 0;
+            s->retire = 0;
+            mps_set_state(s, MPS_STARTING);
+            mps_unlock_(b);
+            return i;
+        }
+    }
+    mps_unlock_(b);
+    return -ENOSPC;
+}
+
+/* Master, after fork() returned pid for this slot.  Locks. */
+static int mps_started(mps_board *b, int64_t slot, int64_t pid)
+{
+    int rc;
+    if (mps_bad_slot(b, slot))
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    b->slots[slot].pid = pid;
+    mps_unlock_(b);
+    return 0;
+}
+
+/* Master, when it reaps the slot's pid or when fork() failed: free the slot
+ * whatever state the child left it in (the seed leaked it).  Locks.
+ * Returns the state the slot was in. */
+static int mps_release(mps_board *b, int64_t slot)
+{
+    struct mps_slot *s;
+    int64_t was;
+    int rc;
+    if (mps_bad_slot(b, slot))
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    s = &b->slots[slot];
+    was = s->state;
+    if (was == MPS_IDLE)
+        b->head.idle--;
+    s->pid = 0;
+    s->retire = 0;
+    mps_set_state(s, MPS_EMPTY);
+    mps_unlock_(b);
+    return (int)was;
+}
+
+/* Master: ask the slot's child to leave without dropping a connection.
+ * An idle child becomes EXITING at once (it no longer counts as idle); a
+ * starting or busy one is flagged and leaves at its next mps_idle().
+ * Locks.  Returns the slot's state before the call. */
+static int mps_retire(mps_board *b, int64_t slot)
+{
+    struct mps_slot *s;
+    int64_t was;
+    int rc;
+    if (mps_bad_slot(b, slot))
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    s = &b->slots[slot];
+    was = s->state;
+    if (was == MPS_IDLE) {
+        b->head.idle--;
+        mps_set_state(s, MPS_EXITING);
+    } else if (was == MPS_STARTING || was == MPS_BUSY) {
+        s->retire = 1;
+    }
+    mps_unlock_(b);
+    return (int)was;
+}
+
+/* Child, right after accept() returned a connection.  Locks.
+ * Returns 1 when idle children fell below min_spare (the caller, or
+ * mps_accept_busy, then wakes the master), else 0.  A child retired while it
+ * was accepting stays EXITING: it serves this connection, then leaves. */
+static int mps_busy(mps_board *b, int64_t slot)
+{
+    struct mps_slot *s;
+    int rc, wake;
+    if (mps_bad_slot(b, slot))
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    s = &b->slots[slot];
+    if (s->state == MPS_IDLE) {
+        b->head.idle--;
+        mps_set_state(s, MPS_BUSY);
+    } else {
+        s->changed_ns = mps_now_ns();   /* the timeout clock starts now */
+    }
+    s->connections++;
+    b->head.connections++;
+    wake = b->head.idle < b->head.min_spare;
+    mps_unlock_(b);
+    return wake;
+}
+
+/* Child: block in accept4() (the caller released the GIL), then mark the
+ * slot busy and, when idle children fell below min_spare, write one byte to
+ * wake_fd so the master forks at once.  No lock while blocked; locks for the
+ * transition.  Returns the connected fd or -errno (-EAGAIN when the
+ * listener's SO_RCVTIMEO expired, -EINTR on a signal). */
+static int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int wake_fd,
+                           void *addr, uint32_t *addrlen)
+{
+    socklen_t len = *addrlen;
+    int fd, rc;
+
+    fd = accept4(listen_fd, (struct sockaddr *)addr, &len, SOCK_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    *addrlen = len;
+    rc = mps_busy(b, slot);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    if (rc == 1 && wake_fd >= 0) {
+        /* Non-blocking pipe: a full pipe already means "wake up". */
+        ssize_t ignored = write(wake_fd, "c", 1);
+        (void)ignored;
+    }
+    return fd;
+}
+
+/* Child, after each connection (and once after boot, STARTING -> IDLE).
+ * Locks.  Returns 1 when the master has retired the slot (it is now
+ * EXITING and the child must leave), else 0 (the slot is IDLE). */
+static int mps_idle(mps_board *b, int64_t slot)
+{
+    struct mps_slot *s;
+    int rc;
+    if (mps_bad_slot(b, slot))
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    s = &b->slots[slot];
+    if (s->retire || s->state == MPS_EXITING) {
+        mps_set_state(s, MPS_EXITING);
+        mps_unlock_(b);
+        return 1;
+    }
+    if (s->state != MPS_IDLE)
+        b->head.idle++;
+    mps_set_state(s, MPS_IDLE);
+    mps_unlock_(b);
+    return 0;
+}
+
+/* Child, when it leaves on its own (connection budget spent, stop).  Locks. */
+static int mps_done(mps_board *b, int64_t slot)
+{
+    struct mps_slot *s;
+    int rc;
+    if (mps_bad_slot(b, slot))
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    s = &b->slots[slot];
+    if (s->state == MPS_IDLE)
+        b->head.idle--;
+    mps_set_state(s, MPS_EXITING);
+    mps_unlock_(b);
+    return 0;
+}
+
+/* Master or status: copy the header and every slot out.  Locks. */
+static int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots)
+{
+    int rc = mps_lock_(b);
+    if (rc < 0)
+        return rc;
+    *head = b->head;
+    memcpy(slots, b->slots, (size_t)b->head.nslots * sizeof(struct mps_slot));
+    mps_unlock_(b);
+    return 0;
+}
+
+/* Master, every pass: recount idle slots; repair and count any drift.
+ * Locks.  Returns the drift (recount - counter) that was repaired. */
+static int64_t mps_audit(mps_board *b)
+{
+    int64_t drift;
+    int rc = mps_lock_(b);
+    if (rc < 0)
+        return rc;
+    drift = mps_recount(b);
+    if (drift != 0)
+        b->head.repairs++;
+    mps_unlock_(b);
+    return drift;
+}
+
+/* Master, on start and on TTIN/TTOU.  Locks. */
+static int mps_set_min_spare(mps_board *b, int64_t min_spare)
+{
+    int rc = mps_lock_(b);
+    if (rc < 0)
+        return rc;
+    b->head.min_spare = min_spare;
+    mps_unlock_(b);
+    return 0;
+}
+
+/* Tests only: take the lock and keep it (the caller then dies holding it). */
+static int mps_hold_lock(mps_board *b)
+{
+    return mps_lock_(b);
+}

@@ -1,0 +1,510 @@
+"""The master: binds, forks the pool, and keeps it the right size.
+
+The loop is a few named steps (gunicorn's arbiter is the model)::
+
+    wait()            sleep until a signal, a child's wake-up byte, a status
+                      client or the next deadline
+    handle_signals()  dispatch recorded signals to handle_<name>()
+    reap()            waitpid() every exited child and free its slot
+    murder()          kill children stuck on one connection past `timeout`
+    maintain()        audit the counter, fork the idle deficit, retire surplus
+
+The master owns slot life and death (Apache's rule): it reserves a slot
+before fork(), rolls it back if fork() fails, and frees it when it reaps the
+pid, whatever the child managed to write.
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, fields
+
+from . import daemon, logs, sockets, status
+from .config import Settings
+from .errors import EXIT_BOOT, EXIT_OK, BootError, MpsError
+from .handlers import App
+from .scoreboard import Scoreboard, Snapshot, State, open_scoreboard
+from .signals import MASTER_SIGNALS, SignalQueue
+from .worker import Child, child_main
+
+log = logging.getLogger("mps")
+
+#: Idle children must stay above max_spare this long before any is retired.
+SURPLUS_GRACE_S = 1.0
+#: Children that die before booting this many times in a row stop the server.
+BOOT_FAILURE_LIMIT = 5
+#: Longest back-off between spawns after repeated boot failures or fork errors.
+MAX_BACKOFF_S = 5.0
+#: Grace between SIGABRT (timeout, fast stop) and SIGKILL.
+KILL_GRACE_S = 1.0
+#: Idle children wake from accept() this often (EAGAIN from SO_RCVTIMEO) to
+#: check whether the master is alive and whether they were told to leave: a
+#: SIGTERM that lands just before a child blocks in accept() sets its flag
+#: but does not interrupt the call.  Never re-send SIGTERM on a period close
+#: to this: Python retries an interrupted accept() (PEP 475) with a fresh
+#: timeout, so periodic signals would keep an idle child blocked forever.
+ACCEPT_TIMEOUT_S = 1
+
+
+@dataclass
+class Totals:
+    """Counters for the status document (SPEC §7)."""
+
+    connections: int = 0
+    spawned: int = 0
+    reaped: int = 0
+    crashed: int = 0
+    recycled: int = 0
+    retired: int = 0
+    timed_out: int = 0
+    max_children_reached: int = 0
+    counter_repairs: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Arbiter:
+    """Runs the pool until stopped; :meth:`run` returns the exit status."""
+
+    def __init__(self, settings: Settings, app: App) -> None:
+        self.settings = settings
+        self.app = app
+        self.min_spare = settings.min_spare
+        self.max_spare = settings.max_spare
+        self.children: dict[int, Child] = {}
+        self.totals = Totals()
+        self.generation = 0
+        self.stopping = ""              # "", "graceful" or "fast"
+        self.stop_deadline = 0.0
+        self.spawn_after = 0.0          # back-off: no fork before this time
+        self.boot_failures = 0          # consecutive children dead before booting
+        self.fork_failures = 0
+        self.surplus_since = 0.0
+        self.saturated = False
+        self.warned_saturation = False
+        self.started_at = time.monotonic()
+        self.signals = SignalQueue()
+        self.board: Scoreboard | None = None
+        self.listener: socket.socket | None = None
+        self.status_sock: socket.socket | None = None
+        self.selector: selectors.BaseSelector | None = None
+        self.wake_r = self.wake_w = -1
+        self.pid = os.getpid()
+        self.pass_now = True            # run the next pass without waiting
+
+    # ----------------------------------------------------------- life cycle
+
+    def run(self) -> int:
+        try:
+            self.start()
+            while not (self.stopping and not self.children):
+                self.wait()
+                self.handle_signals()
+                self.reap()
+                self.murder()
+                self.maintain()
+            return EXIT_OK
+        except BootError as exc:
+            log.error("%s", exc)
+            self.stop_now()
+            return EXIT_BOOT
+        finally:
+            self.cleanup()
+
+    def start(self) -> None:
+        s = self.settings
+        self.listener = sockets.listen(sockets.parse_bind(s.bind), s.backlog)
+        # Idle children wake from accept() every second (EAGAIN) to notice a
+        # dead master or a lost retire signal.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 _timeval(ACCEPT_TIMEOUT_S))
+        if s.status_socket:
+            self.status_sock = sockets.listen_unix_private(s.status_socket)
+            self.status_sock.setblocking(False)
+        self.board = open_scoreboard(s.backend, s.max_children)
+        self.board.set_min_spare(self.min_spare)
+        if s.daemon:
+            if not s.log_file:
+                log.warning("daemon without log_file: log lines are discarded")
+            daemon.daemonize()
+            self.pid = os.getpid()
+        if s.pid_file:
+            daemon.write_pid_file(s.pid_file)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.board.wake_fd = self.wake_w
+        self.signals.install(self.wake_w)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        if self.status_sock is not None:
+            self.selector.register(self.status_sock, selectors.EVENT_READ)
+        log.info("mps master %d listening at %s (backend %s, %d children)",
+                 self.pid, sockets.describe(self.listener), self.board.name, s.start_servers)
+        self.app.call_hook("on_starting")
+        gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
+        self.spawn_many(s.start_servers)
+
+    def cleanup(self) -> None:
+        if self.pid != os.getpid():
+            return      # a child that got here by mistake must not tear down
+        try:
+            self.app.call_hook("on_exit")
+        except Exception:
+            log.exception("on_exit hook failed")
+        for sock in (self.status_sock, self.listener):
+            if sock is not None:
+                _close_listener(sock)
+        if self.settings.pid_file:
+            daemon.remove_pid_file(self.settings.pid_file)
+        if self.board is not None:
+            self.board.close()
+        if self.wake_w >= 0:
+            signal.set_wakeup_fd(-1)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+        log.info("mps master %d exiting", self.pid)
+
+    # ----------------------------------------------------------- loop steps
+
+    def wait(self) -> None:
+        assert self.selector is not None
+        timeout = 0.0 if self.pass_now else max(0.0, min(self.deadlines(), 1.0))
+        self.pass_now = False
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj is self.status_sock:
+                self.answer_status()
+            else:
+                self.drain_wake_pipe()
+
+    def deadlines(self) -> float:
+        now = time.monotonic()
+        due = [1.0]
+        if self.spawn_after > now:
+            due.append(self.spawn_after - now)
+        if self.surplus_since:
+            due.append(self.surplus_since + SURPLUS_GRACE_S - now)
+        if self.stopping == "graceful":
+            due.append(self.stop_deadline - now)
+        due.extend(c.kill_at - now for c in self.children.values() if c.kill_at)
+        return min(due)
+
+    def drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self) -> None:
+        for sig in self.signals.drain():
+            getattr(self, "handle_" + MASTER_SIGNALS[sig])()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue    # not one of ours (a hook's subprocess)
+            assert self.board is not None
+            was = self.board.release(child.slot)
+            self.totals.reaped += 1
+            self.account_exit(child, was, os.waitstatus_to_exitcode(wait_status))
+            try:
+                self.app.call_hook("child_exit", child)
+            except Exception:
+                log.exception("child_exit hook failed")
+
+    def murder(self) -> None:
+        """Kill children stuck past `timeout`, and those past a kill deadline."""
+        now = time.monotonic()
+        if self.settings.timeout > 0:
+            self.kill_timed_out(now)
+        if self.stopping == "graceful" and now >= self.stop_deadline:
+            busy = [c for c in self.children.values() if not c.kill_at]
+            if busy:
+                log.warning("graceful_timeout (%gs) expired; killing %d children",
+                            self.settings.graceful_timeout, len(busy))
+            for child in busy:
+                child.kill_at = now
+        for child in self.children.values():
+            if child.kill_at and now >= child.kill_at:
+                self.kill(child, signal.SIGKILL)
+                child.kill_at = now + 3600   # once; the reap follows
+
+    def kill_timed_out(self, now: float) -> None:
+        assert self.board is not None
+        now_ns = time.monotonic_ns()
+        by_slot = {c.slot: c for c in self.children.values()}
+        for slot in self.board.snapshot().slots:
+            if slot.state not in (State.BUSY, State.EXITING):
+                continue
+            child = by_slot.get(slot.index)
+            if child is None or child.timed_out or slot.age_s(now_ns) < self.settings.timeout:
+                continue
+            log.warning("child %d (slot %d) exceeded timeout (%gs) on one connection; killing it",
+                        child.pid, child.slot, self.settings.timeout)
+            child.timed_out = True
+            child.kill_at = now + KILL_GRACE_S
+            self.totals.timed_out += 1
+            self.kill(child, signal.SIGABRT)
+
+    def maintain(self) -> None:
+        if self.stopping:
+            return
+        assert self.board is not None
+        drift = self.board.audit()
+        if drift:
+            self.totals.counter_repairs += 1
+            log.warning("idle counter drifted by %d from the slots; repaired", drift)
+        snap = self.board.snapshot()
+        self.spawn_deficit(snap)
+        self.retire_surplus(snap)
+
+    # ----------------------------------------------------------- pool policy
+
+    def spawn_deficit(self, snap: Snapshot) -> None:
+        spare = snap.count(State.IDLE) + snap.count(State.STARTING)
+        if spare >= self.min_spare:
+            self.saturated = False
+            return
+        assert self.listener is not None
+        room = self.settings.max_children - len(self.children)
+        # A burst shows in the listen queue before children report it: size
+        # the fork batch from the queue, not one deficit at a time.
+        want = self.min_spare - spare + sockets.queue_depth(self.listener)
+        if want > room and not any(c.retiring for c in self.children.values()):
+            self.note_saturation()
+        if room > 0 and time.monotonic() >= self.spawn_after:
+            self.spawn_many(min(want, room))
+
+    def note_saturation(self) -> None:
+        if self.saturated:
+            return
+        self.saturated = True
+        self.totals.max_children_reached += 1
+        if not self.warned_saturation:
+            self.warned_saturation = True
+            log.warning("reached max_children (%d); consider raising it",
+                        self.settings.max_children)
+
+    def retire_surplus(self, snap: Snapshot) -> None:
+        idle = [s for s in snap.slots if s.state == State.IDLE]
+        if len(idle) <= self.max_spare:
+            self.surplus_since = 0.0
+            return
+        now = time.monotonic()
+        if not self.surplus_since:
+            self.surplus_since = now
+            return
+        if now - self.surplus_since < SURPLUS_GRACE_S:
+            return
+        self.surplus_since = 0.0
+        by_slot = {c.slot: c for c in self.children.values()}
+        surplus = len(idle) - self.max_spare
+        log.info("%d idle children exceed max_spare (%d); retiring %d",
+                 len(idle), self.max_spare, surplus)
+        for slot in reversed(idle[-surplus:]):   # highest slots first, like Apache
+            child = by_slot.get(slot.index)
+            if child is not None:
+                self.retire(child)
+
+    def spawn_many(self, count: int) -> None:
+        for _ in range(count):
+            if not self.spawn():
+                return
+
+    def spawn(self) -> bool:
+        """Fork one child into a reserved slot; False when no slot or fork failed."""
+        assert self.board is not None and self.listener is not None
+        slot = self.board.reserve()
+        if slot < 0:
+            return False
+        s = self.settings
+        limit = s.max_requests + random.randint(0, s.max_requests_jitter) if s.max_requests else 0
+        child = Child(pid=0, slot=slot, generation=self.generation, limit=limit,
+                      born=time.monotonic())
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.board.release(slot)    # roll back, or it says STARTING forever
+            self.fork_failed(exc)
+            return False
+        if pid == 0:
+            child.pid = os.getpid()
+            close = tuple(fd for fd in (self.wake_r,) if fd >= 0)
+            if self.status_sock is not None:
+                close += (self.status_sock.fileno(),)
+            child_main(self.app, self.board, self.listener, child, self.pid, close)
+        child.pid = pid
+        self.board.started(slot, pid)
+        self.children[pid] = child
+        self.totals.spawned += 1
+        self.fork_failures = 0
+        return True
+
+    def fork_failed(self, exc: OSError) -> None:
+        self.fork_failures += 1
+        delay = min(0.1 * 2 ** (self.fork_failures - 1), MAX_BACKOFF_S)
+        self.spawn_after = time.monotonic() + delay
+        log.error("fork failed: %s; retrying in %.1f s", exc.strerror, delay)
+
+    def account_exit(self, child: Child, was: State, code: int) -> None:
+        """Count one reaped child and apply the crash-loop brake."""
+        how = f"exit {code}" if code >= 0 else "killed by " + signal.Signals(-code).name
+        if was == State.STARTING and not self.stopping and not child.retiring:
+            self.totals.crashed += 1
+            self.boot_failures += 1
+            delay = min(0.1 * 2 ** (self.boot_failures - 1), MAX_BACKOFF_S)
+            self.spawn_after = time.monotonic() + delay
+            log.error("child %d (slot %d) died before it could serve (%s); %d in a row",
+                      child.pid, child.slot, how, self.boot_failures)
+            if self.boot_failures >= BOOT_FAILURE_LIMIT:
+                raise BootError(f"children cannot boot: {self.boot_failures} in a row died "
+                                f"before serving (last: {how}); see the log above for the cause")
+            return
+        if was != State.STARTING:
+            self.boot_failures = 0
+        if child.timed_out or self.stopping:
+            return
+        if code == 0:
+            if child.retiring:
+                self.totals.retired += 1
+            else:
+                self.totals.recycled += 1
+            return
+        self.totals.crashed += 1
+        log.warning("child %d (slot %d) died (%s); replacing it", child.pid, child.slot, how)
+
+    # ----------------------------------------------------------- signals
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            return
+        log.info("TERM: graceful stop; waiting up to %gs for busy children",
+                 self.settings.graceful_timeout)
+        self.stopping = "graceful"
+        self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
+        for child in list(self.children.values()):
+            self.retire(child)
+
+    def handle_int(self) -> None:
+        if self.stopping == "fast":
+            return
+        log.info("fast stop")
+        self.stop_now()
+
+    handle_quit = handle_int
+
+    def handle_hup(self) -> None:
+        logs.reopen(self.settings.log_level, self.settings.log_file)
+        if self.stopping:
+            return
+        self.generation += 1
+        old = list(self.children.values())
+        log.info("HUP: log reopened; replacing %d children gracefully (generation %d)",
+                 len(old), self.generation)
+        for child in old:
+            self.retire(child)
+        self.spawn_many(self.settings.start_servers)
+
+    def handle_ttin(self) -> None:
+        self.set_spares(self.min_spare + 1, self.max_spare + 1)
+
+    def handle_ttou(self) -> None:
+        self.set_spares(max(0, self.min_spare - 1), max(1, self.max_spare - 1))
+
+    def handle_chld(self) -> None:
+        pass    # reap() runs on every pass
+
+    def set_spares(self, min_spare: int, max_spare: int) -> None:
+        cap = self.settings.max_children
+        self.max_spare = min(max_spare, cap)
+        self.min_spare = min(min_spare, self.max_spare)
+        assert self.board is not None
+        self.board.set_min_spare(self.min_spare)
+        log.info("min_spare=%d max_spare=%d", self.min_spare, self.max_spare)
+
+    # ----------------------------------------------------------- children
+
+    def retire(self, child: Child) -> None:
+        """Ask a child to leave after its current connection (or at once if idle)."""
+        assert self.board is not None
+        child.retiring = True
+        self.board.retire(child.slot)
+        self.kill(child, signal.SIGTERM)
+
+    def stop_now(self) -> None:
+        """Fast stop: children die at once (SIGINT is SIG_DFL in them)."""
+        self.stopping = "fast"
+        deadline = time.monotonic() + KILL_GRACE_S
+        for child in self.children.values():
+            self.kill(child, signal.SIGINT)
+            child.retiring = True
+            child.kill_at = child.kill_at or deadline
+        if self.children and self.pid == os.getpid():
+            self.wait_for_children()
+
+    def wait_for_children(self) -> None:
+        """Used only when the loop itself is leaving (BootError)."""
+        while self.children:
+            self.murder()
+            time.sleep(0.01)
+            self.reap()
+
+    def kill(self, child: Child, sig: int) -> None:
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass    # already dead; reap() will see it
+
+    # ----------------------------------------------------------- status
+
+    def answer_status(self) -> None:
+        """Send the JSON document to each waiting client; never block."""
+        assert self.status_sock is not None
+        for _ in range(16):
+            try:
+                conn, _ = self.status_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("status socket accept failed: %s", exc.strerror)
+                return
+            try:
+                conn.setblocking(False)
+                conn.send(status.encode(status.document(self)))
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EPIPE, errno.ECONNRESET):
+                    log.warning("status client failed: %s", exc.strerror)
+            finally:
+                conn.close()
+
+
+def _timeval(seconds: int) -> bytes:
+    import struct
+    return struct.pack("ll", seconds, 0)
+
+
+def _close_listener(sock: socket.socket) -> None:
+    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    sock.close()
+    if path and isinstance(path, str):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+__all__ = ["Arbiter", "Totals", "MpsError"]

@@ -1,0 +1,134 @@
+"""The command line: ``mps serve``, ``mps status``, ``mps bench``.
+
+Only this module turns an :class:`MpsError` into an exit status: one line on
+stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__, config, logs
+from .errors import EXIT_USAGE, MpsError, UsageError
+from .handlers import App
+
+DEFAULT_APP = "mps.examples:echo"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per row of the settings table."""
+    group = parser.add_argument_group("settings (also MPS_<NAME> environment variables)")
+    for f in config.fields():
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f.metadata["help"] + _default_text(f)}
+        if f.metadata["kind"] == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.name.upper()
+        group.add_argument(config.flag(f.name), **kwargs)
+
+
+def _default_text(f: Any) -> str:
+    return "" if f.default in (None, False) else f" (default: {f.default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mps", description="A prefork multi-process service framework.")
+    parser.add_argument("--version", action="version", version=f"mps {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run APP in a prefork pool")
+    serve.add_argument("app", nargs="?", default=DEFAULT_APP, metavar="APP",
+                       help=f"module:callable or path/file.py:callable (default: {DEFAULT_APP})")
+    add_setting_flags(serve)
+    status = sub.add_parser("status", help="ask a running master for its status")
+    status.add_argument("socket", metavar="PATH", help="the master's --status-socket")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+    bench = sub.add_parser("bench", help="benchmarks (see benchmarks/RESULTS.md)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def settings_from_flags(namespace: argparse.Namespace) -> dict[str, Any]:
+    """Typed values of the setting flags given on the command line."""
+    given: dict[str, Any] = {}
+    for f in config.fields():
+        if hasattr(namespace, f.name):
+            value = getattr(namespace, f.name)
+            given[f.name] = value if isinstance(value, bool) else \
+                config.parse_text(f, value, config.flag(f.name))
+    return given
+
+
+def serve_app(app: App, argv: list[str]) -> int:
+    """``Server.run()``: settings from keywords, env and ``argv``; exit status."""
+    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "mps")
+    add_setting_flags(parser)
+    return _guard(lambda: _serve(app, settings_from_flags(parser.parse_args(argv))))
+
+
+def _serve(app: App, flags: dict[str, Any]) -> int:
+    settings = config.resolve(keywords=app.settings, command_line=flags)
+    try:
+        logs.configure(settings.log_level, settings.log_file)
+    except OSError as exc:
+        raise MpsError(f"cannot open log_file {settings.log_file}: {exc.strerror}") from None
+    if settings.single:
+        from .worker import run_single
+        return run_single(settings, app)
+    from .arbiter import Arbiter
+    return Arbiter(settings, app).run()
+
+
+def _status(path: str, as_json: bool) -> int:
+    from . import status
+    doc = status.query(path)
+    print(json.dumps(doc, indent=2) if as_json else status.render(doc))
+    return 0
+
+
+def _guard(action: Any) -> int:
+    try:
+        return int(action())
+    except MpsError as exc:
+        print(f"mps: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def dispatch() -> int:
+        ns = build_parser().parse_args(args)
+        if ns.command == "serve":
+            flags = settings_from_flags(ns)
+            config.from_env(os.environ)   # a bad MPS_* value: exit 2 before the import
+            from .handlers import load
+            return _serve(load(ns.app), flags)
+        if ns.command == "status":
+            return _status(ns.socket, ns.json)
+        if ns.command == "bench":
+            from . import bench
+            return bench.main(ns.bench_args)
+        raise UsageError("a command is required: serve, status or bench (see `mps --help`)")
+
+    return _guard(dispatch)
+
+
+def exit_main() -> NoReturn:
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "EXIT_USAGE"]

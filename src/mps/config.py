@@ -1,0 +1,219 @@
+"""The settings table: the single source of every mps setting.
+
+Each field of :class:`Settings` declares, once, a setting's name, type,
+default, help text and rule.  The command-line flags (``--start-servers``),
+the environment variables (``MPS_START_SERVERS``), the ``Server(**kwargs)``
+keywords and the README's settings section are all generated from it
+(``tests/test_config.py`` fails when the README drifts).
+
+Precedence: default < ``MPS_*`` environment < keyword argument < command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SettingError
+
+ENV_PREFIX = "MPS_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def setting(default: Any, help: str, *, kind: str, seed: str = "",
+            minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """Declare one row of the table (a dataclass field with its metadata)."""
+    meta = {"help": help, "kind": kind, "seed": seed, "minimum": minimum,
+            "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, with the seed's defaults.  Build with :func:`resolve`."""
+
+    bind: str = setting(
+        "127.0.0.1:8000", kind="str", seed="PORT 8000",
+        help="Address to listen on: HOST:PORT, [V6ADDR]:PORT, unix:PATH or fd://N "
+             "(an inherited listening socket). Port 0 picks a free port.")
+    backlog: int = setting(
+        1024, kind="int", minimum=1, seed="MAXLISTEN",
+        help="Length of the kernel's queue of connections waiting for a child.")
+    start_servers: int = setting(
+        32, kind="int", minimum=0, seed="STARTSERVERS",
+        help="Children forked at start (and after a HUP rotation).")
+    min_spare: int = setting(
+        8, kind="int", minimum=0, seed="MINSPARESERVERS",
+        help="Fewest idle children: below it the master forks the deficit at once.")
+    max_spare: int = setting(
+        32, kind="int", minimum=1, seed="MAXSPARESERVERS",
+        help="Most idle children: a lasting surplus is retired gracefully.")
+    max_children: int = setting(
+        64, kind="int", minimum=1, seed="MAXCLIENTS",
+        help="Hard cap on children; beyond it connections wait in the backlog.")
+    max_requests: int = setting(
+        128, kind="int", minimum=0, seed="MAXSERVICES",
+        help="Connections a child serves before it is replaced; 0 = never.")
+    max_requests_jitter: int = setting(
+        0, kind="int", minimum=0,
+        help="Each child's limit is max_requests + randint(0, jitter), so children "
+             "do not recycle together.")
+    timeout: float = setting(
+        0.0, kind="float", minimum=0,
+        help="Seconds one connection may hold a child before the master kills it; 0 = off.")
+    graceful_timeout: float = setting(
+        30.0, kind="float", minimum=0,
+        help="Seconds a graceful stop (TERM) waits for busy children before SIGKILL.")
+    backend: str = setting(
+        "auto", kind="choice", choices=("auto", "c", "python"),
+        help="Scoreboard backend: c, python, or auto (C if built, else Python).")
+    status_socket: str | None = setting(
+        None, kind="path",
+        help="Path of a Unix socket (mode 0600) where the master answers status queries.")
+    pid_file: str | None = setting(
+        None, kind="path", help="Write the master's pid here (atomically); removed on exit.")
+    daemon: bool = setting(
+        False, kind="bool", seed="daemon(1,1), always on in the seed",
+        help="Detach from the terminal after binding and run in the background.")
+    log_file: str | None = setting(
+        None, kind="path", help="Append log lines to this file instead of stderr; "
+                                "reopened on HUP.")
+    log_level: str = setting(
+        "info", kind="choice", choices=("debug", "info", "warning", "error"),
+        help="Least severe log level written.")
+    single: bool = setting(
+        False, kind="bool",
+        help="Debug mode: serve in one process in the foreground, no fork "
+             "(like Apache's -X).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        from .sockets import parse_bind  # sockets imports nothing from here
+
+        parse_bind(self.bind)
+        if self.min_spare > self.max_spare:
+            raise SettingError("min_spare", self.min_spare,
+                               f"must not exceed max_spare ({self.max_spare})")
+        if self.start_servers > self.max_children:
+            raise SettingError("start_servers", self.start_servers,
+                               f"must not exceed max_children ({self.max_children})")
+        if self.max_children > self.backlog:
+            raise SettingError("max_children", self.max_children,
+                               f"must not exceed backlog ({self.backlog})")
+        for name in ("pid_file", "log_file", "status_socket"):
+            path = getattr(self, name)
+            if path is not None:
+                parent = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(parent):
+                    raise SettingError(name, path, f"directory {parent} does not exist")
+
+    def public(self) -> dict[str, Any]:
+        """The settings as a plain dict (for the status document)."""
+        return dataclasses.asdict(self)
+
+
+def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
+    kind = f.metadata["kind"]
+    expected: tuple[type, ...] = {
+        "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+        "choice": (str,), "path": (str, type(None)),
+    }[kind]
+    if not isinstance(value, expected) or (kind in ("int", "float") and isinstance(value, bool)):
+        raise SettingError(f.name, value, f"must be of type {kind}")
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise SettingError(f.name, value, f"must be at least {minimum:g}")
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise SettingError(f.name, value, "must be one of " + ", ".join(choices))
+    if kind == "path" and value == "":
+        raise SettingError(f.name, value, "must not be empty")
+
+
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The rows of the table, in declaration order."""
+    return dataclasses.fields(Settings)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def parse_text(f: dataclasses.Field[Any], text: str, source: str) -> Any:
+    """Convert a flag or environment string to the field's type."""
+    kind = f.metadata["kind"]
+    parsers: dict[str, Callable[[str], Any]] = {
+        "int": int, "float": float, "str": str, "choice": str, "path": str,
+        "bool": _parse_bool,
+    }
+    try:
+        return parsers[kind](text.strip() if kind != "path" else text)
+    except ValueError:
+        raise SettingError(f.name, text, f"{source} must be a{'n' if kind == 'int' else ''} "
+                                         f"{kind} value") from None
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(text)
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as ``MPS_*`` variables."""
+    out: dict[str, Any] = {}
+    for f in fields():
+        var = env_var(f.name)
+        if var in environ:
+            out[f.name] = parse_text(f, environ[var], var)
+    return out
+
+
+def check_names(values: Mapping[str, Any]) -> None:
+    known = {f.name for f in fields()}
+    for name in values:
+        if name not in known:
+            raise SettingError(name, values[name], "no such setting (see `mps serve --help`)")
+
+
+def resolve(keywords: Mapping[str, Any] | None = None,
+            command_line: Mapping[str, Any] | None = None,
+            environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge default < environment < keywords < command line, then validate."""
+    merged: dict[str, Any] = from_env(os.environ if environ is None else environ)
+    for layer in (keywords or {}, command_line or {}):
+        check_names(layer)
+        merged.update(layer)
+    fixed = {f.name: f for f in fields()}
+    for name, value in merged.items():
+        if fixed[name].metadata["kind"] == "float" and isinstance(value, int) \
+                and not isinstance(value, bool):
+            merged[name] = float(value)
+    return Settings(**merged)
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated from the table above."""
+    rows = ["| setting | flag | environment | default | seed | meaning |",
+            "|---|---|---|---|---|---|"]
+    for f in fields():
+        default = "none" if f.default is None else repr(f.default).strip("'")
+        if f.metadata["kind"] == "bool":
+            default = "off" if not f.default else "on"
+        rows.append(f"| `{f.name}` | `{flag(f.name)}` | `{env_var(f.name)}` | `{default}` "
+                    f"| {f.metadata['seed']} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"

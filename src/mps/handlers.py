@@ -1,0 +1,102 @@
+"""Finding and adapting the user's handler.
+
+``APP`` is ``package.module:callable`` or ``path/to/file.py:callable``.  The
+callable may be a plain ``handle(conn, addr)`` function, a
+``socketserver.BaseRequestHandler`` subclass (called the way socketserver
+calls it), or an :class:`mps.Server` whose ``@handler`` and hooks are used.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import socket
+import socketserver
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AppError
+
+Handler = Callable[[socket.socket, Any], object]
+Hook = Callable[..., object]
+
+HOOK_NAMES = ("on_starting", "post_fork", "child_exit", "on_exit")
+
+
+@dataclass
+class App:
+    """What the master runs: the handler, the hooks, and the Server they came from."""
+
+    handler: Handler
+    hooks: dict[str, Hook] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    server: Any = None
+
+    def call_hook(self, name: str, *args: object) -> None:
+        hook = self.hooks.get(name)
+        if hook is not None:
+            hook(self.server, *args)
+
+
+def adapt(obj: object, server: object = None) -> Handler:
+    """Turn what the user gave into ``handle(conn, addr)``."""
+    if inspect.isclass(obj) and issubclass(obj, socketserver.BaseRequestHandler):
+        cls = obj
+
+        def handle_request(conn: socket.socket, addr: Any) -> None:
+            cls(conn, addr, server)   # BaseRequestHandler runs setup/handle/finish
+
+        handle_request.__qualname__ = f"{cls.__qualname__}(socketserver)"
+        return handle_request
+    if not callable(obj):
+        raise AppError(f"app {obj!r} is not callable; point APP at a handle(conn, addr) function")
+    return obj   # type: ignore[return-value]
+
+
+def load(spec: str) -> App:
+    """Import ``spec`` in the master; AppError (exit 4) with one line if it fails."""
+    from .server import Server
+
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise AppError(f"app {spec!r}: expected module:callable or path/file.py:callable")
+    module = _import(spec, target)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise AppError(f"app {spec!r}: {target} has no attribute {attr!r}") from None
+    if isinstance(obj, Server):
+        return obj.app()
+    return App(handler=adapt(obj))
+
+
+def _import(spec: str, target: str) -> Any:
+    try:
+        if target.endswith(".py") or os.sep in target:
+            return _import_path(target)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())   # `mps serve myapp:handle` from the app's folder
+        return importlib.import_module(target)
+    except AppError:
+        raise
+    except BaseException as exc:   # noqa: BLE001 - any failure of the user's import
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise AppError(f"cannot import app {spec!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _import_path(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise AppError(f"cannot import app: file {path!r} does not exist")
+    name = "_mps_app_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise AppError(f"cannot import app: {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    module_spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,448 @@
+"""The scoreboard: one slot per child and the idle counter, shared by fork.
+
+Two backends offer one interface (:class:`Scoreboard`):
+
+* :class:`CScoreboard` -- the C core (``mps._mpscore``, built by cffi): each
+  transition is one C call that takes a process-shared robust pthread mutex,
+  updates the slot and the counter together, and unlocks.  The child's
+  accept and its busy transition are one call, made with the GIL released.
+* :class:`PyScoreboard` -- pure Python: anonymous ``mmap`` plus a POSIX
+  ``fcntl`` lock on a memfd.  The kernel drops that lock when its holder
+  dies; a "dirty" word set while the lock is held tells the next locker that
+  the holder died mid-update, and it recounts (the C core's EOWNERDEAD path).
+
+Slot life: EMPTY -> STARTING (master, before fork) -> IDLE <-> BUSY (child)
+-> EXITING (child, or master retiring it) -> EMPTY (master, when it reaps).
+Invariant: ``idle counter == number of IDLE slots``.
+
+This module is the only importer of ``mps._mpscore``; C errors (``-errno``)
+are mapped to ``OSError`` in one place, :func:`_check`.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from .errors import BackendError
+from .sockets import decode_address
+
+try:
+    from ._mpscore import ffi as _ffi, lib as _lib
+except ImportError:  # no compiler at install time: the Python backend serves
+    _ffi = _lib = None
+
+log = logging.getLogger("mps")
+
+_ADDR_MAX = 128     # sizeof(struct sockaddr_storage)
+
+
+class State(IntEnum):
+    EMPTY = 0
+    STARTING = 1
+    IDLE = 2
+    BUSY = 3
+    EXITING = 4
+
+
+#: One character per state, Apache style, for ``mps status``.
+STATE_CHARS = {State.EMPTY: ".", State.STARTING: "S", State.IDLE: "_",
+               State.BUSY: "W", State.EXITING: "G"}
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    pid: int
+    state: State
+    connections: int
+    changed_ns: int
+    retire: bool
+
+    def age_s(self, now_ns: int) -> float:
+        return max(0, now_ns - self.changed_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    idle_counter: int
+    min_spare: int
+    connections: int
+    repairs: int
+    slots: tuple[Slot, ...]
+
+    def count(self, state: State) -> int:
+        return sum(1 for s in self.slots if s.state == state)
+
+
+class Scoreboard(ABC):
+    """The interface both backends implement.  Who calls what:
+
+    master: reserve, started, release, retire, snapshot, audit, set_min_spare
+    child:  idle (also once after boot), accept (accept + busy), busy, done
+    """
+
+    name: str
+    #: Write end of the master's wake-up pipe (set by the master before fork).
+    wake_fd: int = -1
+
+    def __init__(self, nslots: int) -> None:
+        self.nslots = nslots
+
+    @abstractmethod
+    def reserve(self) -> int:
+        """Claim an empty slot as STARTING; its index, or -1 when all are taken."""
+
+    @abstractmethod
+    def started(self, slot: int, pid: int) -> None:
+        """Record the pid fork() returned for the slot."""
+
+    @abstractmethod
+    def release(self, slot: int) -> State:
+        """Free the slot whatever its state (reaped, or fork failed)."""
+
+    @abstractmethod
+    def retire(self, slot: int) -> State:
+        """Ask the slot's child to leave after its current connection, if any."""
+
+    @abstractmethod
+    def busy(self, slot: int) -> bool:
+        """Child took a connection; True when idle children fell below min_spare."""
+
+    @abstractmethod
+    def idle(self, slot: int) -> bool:
+        """Child is ready for the next connection; True when it must leave instead."""
+
+    @abstractmethod
+    def done(self, slot: int) -> None:
+        """Child leaves on its own."""
+
+    @abstractmethod
+    def snapshot(self) -> Snapshot:
+        """A consistent copy of the header and every slot."""
+
+    @abstractmethod
+    def audit(self) -> int:
+        """Recount idle slots; repair and return any drift of the counter."""
+
+    @abstractmethod
+    def set_min_spare(self, value: int) -> None:
+        """Publish the live min_spare (children wake the master below it)."""
+
+    @abstractmethod
+    def hold_lock(self) -> None:
+        """Tests only: take the lock and never release it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Unmap (master at exit)."""
+
+    def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
+        """Child: block for a connection, mark busy, wake the master if needed."""
+        conn, addr = listener.accept()
+        if self.busy(slot):
+            wake(self.wake_fd)
+        return conn, addr
+
+
+def wake(fd: int) -> None:
+    """Write one byte to the master's wake-up pipe; a full pipe is awake enough."""
+    if fd >= 0:
+        try:
+            os.write(fd, b"p")
+        except (BlockingIOError, BrokenPipeError):
+            pass
+
+
+def _check(rc: int) -> int:
+    """The one place C's ``-errno`` becomes an exception."""
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return rc
+
+
+class CScoreboard(Scoreboard):
+    """The C core through cffi."""
+
+    name = "c"
+
+    def __init__(self, nslots: int) -> None:
+        if _lib is None:
+            raise BackendError("backend 'c' is not available: the C core was not built "
+                               "(install a C compiler and reinstall, or use --backend python)")
+        super().__init__(nslots)
+        out = _ffi.new("mps_board **")
+        _check(_lib.mps_create(nslots, out))
+        self._board = out[0]
+        self._head = _ffi.new("struct mps_head *")
+        self._slots = _ffi.new("struct mps_slot[]", nslots)
+        self._addr = _ffi.new("char[]", _ADDR_MAX)
+        self._addrlen = _ffi.new("uint32_t *")
+
+    def reserve(self) -> int:
+        rc = int(_lib.mps_reserve(self._board))
+        return -1 if rc == -28 else _check(rc)   # -ENOSPC: every slot taken
+
+    def started(self, slot: int, pid: int) -> None:
+        _check(_lib.mps_started(self._board, slot, pid))
+
+    def release(self, slot: int) -> State:
+        return State(_check(_lib.mps_release(self._board, slot)))
+
+    def retire(self, slot: int) -> State:
+        return State(_check(_lib.mps_retire(self._board, slot)))
+
+    def busy(self, slot: int) -> bool:
+        return _check(_lib.mps_busy(self._board, slot)) == 1
+
+    def idle(self, slot: int) -> bool:
+        return _check(_lib.mps_idle(self._board, slot)) == 1
+
+    def done(self, slot: int) -> None:
+        _check(_lib.mps_done(self._board, slot))
+
+    def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
+        # One C call: accept4() with the GIL released, then the busy transition
+        # and the wake-up write.  No Python objects until a connection exists.
+        self._addrlen[0] = _ADDR_MAX
+        fd = _lib.mps_accept_busy(self._board, slot, listener.fileno(), self.wake_fd,
+                                  self._addr, self._addrlen)
+        if fd < 0:
+            raise OSError(-fd, os.strerror(-fd))
+        family = listener.family
+        conn = socket.socket(family, listener.type, listener.proto, fd)
+        return conn, decode_address(family, _ffi.buffer(self._addr, self._addrlen[0])[:])
+
+    def snapshot(self) -> Snapshot:
+        _check(_lib.mps_snapshot(self._board, self._head, self._slots))
+        h = self._head
+        return Snapshot(
+            idle_counter=h.idle, min_spare=h.min_spare, connections=h.connections,
+            repairs=h.repairs,
+            slots=tuple(Slot(i, s.pid, State(s.state), s.connections, s.changed_ns,
+                             bool(s.retire))
+                        for i, s in enumerate(self._slots)))
+
+    def audit(self) -> int:
+        return int(_lib.mps_audit(self._board))
+
+    def set_min_spare(self, value: int) -> None:
+        _check(_lib.mps_set_min_spare(self._board, value))
+
+    def hold_lock(self) -> None:
+        _check(_lib.mps_hold_lock(self._board))
+
+    def close(self) -> None:
+        if self._board is not None:
+            _lib.mps_destroy(self._board)
+            self._board = None
+
+
+# PyScoreboard layout: int64 words.  Header words, then 5 words per slot.
+_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY = range(6)
+_HEADER = 8
+_PID, _STATE, _CONNS, _CHANGED, _RETIRE = range(5)
+_SLOT = 5
+
+
+class PyScoreboard(Scoreboard):
+    """Pure Python: anonymous shared mmap + fcntl lock.  Same contract as C.
+
+    Stores go through ``memoryview.cast("q")`` item assignment, one 8-byte
+    store each: ``struct.pack_into`` zero-fills before storing, so an
+    unlocked reader could see a transient 0.
+    """
+
+    name = "python"
+
+    def __init__(self, nslots: int) -> None:
+        super().__init__(nslots)
+        if nslots < 1:
+            raise OSError(22, "nslots must be positive")
+        self._map = mmap.mmap(-1, 8 * (_HEADER + _SLOT * nslots),
+                              flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._w = memoryview(self._map).cast("q")
+        self._w[_H_NSLOTS] = nslots
+        # An anonymous in-memory file: nothing in /tmp.  POSIX (lockf) locks
+        # belong to the process, so each child locks for itself; never dup or
+        # close this fd in a child: closing *any* fd of the file drops the lock.
+        self._lock_fd = os.memfd_create("mps-scoreboard-lock", os.MFD_CLOEXEC)
+
+    def _lock(self) -> memoryview:
+        fcntl.lockf(self._lock_fd, fcntl.LOCK_EX)
+        w = self._w
+        if w[_H_DIRTY]:     # the last holder died mid-update
+            self._recount(w)
+            w[_H_REPAIRS] += 1
+        w[_H_DIRTY] = 1
+        return w
+
+    def _unlock(self, w: memoryview) -> None:
+        w[_H_DIRTY] = 0
+        fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
+
+    def _recount(self, w: memoryview) -> int:
+        idle = sum(1 for i in range(self.nslots) if w[_HEADER + _SLOT * i + _STATE] == State.IDLE)
+        drift = idle - w[_H_IDLE]
+        w[_H_IDLE] = idle
+        return drift
+
+    def _base(self, slot: int) -> int:
+        if not 0 <= slot < self.nslots:
+            raise OSError(22, f"bad slot {slot}")
+        return _HEADER + _SLOT * slot
+
+    @staticmethod
+    def _set_state(w: memoryview, base: int, state: int) -> None:
+        w[base + _STATE] = state
+        w[base + _CHANGED] = time.monotonic_ns()
+
+    def reserve(self) -> int:
+        w = self._lock()
+        try:
+            for i in range(self.nslots):
+                base = _HEADER + _SLOT * i
+                if w[base + _STATE] == State.EMPTY:
+                    w[base + _PID] = 0
+                    w[base + _CONNS] = 0
+                    w[base + _RETIRE] = 0
+                    self._set_state(w, base, State.STARTING)
+                    return i
+            return -1
+        finally:
+            self._unlock(w)
+
+    def started(self, slot: int, pid: int) -> None:
+        base = self._base(slot)
+        w = self._lock()
+        w[base + _PID] = pid
+        self._unlock(w)
+
+    def release(self, slot: int) -> State:
+        base = self._base(slot)
+        w = self._lock()
+        was = w[base + _STATE]
+        if was == State.IDLE:
+            w[_H_IDLE] -= 1
+        w[base + _PID] = 0
+        w[base + _RETIRE] = 0
+        self._set_state(w, base, State.EMPTY)
+        self._unlock(w)
+        return State(was)
+
+    def retire(self, slot: int) -> State:
+        base = self._base(slot)
+        w = self._lock()
+        was = w[base + _STATE]
+        if was == State.IDLE:
+            w[_H_IDLE] -= 1
+            self._set_state(w, base, State.EXITING)
+        elif was in (State.STARTING, State.BUSY):
+            w[base + _RETIRE] = 1
+        self._unlock(w)
+        return State(was)
+
+    def busy(self, slot: int) -> bool:
+        base = self._base(slot)
+        w = self._lock()
+        if w[base + _STATE] == State.IDLE:
+            w[_H_IDLE] -= 1
+            self._set_state(w, base, State.BUSY)
+        else:
+            w[base + _CHANGED] = time.monotonic_ns()
+        w[base + _CONNS] += 1
+        w[_H_CONNS] += 1
+        wake_master = w[_H_IDLE] < w[_H_MIN_SPARE]
+        self._unlock(w)
+        return wake_master
+
+    def idle(self, slot: int) -> bool:
+        base = self._base(slot)
+        w = self._lock()
+        try:
+            if w[base + _RETIRE] or w[base + _STATE] == State.EXITING:
+                self._set_state(w, base, State.EXITING)
+                return True
+            if w[base + _STATE] != State.IDLE:
+                w[_H_IDLE] += 1
+            self._set_state(w, base, State.IDLE)
+            return False
+        finally:
+            self._unlock(w)
+
+    def done(self, slot: int) -> None:
+        base = self._base(slot)
+        w = self._lock()
+        if w[base + _STATE] == State.IDLE:
+            w[_H_IDLE] -= 1
+        self._set_state(w, base, State.EXITING)
+        self._unlock(w)
+
+    def snapshot(self) -> Snapshot:
+        w = self._lock()
+        try:
+            words = w.tolist()
+        finally:
+            self._unlock(w)
+        return Snapshot(
+            idle_counter=words[_H_IDLE], min_spare=words[_H_MIN_SPARE],
+            connections=words[_H_CONNS], repairs=words[_H_REPAIRS],
+            slots=tuple(Slot(i, *self._slot_words(words, i)) for i in range(self.nslots)))
+
+    @staticmethod
+    def _slot_words(words: list[int], i: int) -> tuple[int, State, int, int, bool]:
+        base = _HEADER + _SLOT * i
+        return (words[base + _PID], State(words[base + _STATE]), words[base + _CONNS],
+                words[base + _CHANGED], bool(words[base + _RETIRE]))
+
+    def audit(self) -> int:
+        w = self._lock()
+        drift = self._recount(w)
+        if drift:
+            w[_H_REPAIRS] += 1
+        self._unlock(w)
+        return drift
+
+    def set_min_spare(self, value: int) -> None:
+        w = self._lock()
+        w[_H_MIN_SPARE] = value
+        self._unlock(w)
+
+    def hold_lock(self) -> None:
+        self._lock()
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            self._w.release()
+            self._map.close()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+BACKENDS: dict[str, type[Scoreboard]] = {"c": CScoreboard, "python": PyScoreboard}
+
+
+def c_available() -> bool:
+    return _lib is not None
+
+
+def open_scoreboard(backend: str, nslots: int) -> Scoreboard:
+    """Create the scoreboard the ``backend`` setting asks for."""
+    if backend == "auto":
+        backend = "c" if c_available() else "python"
+        if backend == "python":
+            log.warning("backend auto: the C core is not built; using the pure-Python "
+                        "scoreboard (slower bookkeeping, same behaviour)")
+        else:
+            log.info("backend auto: using the C scoreboard core")
+    try:
+        return BACKENDS[backend](nslots)
+    except OSError as exc:
+        raise BackendError(f"cannot create the {backend} scoreboard: {exc.strerror}") from None

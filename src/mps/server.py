@@ -1,0 +1,65 @@
+"""The public API: ``mps.Server``."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import config
+from .errors import AppError
+from .handlers import App, Handler, Hook, adapt
+
+
+class Server:
+    """A prefork server around one handler.
+
+    ``Server(**settings)`` takes the settings of ``mps serve --help`` as
+    keywords; ``@server.handler`` names the ``handle(conn, addr)`` function
+    (or a ``socketserver.BaseRequestHandler`` subclass); the hooks
+    ``on_starting(server)``, ``post_fork(server, worker)``,
+    ``child_exit(server, worker)`` and ``on_exit(server)`` are optional.
+    ``run()`` serves until stopped, then exits the process.
+    """
+
+    def __init__(self, handler: Any = None, **settings: Any) -> None:
+        config.check_names(settings)
+        self.settings = dict(settings)
+        self._handler: Any = handler
+        self.hooks: dict[str, Hook] = {}
+
+    def handler(self, fn: Any) -> Any:
+        """Decorator: the function (or BaseRequestHandler class) that serves a connection."""
+        self._handler = fn
+        return fn
+
+    def on_starting(self, fn: Hook) -> Hook:
+        self.hooks["on_starting"] = fn
+        return fn
+
+    def post_fork(self, fn: Hook) -> Hook:
+        self.hooks["post_fork"] = fn
+        return fn
+
+    def child_exit(self, fn: Hook) -> Hook:
+        self.hooks["child_exit"] = fn
+        return fn
+
+    def on_exit(self, fn: Hook) -> Hook:
+        self.hooks["on_exit"] = fn
+        return fn
+
+    def app(self) -> App:
+        if self._handler is None:
+            raise AppError("the Server has no handler; decorate a handle(conn, addr) "
+                           "function with @server.handler")
+        handler: Handler = adapt(self._handler, self)
+        return App(handler=handler, hooks=dict(self.hooks), settings=self.settings, server=self)
+
+    def serve(self, argv: Sequence[str] | None = None) -> int:
+        """Serve with settings from keywords, ``MPS_*`` and ``argv``; the exit status."""
+        from .cli import serve_app
+        return serve_app(self.app(), sys.argv[1:] if argv is None else list(argv))
+
+    def run(self, argv: Sequence[str] | None = None) -> NoReturn:
+        """Serve until stopped, then exit the process with the status of SPEC §8."""
+        sys.exit(self.serve(argv))

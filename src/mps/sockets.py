@@ -1,0 +1,200 @@
+"""Listening sockets: parse the bind setting, bind, and read a queue depth.
+
+Also the safe handling of Unix socket paths shared by ``bind = unix:PATH``
+and the status socket: never follow a symlink, never delete a file that is
+not a socket, never steal a socket that a live process still listens on.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+from .errors import BindError, SettingError
+
+# struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss,
+# unacked.  On a listening socket Linux reports the accept queue's current
+# length in tcpi_unacked.
+_TCPI_UNACKED_OFFSET = 24
+_TCP_INFO_LEN = 104
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed ``bind`` value."""
+
+    family: int          # AF_INET, AF_INET6, AF_UNIX, or -1 for fd://N
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+    def describe(self) -> str:
+        if self.family == socket.AF_UNIX:
+            return "unix:" + self.path
+        if self.fd >= 0:
+            return f"fd://{self.fd}"
+        if self.family == socket.AF_INET6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_bind(text: str) -> Address:
+    """Parse HOST:PORT, [V6]:PORT, unix:PATH or fd://N; SettingError if not."""
+    def bad(rule: str) -> SettingError:
+        return SettingError("bind", text, rule)
+
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise bad("unix: needs a path, e.g. unix:/run/app.sock")
+        if len(os.fsencode(path)) > 107:
+            raise bad("a Unix socket path is at most 107 bytes")
+        return Address(socket.AF_UNIX, path=path)
+    if text.startswith("fd://"):
+        try:
+            fd = int(text[5:])
+        except ValueError:
+            raise bad("fd:// needs a file descriptor number, e.g. fd://3") from None
+        if fd < 0:
+            raise bad("the file descriptor must not be negative")
+        return Address(-1, fd=fd)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        family = socket.AF_INET6
+    else:
+        host, sep, port = text.rpartition(":")
+        family = socket.AF_INET
+    if not sep or not host:
+        raise bad("expected HOST:PORT, [V6ADDR]:PORT, unix:PATH or fd://N")
+    try:
+        number = int(port)
+    except ValueError:
+        raise bad(f"port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise bad("port must be between 0 and 65535")
+    if family == socket.AF_INET and ":" in host:
+        raise bad("write an IPv6 address in brackets, e.g. [::1]:8000")
+    return Address(family, host=host, port=number)
+
+
+def listen(address: Address, backlog: int) -> socket.socket:
+    """Create the listening socket; BindError (exit 1) with one clear line."""
+    if address.fd >= 0:
+        return _adopt(address.fd, backlog)
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        if address.family == socket.AF_UNIX:
+            clear_stale_socket(address.path, "bind")
+            sock.bind(address.path)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except BindError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {address.describe()}: {exc.strerror or exc}"
+                        + _bind_hint(exc)) from None
+    return sock
+
+
+def _bind_hint(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return " (another process listens there; stop it or choose another --bind)"
+    if exc.errno == errno.EACCES:
+        return " (ports below 1024 need root; choose a higher port)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return " (no interface has that address)"
+    return ""
+
+
+def _adopt(fd: int, backlog: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(f"cannot use fd://{fd}: {exc.strerror or exc}") from None
+    if sock.type != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise BindError(f"fd://{fd} is not a listening stream socket")
+    sock.listen(backlog)
+    return sock
+
+
+def clear_stale_socket(path: str, what: str) -> None:
+    """Remove a socket file left by a dead process, refusing anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise BindError(f"{what}: {path} exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)     # nobody listens: a dead master's leftover
+        return
+    except OSError as exc:
+        raise BindError(f"{what}: cannot check {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise BindError(f"{what}: {path} is in use by a running process; stop it or choose another path")
+
+
+def listen_unix_private(path: str, backlog: int = 16) -> socket.socket:
+    """A Unix listening socket with mode 0600 from the moment it exists."""
+    clear_stale_socket(path, "status_socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)   # no window in which others may connect
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot create status socket {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock
+
+
+def queue_depth(sock: socket.socket) -> int:
+    """Connections waiting in a TCP listener's accept queue (0 if unknown)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return 0
+    return int(struct.unpack_from("I", info, _TCPI_UNACKED_OFFSET)[0])
+
+
+def describe(sock: socket.socket) -> str:
+    """What the socket really listens on (port 0 resolved)."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return "unix:" + (name if isinstance(name, str) else name.decode(errors="replace"))
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+def decode_address(family: int, raw: bytes) -> object:
+    """Turn a sockaddr filled in by accept4() into what socket.accept() returns."""
+    if family == socket.AF_INET:
+        port, = struct.unpack_from("!H", raw, 2)
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+    if family == socket.AF_INET6:
+        port, flow, = struct.unpack_from("!HI", raw, 2)
+        scope, = struct.unpack_from("I", raw, 24)
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flow, scope)
+    path = raw[2:].split(b"\0", 1)[0]
+    return path.decode(errors="surrogateescape")

@@ -1,0 +1,103 @@
+"""The status document (SPEC §7): built by the master, read by ``mps status``.
+
+Protocol: connect to the master's Unix socket; it writes one JSON document
+and closes.  The master never waits for the client: a client that never
+reads, or writes garbage, costs it one non-blocking send().
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import MpsError
+from .scoreboard import STATE_CHARS, State
+
+if TYPE_CHECKING:
+    from .arbiter import Arbiter
+
+STATES = [s.name.lower() for s in State if s != State.EMPTY]
+
+
+def document(arbiter: Arbiter) -> dict[str, Any]:
+    """The JSON document for the master's current state."""
+    assert arbiter.board is not None and arbiter.listener is not None
+    snap = arbiter.board.snapshot()
+    now_ns = time.monotonic_ns()
+    live = [s for s in snap.slots if s.state != State.EMPTY]
+    children = {"total": len(live)}
+    children.update({name: snap.count(State[name.upper()]) for name in STATES})
+    settings = arbiter.settings.public()
+    settings.update(min_spare=arbiter.min_spare, max_spare=arbiter.max_spare)
+    totals = arbiter.totals.as_dict()
+    totals["connections"] = snap.connections
+    totals["counter_repairs"] = snap.repairs
+    from .sockets import describe
+    return {
+        "pid": arbiter.pid,
+        "backend": arbiter.board.name,
+        "uptime_s": round(time.monotonic() - arbiter.started_at, 3),
+        "listening": describe(arbiter.listener),
+        "stopping": arbiter.stopping or None,
+        "generation": arbiter.generation,
+        "settings": settings,
+        "children": children,
+        "idle_counter": snap.idle_counter,
+        "totals": totals,
+        "slots": [{"slot": s.index, "pid": s.pid, "state": s.state.name.lower(),
+                   "connections": s.connections, "state_age_s": round(s.age_s(now_ns), 3)}
+                  for s in live],
+        "scoreboard": "".join(STATE_CHARS[s.state] for s in snap.slots),
+    }
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask the master at ``path``; MpsError with one line if it cannot."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        sock.connect(path)
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except FileNotFoundError:
+        raise MpsError(f"no status socket at {path}; is the master running with "
+                       f"--status-socket {path}?") from None
+    except ConnectionRefusedError:
+        raise MpsError(f"nobody answers at {path}: the master is not running") from None
+    except OSError as exc:
+        raise MpsError(f"cannot read status from {path}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    try:
+        doc: dict[str, Any] = json.loads(b"".join(chunks))
+    except ValueError:
+        raise MpsError(f"{path} did not answer with a status document") from None
+    return doc
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The plain ``mps status`` output: a summary, a scoreboard line, a table."""
+    c, t = doc["children"], doc["totals"]
+    lines = [
+        f"mps master {doc['pid']}  backend {doc['backend']}  listening {doc['listening']}  "
+        f"up {doc['uptime_s']:.1f}s" + (f"  STOPPING ({doc['stopping']})" if doc["stopping"] else ""),
+        f"children  total {c['total']}  idle {c['idle']}  busy {c['busy']}  "
+        f"starting {c['starting']}  exiting {c['exiting']}  (idle counter {doc['idle_counter']})",
+        "totals    " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in t.items()),
+        f"scoreboard  {doc['scoreboard']}",
+        "            _ idle  W busy  S starting  G exiting  . free",
+        "",
+        f"{'slot':>5} {'pid':>8} {'state':<9} {'conns':>7} {'age_s':>9}",
+    ]
+    lines += [f"{s['slot']:>5} {s['pid']:>8} {s['state']:<9} {s['connections']:>7} "
+              f"{s['state_age_s']:>9.2f}" for s in doc["slots"]]
+    return "\n".join(lines)

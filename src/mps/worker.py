@@ -1,0 +1,193 @@
+"""The child: boot, serve connections, leave.  It never returns to the master.
+
+Per connection the child makes two scoreboard calls: ``accept`` (on the C
+backend one C call: accept4() with the GIL released, then the busy
+transition, then the master's wake-up when idle children ran short) and
+``idle``.  Nothing on that path logs or allocates beyond the connection.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from types import FrameType
+from typing import NoReturn
+
+from . import logs
+from .daemon import die_with_parent
+from .errors import EXIT_BOOT, EXIT_OK, EXIT_RUNTIME
+from .handlers import App
+from .config import Settings
+from .scoreboard import Scoreboard
+from .signals import reset_in_child
+
+log = logging.getLogger("mps")
+
+#: A child that was told to stop by a master that has since died gets this
+#: long to finish its connection (then SIGALRM's default action ends it).
+ORPHAN_GRACE_S = 1
+
+_RETRY_ACCEPT = {errno.EAGAIN, errno.EINTR, errno.ECONNABORTED, errno.EPROTO,
+                 errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                 errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.ETIMEDOUT}
+_SHORT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass
+class Child:
+    """The master's record of one child; hooks receive it as ``worker``."""
+
+    pid: int
+    slot: int
+    generation: int
+    limit: int                  # connections before recycling; 0 = never
+    born: float                 # time.monotonic()
+    retiring: bool = False      # the master asked it to leave
+    timed_out: bool = False
+    kill_at: float = 0.0        # SIGKILL deadline, 0 = none
+
+
+class Worker:
+    """One child's life.  Override points: ``boot``, ``serve``, ``handle_error``."""
+
+    def __init__(self, app: App, board: Scoreboard, listener: socket.socket,
+                 child: Child, master_pid: int) -> None:
+        self.app = app
+        self.board = board
+        self.listener = listener
+        self.child = child
+        self.master_pid = master_pid
+        self.alive = True
+        self.served = 0
+
+    def run(self) -> int:
+        """Boot, serve, and return the exit code for ``os._exit``."""
+        if not self.boot():
+            return EXIT_BOOT
+        if self.board.idle(self.child.slot):    # retired before it ever served
+            return EXIT_OK
+        return self.serve()
+
+    def boot(self) -> bool:
+        reset_in_child()
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGABRT, self._on_timeout)
+        logs.slot_filter.slot = f"slot {self.child.slot}"
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != self.master_pid:     # the master died before prctl()
+            return False
+        try:
+            self.app.call_hook("post_fork", self.child)
+        except Exception:
+            log.exception("post_fork hook failed; this child cannot boot")
+            return False
+        return True
+
+    def serve(self) -> int:
+        # Locals: this loop runs once per connection.
+        board, listener, slot = self.board, self.listener, self.child.slot
+        handle = self.app.handler
+        limit = self.child.limit
+        while self.alive:
+            try:
+                conn, addr = board.accept(slot, listener)
+            except OSError as exc:
+                if not self.accept_failed(exc):
+                    break
+                continue
+            try:
+                handle(conn, addr)
+            except Exception:
+                self.handle_error(addr)
+            finally:
+                conn.close()    # always: the handler need not
+            self.served += 1
+            if limit and self.served >= limit:
+                log.info("served %d connections (max_requests); recycling", self.served)
+                break
+            if board.idle(slot):
+                return EXIT_OK  # retired by the master; it counts the exit
+        board.done(slot)
+        return EXIT_OK
+
+    def accept_failed(self, exc: OSError) -> bool:
+        """An accept() error: True to go on accepting, False to leave."""
+        if exc.errno in _RETRY_ACCEPT:
+            # EAGAIN is the listener's 1 s SO_RCVTIMEO: a chance to notice
+            # that the master is gone even if PR_SET_PDEATHSIG raced us.
+            if os.getppid() != self.master_pid:
+                self.alive = False
+            return True
+        if exc.errno in _SHORT_OF_RESOURCES:
+            log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
+            time.sleep(0.1)
+            return True
+        log.error("accept failed: %s; this child exits", exc.strerror or exc)
+        return False
+
+    def handle_error(self, addr: object) -> None:
+        """A handler raised: log its traceback and go on serving."""
+        log.exception("handler failed on a connection from %s", logs.printable(addr))
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        # Graceful: finish the current connection, then leave.
+        self.alive = False
+        if os.getppid() != self.master_pid:
+            signal.alarm(ORPHAN_GRACE_S)    # no master will ever SIGKILL us
+
+    def _on_timeout(self, signum: int, frame: FrameType | None) -> None:
+        # The master's `timeout` expired on our connection.  We are being
+        # killed; say where the handler was stuck, then go.
+        where = "".join(traceback.format_stack(frame, limit=8)) if frame else ""
+        log.error("connection exceeded timeout; exiting. Handler was at:\n%s", where)
+        os._exit(EXIT_RUNTIME)
+
+
+def child_main(app: App, board: Scoreboard, listener: socket.socket, child: Child,
+               master_pid: int, close_fds: tuple[int, ...]) -> NoReturn:
+    """Entry point right after fork(), in the child.  This must never return."""
+    code = EXIT_RUNTIME
+    try:
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        code = Worker(app, board, listener, child, master_pid).run()
+    except BaseException:  # noqa: BLE001 - log anything, then leave
+        try:
+            log.exception("child failed")
+        finally:
+            code = EXIT_RUNTIME
+    finally:
+        os._exit(code)
+
+
+def run_single(settings: Settings, app: App) -> int:
+    """Debug mode (``--single``): serve in this process, no master, no fork."""
+    from . import sockets
+    from .scoreboard import open_scoreboard
+
+    listener = sockets.listen(sockets.parse_bind(settings.bind), settings.backlog)
+    board = open_scoreboard(settings.backend, 1)
+    slot = board.reserve()
+    board.started(slot, os.getpid())
+    child = Child(pid=os.getpid(), slot=slot, generation=0, limit=0, born=time.monotonic())
+    worker = Worker(app, board, listener, child, master_pid=os.getppid())
+    signal.signal(signal.SIGTERM, worker._on_term)
+    log.info("single-process debug mode: serving at %s in pid %d",
+             sockets.describe(listener), os.getpid())
+    try:
+        app.call_hook("on_starting")
+        app.call_hook("post_fork", child)
+        board.idle(slot)
+        return worker.serve()
+    finally:
+        app.call_hook("on_exit")
+        listener.close()
+        board.close()

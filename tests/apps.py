@@ -1,0 +1,95 @@
+"""Handlers used by the tests (imported by the children as tests/apps.py)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import time
+from typing import Any
+
+
+def echo(conn: socket.socket, addr: Any) -> None:
+    conn.sendall(b"%d: %s" % (os.getpid(), conn.recv(128)))
+
+
+def hold(conn: socket.socket, addr: Any) -> None:
+    """Reply with the pid at once, then hold the child until the client closes."""
+    conn.sendall(b"%d\n" % os.getpid())
+    while conn.recv(1024):
+        pass
+
+
+def slow(conn: socket.socket, addr: Any) -> None:
+    """Read a request, wait the number of seconds it names, reply."""
+    seconds = float(conn.recv(64) or b"0")
+    time.sleep(seconds)
+    conn.sendall(b"done %d" % os.getpid())
+
+
+def boom(conn: socket.socket, addr: Any) -> None:
+    """Requests decide the failure: raise, exit, segv, hang; else echo."""
+    what = conn.recv(64)
+    if what == b"raise":
+        raise RuntimeError("handler failure on purpose")
+    if what == b"exit":
+        os._exit(7)
+    if what == b"segv":
+        ctypes.string_at(0)
+    if what == b"hang":
+        while True:
+            time.sleep(1)
+    conn.sendall(b"%d: %s" % (os.getpid(), what))
+
+
+def count_pid(conn: socket.socket, addr: Any) -> None:
+    conn.sendall(b"%d" % os.getpid())
+
+
+class Handler:
+    """Not callable as a handler: the app error test points at an instance."""
+
+
+not_callable = Handler()
+
+
+# --- apps built with the public API ---------------------------------------
+import socketserver  # noqa: E402
+
+import mps  # noqa: E402
+
+cannot_boot = mps.Server()
+
+
+@cannot_boot.handler
+def _never(conn: socket.socket, addr: Any) -> None:
+    conn.sendall(b"unreachable")
+
+
+@cannot_boot.post_fork
+def _fail_boot(server: mps.Server, worker: Any) -> None:
+    raise RuntimeError("database unreachable (on purpose)")
+
+
+class EchoRequestHandler(socketserver.BaseRequestHandler):
+    """Existing socketserver code, moved over unchanged."""
+
+    def handle(self) -> None:
+        data = self.request.recv(128)
+        self.request.sendall(b"socketserver %d: %s" % (os.getpid(), data))
+
+
+hooked = mps.Server(start_servers=2, min_spare=1, max_spare=2, max_children=4)
+hooked.handler(echo)
+
+
+@hooked.post_fork
+def _post_fork(server: mps.Server, worker: Any) -> None:
+    os.environ["MPS_TEST_SLOT"] = str(worker.slot)
+
+
+@hooked.child_exit
+def _child_exit(server: mps.Server, worker: Any) -> None:
+    path = os.environ.get("MPS_TEST_HOOK_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write("child_exit %d\n" % worker.pid)

@@ -1,0 +1,192 @@
+"""Shared fixtures: real mps masters on 127.0.0.1 ephemeral ports.
+
+Every master is started in its own session from a socket the test bound
+itself (``--bind fd://N``), so the test knows the port before the server
+runs, and is killed with its whole process group at teardown even when the
+test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mps.scoreboard import c_available
+
+TESTS = Path(__file__).resolve().parent
+APPS = TESTS / "apps.py"
+
+BACKENDS = ["c", "python"] if c_available() else ["python"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def children_of(pid: int) -> set[int]:
+    """Live (non-zombie) children of ``pid``, from /proc."""
+    out = set()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            out = {int(x) for x in f.read().split()}
+    except FileNotFoundError:
+        return set()
+    return {p for p in out if pid_alive(p)}
+
+
+class Master:
+    """One ``mps serve`` process under test."""
+
+    def __init__(self, tmp: Path, app: str, backend: str, settings: dict[str, Any],
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1024)
+        self.port = self.listener.getsockname()[1]
+        self.status_path = str(tmp / f"status-{self.port}.sock")
+        self.log_path = tmp / f"master-{self.port}.log"
+        args = [sys.executable, "-m", "mps", "serve", app,
+                "--bind", f"fd://{self.listener.fileno()}",
+                "--backend", backend, "--status-socket", self.status_path]
+        for name, value in settings.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            else:
+                args += [flag, str(value)]
+        args += extra_args or []
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            args, pass_fds=[self.listener.fileno()], stdin=subprocess.DEVNULL,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})}, cwd=str(TESTS))
+        self.pid = self.proc.pid
+        self.listener.close()   # the master holds its own copy now
+
+    # -- observing
+    def status(self) -> dict[str, Any]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(self.status_path)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+        return json.loads(data)
+
+    def try_status(self) -> dict[str, Any] | None:
+        try:
+            return self.status()
+        except (OSError, ValueError):
+            return None
+
+    def wait_ready(self, idle: int | None = None, timeout: float = 15.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"master exited early ({self.proc.returncode}):\n{self.output()}")
+            doc = self.try_status()
+            if doc is None:
+                return None
+            want = doc["settings"]["min_spare"] if idle is None else idle
+            return doc if doc["children"]["idle"] >= want else None
+        return wait_until(ready, timeout, what="the pool to be ready")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def child_pids(self) -> set[int]:
+        return children_of(self.pid)
+
+    # -- talking
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def echo(self, payload: bytes = b"hello", timeout: float = 10.0) -> bytes:
+        with self.connect(timeout) as s:
+            s.sendall(payload)
+            return recv_all(s)
+
+    # -- stopping
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        """Teardown: the master and its whole session, whatever state they are in."""
+        pids = self.child_pids()
+        for pid in [self.pid, *pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)     # the session this test created
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 10, what="children to die")
+        self.log.close()
+
+
+def recv_all(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def start_master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
+    """Factory: start_master(app, backend, **settings) -> a running Master."""
+    masters: list[Master] = []
+
+    def start(app: str = "mps.examples:echo", backend: str = "auto",
+              env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+              **settings: Any) -> Master:
+        m = Master(tmp_path, app, backend, settings, env, extra_args)
+        masters.append(m)
+        return m
+
+    yield start
+    for m in masters:
+        m.kill_all()
