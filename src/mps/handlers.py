@@ -47,13 +47,15 @@ def adapt(obj: object, server: object = None) -> Handler:
         cls = obj
 
         def handle_request(conn: socket.socket, addr: Any) -> None:
-            cls(conn, addr, server)   # BaseRequestHandler runs setup/handle/finish
+            # BaseRequestHandler runs setup/handle/finish; handlers that look at
+            # self.server get the mps.Server.
+            cls(conn, addr, server)  # type: ignore[arg-type]
 
         handle_request.__qualname__ = f"{cls.__qualname__}(socketserver)"
         return handle_request
     if not callable(obj):
         raise AppError(f"app {obj!r} is not callable; point APP at a handle(conn, addr) function")
-    return obj   # type: ignore[return-value]
+    return obj
 
 
 def load(spec: str) -> App:

@@ -35,7 +35,7 @@ from .errors import BackendError
 from .sockets import decode_address
 
 try:
-    from ._mpscore import ffi as _ffi, lib as _lib
+    from ._mpscore import ffi as _ffi, lib as _lib  # type: ignore[import-untyped]
 except ImportError:  # no compiler at install time: the Python backend serves
     _ffi = _lib = None
 

@@ -180,7 +180,7 @@ def run_single(settings: Settings, app: App) -> int:
     child = Child(pid=os.getpid(), slot=slot, generation=0, limit=0, born=time.monotonic())
     worker = Worker(app, board, listener, child, master_pid=os.getppid())
     signal.signal(signal.SIGTERM, worker._on_term)
-    log.info("single-process debug mode: serving at %s in pid %d",
+    log.info("single-process debug mode: listening at %s in pid %d",
              sockets.describe(listener), os.getpid())
     try:
         app.call_hook("on_starting")

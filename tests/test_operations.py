@@ -1,0 +1,209 @@
+"""Operating mps: daemon, pid file, logs, the Server API, debug mode, backends."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import TESTS, pid_alive, recv_all, wait_until
+
+SMALL = ["--start-servers", "2", "--min-spare", "1", "--max-spare", "2", "--max-children", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def echo(port: int, payload: bytes = b"hi", family: int = socket.AF_INET,
+         host: str = "127.0.0.1") -> bytes:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect((host, port))
+        s.sendall(payload)
+        return recv_all(s)
+
+
+def serve(args: list[str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "mps", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=str(TESTS), **kw)  # type: ignore[call-overload]
+
+
+def listening_port(log: Path) -> int:
+    def port() -> int | None:
+        m = re.search(r"listening at [^ ]*:(\d+)", log.read_text(errors="replace"))
+        return int(m.group(1)) if m else None
+    return int(wait_until(port, what="the master to log its address"))
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Teardown: kill the session we started, whatever happened."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+
+
+def test_port_zero_logs_the_real_address_with_pid_and_slot(tmp_path):
+    log = tmp_path / "out.log"
+    proc = serve(["serve", "--bind", "127.0.0.1:0", *SMALL], log)
+    try:
+        port = listening_port(log)
+        assert echo(port).endswith(b": hi")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert re.search(r"^\S+ \S+ \[%d\] \[master\] INFO " % proc.pid, text, re.M)
+
+
+def test_ipv6_loopback_bind(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured on this machine")
+    log = tmp_path / "out.log"
+    proc = serve(["serve", "--bind", "[::1]:0", *SMALL], log)
+    try:
+        port = listening_port(log)
+        assert echo(port, family=socket.AF_INET6, host="::1").endswith(b": hi")
+    finally:
+        stop(proc)
+
+
+def test_daemon_writes_and_removes_the_pid_file(tmp_path):
+    pid_file = tmp_path / "mps.pid"
+    log = tmp_path / "mps.log"
+    port = free_port()
+    launcher = subprocess.run(
+        [sys.executable, "-m", "mps", "serve", "--bind", f"127.0.0.1:{port}", "--daemon",
+         "--pid-file", str(pid_file), "--log-file", str(log), *SMALL],
+        capture_output=True, timeout=30, cwd=str(TESTS))
+    assert launcher.returncode == 0, launcher.stderr
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                         what="the pid file"))
+    try:
+        assert pid != launcher.returncode and pid_alive(pid)
+        assert os.getsid(pid) != os.getsid(0)      # detached from our session
+        wait_until(lambda: "listening at" in log.read_text(), what="the log file")
+        reply = wait_until(lambda: _try_echo(port), what="the daemon to serve")
+        assert reply.endswith(b": hi")
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+        assert not pid_file.exists()
+        assert not list(tmp_path.glob("*.tmp"))
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _try_echo(port: int) -> bytes | None:
+    try:
+        return echo(port)
+    except OSError:
+        return None
+
+
+def test_server_api_script_with_argv_and_env(tmp_path):
+    script = tmp_path / "myapp.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        import mps
+
+        app = mps.Server(start_servers=2, min_spare=1, max_spare=2, max_children=3)
+
+        @app.handler
+        def handle(conn, addr):
+            conn.sendall(b"api %d: %s" % (os.getpid(), conn.recv(64)))
+
+        if __name__ == "__main__":
+            app.run()
+    """))
+    log = tmp_path / "out.log"
+    status = tmp_path / "st.sock"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--bind", "127.0.0.1:0", "--status-socket", str(status)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MPS_MAX_CHILDREN": "9", "MPS_GRACEFUL_TIMEOUT": "7"})
+    try:
+        port = listening_port(log)
+        assert echo(port).startswith(b"api ")
+        from mps.status import query
+        settings = query(str(status))["settings"]
+        assert settings["max_children"] == 3        # keyword beats environment
+        assert settings["graceful_timeout"] == 7.0  # environment beats default
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+
+
+def test_server_run_refuses_bad_settings_with_exit_2(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text("import mps\napp = mps.Server(min_spare=9, max_spare=3)\n"
+                      "app.handler(lambda c, a: None)\napp.run()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "min_spare" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_single_process_debug_mode(tmp_path):
+    log = tmp_path / "out.log"
+    proc = serve(["serve", "--single", "--bind", "127.0.0.1:0"], log)
+    try:
+        port = listening_port(log)
+        assert echo(port) == b"%d: hi" % proc.pid     # served by the process itself
+        assert echo(port, b"again") == b"%d: again" % proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+
+
+def test_backend_c_missing_is_a_clear_error(tmp_path):
+    code = ("import sys; sys.modules['mps._mpscore'] = None\n"
+            "from mps.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "serve", "--backend", "c", "--bind",
+                        "127.0.0.1:0", *SMALL], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "backend 'c' is not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_backend_auto_falls_back_to_python_and_says_so_once(tmp_path):
+    code = ("import sys; sys.modules['mps._mpscore'] = None\n"
+            "from mps.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    log = tmp_path / "out.log"
+    status = tmp_path / "st.sock"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--bind", "127.0.0.1:0",
+                                 "--status-socket", str(status), *SMALL],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        port = listening_port(log)
+        assert echo(port).endswith(b": hi")
+        from mps.status import query
+        assert query(str(status))["backend"] == "python"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+    assert log.read_text().count("using the pure-Python scoreboard") == 1
