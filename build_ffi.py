@@ -43,6 +43,7 @@ int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots);
 int64_t mps_audit(mps_board *b);
 int mps_set_min_spare(mps_board *b, int64_t min_spare);
 int mps_hold_lock(mps_board *b);
+int mps_nop(mps_board *b, int64_t slot);
 """
 
 ffibuilder = FFI()

@@ -99,6 +99,7 @@ class Arbiter:
         self.wake_r = self.wake_w = -1
         self.pid = os.getpid()
         self.pass_now = True            # run the next pass without waiting
+        self.started = False            # start() finished: on_exit and "exiting" are due
 
     # ----------------------------------------------------------- life cycle
 
@@ -148,16 +149,18 @@ class Arbiter:
         log.info("mps master %d listening at %s (backend %s, %d children)",
                  self.pid, sockets.describe(self.listener), self.board.name, s.start_servers)
         self.app.call_hook("on_starting")
+        self.started = True
         gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
         self.spawn_many(s.start_servers)
 
     def cleanup(self) -> None:
         if self.pid != os.getpid():
             return      # a child that got here by mistake must not tear down
-        try:
-            self.app.call_hook("on_exit")
-        except Exception:
-            log.exception("on_exit hook failed")
+        if self.started:
+            try:
+                self.app.call_hook("on_exit")
+            except Exception:
+                log.exception("on_exit hook failed")
         for sock in (self.status_sock, self.listener):
             if sock is not None:
                 _close_listener(sock)
@@ -169,7 +172,8 @@ class Arbiter:
             signal.set_wakeup_fd(-1)
             os.close(self.wake_r)
             os.close(self.wake_w)
-        log.info("mps master %d exiting", self.pid)
+        if self.started:
+            log.info("mps master %d exiting", self.pid)
 
     # ----------------------------------------------------------- loop steps
 

@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "status":
             return _status(ns.socket, ns.json)
         if ns.command == "bench":
-            from . import bench
-            return bench.main(ns.bench_args)
+            from .bench import main as bench_main
+            return bench_main(ns.bench_args)
         raise UsageError("a command is required: serve, status or bench (see `mps --help`)")
 
     return _guard(dispatch)

@@ -11,10 +11,11 @@ Precedence: default < ``MPS_*`` environment < keyword argument < command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .errors import SettingError
 
@@ -24,10 +25,11 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def setting(default: Any, help: str, *, kind: str, seed: str = "",
-            minimum: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+            minimum: float | None = None, maximum: float | None = None,
+            choices: tuple[str, ...] = ()) -> Any:
     """Declare one row of the table (a dataclass field with its metadata)."""
     meta = {"help": help, "kind": kind, "seed": seed, "minimum": minimum,
-            "choices": choices}
+            "maximum": maximum, "choices": choices}
     return field(default=default, metadata=meta)
 
 
@@ -40,7 +42,7 @@ class Settings:
         help="Address to listen on: HOST:PORT, [V6ADDR]:PORT, unix:PATH or fd://N "
              "(an inherited listening socket). Port 0 picks a free port.")
     backlog: int = setting(
-        1024, kind="int", minimum=1, seed="MAXLISTEN",
+        1024, kind="int", minimum=1, maximum=65535, seed="MAXLISTEN",
         help="Length of the kernel's queue of connections waiting for a child.")
     start_servers: int = setting(
         32, kind="int", minimum=0, seed="STARTSERVERS",
@@ -127,9 +129,14 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
     }[kind]
     if not isinstance(value, expected) or (kind in ("int", "float") and isinstance(value, bool)):
         raise SettingError(f.name, value, f"must be of type {kind}")
-    minimum = f.metadata["minimum"]
+    value = cast(Any, value)
+    if kind == "float" and not math.isfinite(value):  # NaN passes every < and >
+        raise SettingError(f.name, value, "must be a finite number of seconds")
+    minimum, maximum = f.metadata["minimum"], f.metadata["maximum"]
     if minimum is not None and value < minimum:
         raise SettingError(f.name, value, f"must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise SettingError(f.name, value, f"must be at most {maximum:g}")
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise SettingError(f.name, value, "must be one of " + ", ".join(choices))

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 
 from .errors import MpsError
 
 _PR_SET_PDEATHSIG = 1
+#: libc, loaded once in the master: CDLL(None) is the already-mapped C
+#: library (find_library() would run ldconfig in every new child).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send ``sig`` to this child when the master dies."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+    if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 

@@ -41,7 +41,7 @@ class App:
             hook(self.server, *args)
 
 
-def adapt(obj: object, server: object = None) -> Handler:
+def adapt(obj: object, server: object = None, spec: str = "") -> Handler:
     """Turn what the user gave into ``handle(conn, addr)``."""
     if inspect.isclass(obj) and issubclass(obj, socketserver.BaseRequestHandler):
         cls = obj
@@ -54,7 +54,8 @@ def adapt(obj: object, server: object = None) -> Handler:
         handle_request.__qualname__ = f"{cls.__qualname__}(socketserver)"
         return handle_request
     if not callable(obj):
-        raise AppError(f"app {obj!r} is not callable; point APP at a handle(conn, addr) function")
+        what = repr(spec) if spec else type(obj).__name__ + " object"
+        raise AppError(f"app {what} is not callable; point APP at a handle(conn, addr) function")
     return obj
 
 
@@ -72,7 +73,7 @@ def load(spec: str) -> App:
         raise AppError(f"app {spec!r}: {target} has no attribute {attr!r}") from None
     if isinstance(obj, Server):
         return obj.app()
-    return App(handler=adapt(obj))
+    return App(handler=adapt(obj, spec=spec))
 
 
 def _import(spec: str, target: str) -> Any:

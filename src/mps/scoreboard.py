@@ -20,6 +20,7 @@ are mapped to ``OSError`` in one place, :func:`_check`.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -27,12 +28,14 @@ import os
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 from .errors import BackendError
-from .sockets import decode_address
+from .sockets import Peers
 
 try:
     from ._mpscore import ffi as _ffi, lib as _lib  # type: ignore[import-untyped]
@@ -93,6 +96,16 @@ class Scoreboard(ABC):
     #: Write end of the master's wake-up pipe (set by the master before fork).
     wake_fd: int = -1
 
+    # The child's per-connection calls.  They return the transition's code,
+    # not an exception: non-zero means "act" (busy: wake the master; idle:
+    # leave), which is also the safe reaction to a scoreboard error (-errno).
+    # The C backend binds them straight to the C functions: no Python frame
+    # between the child's loop and the lock.
+    #: Child took a connection; non-zero when idle children fell below min_spare.
+    busy: Callable[[int], int]
+    #: Child is ready for the next connection; non-zero when it must leave instead.
+    idle: Callable[[int], int]
+
     def __init__(self, nslots: int) -> None:
         self.nslots = nslots
 
@@ -111,14 +124,6 @@ class Scoreboard(ABC):
     @abstractmethod
     def retire(self, slot: int) -> State:
         """Ask the slot's child to leave after its current connection, if any."""
-
-    @abstractmethod
-    def busy(self, slot: int) -> bool:
-        """Child took a connection; True when idle children fell below min_spare."""
-
-    @abstractmethod
-    def idle(self, slot: int) -> bool:
-        """Child is ready for the next connection; True when it must leave instead."""
 
     @abstractmethod
     def done(self, slot: int) -> None:
@@ -183,8 +188,13 @@ class CScoreboard(Scoreboard):
         self._board = out[0]
         self._head = _ffi.new("struct mps_head *")
         self._slots = _ffi.new("struct mps_slot[]", nslots)
-        self._addr = _ffi.new("char[]", _ADDR_MAX)
         self._addrlen = _ffi.new("uint32_t *")
+        self._peers: Peers | None = None
+        self._peer_buf: Any = None
+        self.busy = partial(_lib.mps_busy, self._board)
+        self.idle = partial(_lib.mps_idle, self._board)
+        #: The floor busy/idle are measured against (benchmarks only).
+        self.nop: Callable[[int], int] = partial(_lib.mps_nop, self._board)
 
     def reserve(self) -> int:
         rc = int(_lib.mps_reserve(self._board))
@@ -199,26 +209,23 @@ class CScoreboard(Scoreboard):
     def retire(self, slot: int) -> State:
         return State(_check(_lib.mps_retire(self._board, slot)))
 
-    def busy(self, slot: int) -> bool:
-        return _check(_lib.mps_busy(self._board, slot)) == 1
-
-    def idle(self, slot: int) -> bool:
-        return _check(_lib.mps_idle(self._board, slot)) == 1
-
     def done(self, slot: int) -> None:
         _check(_lib.mps_done(self._board, slot))
 
     def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
         # One C call: accept4() with the GIL released, then the busy transition
         # and the wake-up write.  No Python objects until a connection exists.
+        peers = self._peers
+        if peers is None or peers.listener is not listener:
+            peers = self._peers = Peers(listener)
+            self._peer_buf = _ffi.from_buffer(peers.buf)
         self._addrlen[0] = _ADDR_MAX
-        fd = _lib.mps_accept_busy(self._board, slot, listener.fileno(), self.wake_fd,
-                                  self._addr, self._addrlen)
+        fd = _lib.mps_accept_busy(self._board, slot, peers.fd, self.wake_fd,
+                                  self._peer_buf, self._addrlen)
         if fd < 0:
             raise OSError(-fd, os.strerror(-fd))
-        family = listener.family
-        conn = socket.socket(family, listener.type, listener.proto, fd)
-        return conn, decode_address(family, _ffi.buffer(self._addr, self._addrlen[0])[:])
+        return (socket.socket(peers.family, peers.type, peers.proto, fd),
+                peers.decode(self._addrlen[0]))
 
     def snapshot(self) -> Snapshot:
         _check(_lib.mps_snapshot(self._board, self._head, self._slots))
@@ -322,68 +329,82 @@ class PyScoreboard(Scoreboard):
     def started(self, slot: int, pid: int) -> None:
         base = self._base(slot)
         w = self._lock()
-        w[base + _PID] = pid
-        self._unlock(w)
+        try:
+            w[base + _PID] = pid
+        finally:
+            self._unlock(w)
 
     def release(self, slot: int) -> State:
         base = self._base(slot)
         w = self._lock()
-        was = w[base + _STATE]
-        if was == State.IDLE:
-            w[_H_IDLE] -= 1
-        w[base + _PID] = 0
-        w[base + _RETIRE] = 0
-        self._set_state(w, base, State.EMPTY)
-        self._unlock(w)
-        return State(was)
+        try:
+            was = w[base + _STATE]
+            if was == State.IDLE:
+                w[_H_IDLE] -= 1
+            w[base + _PID] = 0
+            w[base + _RETIRE] = 0
+            self._set_state(w, base, State.EMPTY)
+            return State(was)
+        finally:
+            self._unlock(w)
 
     def retire(self, slot: int) -> State:
         base = self._base(slot)
         w = self._lock()
-        was = w[base + _STATE]
-        if was == State.IDLE:
-            w[_H_IDLE] -= 1
-            self._set_state(w, base, State.EXITING)
-        elif was in (State.STARTING, State.BUSY):
-            w[base + _RETIRE] = 1
-        self._unlock(w)
-        return State(was)
+        try:
+            was = w[base + _STATE]
+            if was == State.IDLE:
+                w[_H_IDLE] -= 1
+                self._set_state(w, base, State.EXITING)
+            elif was in (State.STARTING, State.BUSY):
+                w[base + _RETIRE] = 1
+            return State(was)
+        finally:
+            self._unlock(w)
 
-    def busy(self, slot: int) -> bool:
-        base = self._base(slot)
+    def busy(self, slot: int) -> int:
+        if not 0 <= slot < self.nslots:
+            return -errno.EINVAL     # like the C core: a code, not an exception
+        base = _HEADER + _SLOT * slot
         w = self._lock()
-        if w[base + _STATE] == State.IDLE:
-            w[_H_IDLE] -= 1
-            self._set_state(w, base, State.BUSY)
-        else:
-            w[base + _CHANGED] = time.monotonic_ns()
-        w[base + _CONNS] += 1
-        w[_H_CONNS] += 1
-        wake_master = w[_H_IDLE] < w[_H_MIN_SPARE]
-        self._unlock(w)
-        return wake_master
+        try:
+            if w[base + _STATE] == State.IDLE:
+                w[_H_IDLE] -= 1
+                self._set_state(w, base, State.BUSY)
+            else:
+                w[base + _CHANGED] = time.monotonic_ns()
+            w[base + _CONNS] += 1
+            w[_H_CONNS] += 1
+            wake_master = int(w[_H_IDLE] < w[_H_MIN_SPARE])
+            return wake_master
+        finally:
+            self._unlock(w)
 
-    def idle(self, slot: int) -> bool:
-        base = self._base(slot)
+    def idle(self, slot: int) -> int:
+        if not 0 <= slot < self.nslots:
+            return -errno.EINVAL     # like the C core: a code, not an exception
+        base = _HEADER + _SLOT * slot
         w = self._lock()
         try:
             if w[base + _RETIRE] or w[base + _STATE] == State.EXITING:
                 self._set_state(w, base, State.EXITING)
-                return True
+                return 1
             if w[base + _STATE] != State.IDLE:
                 w[_H_IDLE] += 1
             self._set_state(w, base, State.IDLE)
-            return False
+            return 0
         finally:
             self._unlock(w)
 
     def done(self, slot: int) -> None:
         base = self._base(slot)
         w = self._lock()
-        if w[base + _STATE] == State.IDLE:
-            w[_H_IDLE] -= 1
-        self._set_state(w, base, State.EXITING)
-        self._unlock(w)
+        try:
+            if w[base + _STATE] == State.IDLE:
+                w[_H_IDLE] -= 1
+            self._set_state(w, base, State.EXITING)
+        finally:
+            self._unlock(w)
 
     def snapshot(self) -> Snapshot:
         w = self._lock()
@@ -404,16 +425,20 @@ class PyScoreboard(Scoreboard):
 
     def audit(self) -> int:
         w = self._lock()
-        drift = self._recount(w)
-        if drift:
-            w[_H_REPAIRS] += 1
-        self._unlock(w)
-        return drift
+        try:
+            drift = self._recount(w)
+            if drift:
+                w[_H_REPAIRS] += 1
+            return drift
+        finally:
+            self._unlock(w)
 
     def set_min_spare(self, value: int) -> None:
         w = self._lock()
-        w[_H_MIN_SPARE] = value
-        self._unlock(w)
+        try:
+            w[_H_MIN_SPARE] = value
+        finally:
+            self._unlock(w)
 
     def hold_lock(self) -> None:
         self._lock()

@@ -70,10 +70,9 @@ def parse_bind(text: str) -> Address:
         family = socket.AF_INET
     if not sep or not host:
         raise bad("expected HOST:PORT, [V6ADDR]:PORT, unix:PATH or fd://N")
-    try:
-        number = int(port)
-    except ValueError:
-        raise bad(f"port {port!r} is not a number") from None
+    if not (port.isascii() and port.isdigit()):
+        raise bad(f"port {port!r} is not a number")
+    number = int(port)
     if not 0 <= number <= 65535:
         raise bad("port must be between 0 and 65535")
     if family == socket.AF_INET and ":" in host:
@@ -185,6 +184,37 @@ def describe(sock: socket.socket) -> str:
     if sock.family == socket.AF_INET6:
         return f"[{name[0]}]:{name[1]}"
     return f"{name[0]}:{name[1]}"
+
+
+class Peers:
+    """Per-listener state for accepting from C: the listener's cached family,
+    type and proto (``socket.family`` is a Python property that builds an
+    enum on every read), and the buffer accept4() writes the peer's sockaddr
+    into, decoded into what ``socket.accept()`` returns.
+    """
+
+    _MAX_HOSTS = 4096
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.fd = listener.fileno()
+        self.family = int(listener.family)
+        self.type = int(listener.type)
+        self.proto = listener.proto
+        self.buf = bytearray(128)           # sizeof(struct sockaddr_storage)
+        self._hosts: dict[bytes, str] = {}  # IPv4 text by raw address, bounded
+
+    def decode(self, length: int) -> object:
+        buf = self.buf
+        if self.family != socket.AF_INET:
+            return decode_address(self.family, bytes(buf[:length]))
+        key = bytes(buf[4:8])
+        host = self._hosts.get(key)
+        if host is None:
+            if len(self._hosts) >= self._MAX_HOSTS:
+                self._hosts.clear()
+            host = self._hosts[key] = socket.inet_ntop(socket.AF_INET, key)
+        return (host, buf[2] << 8 | buf[3])
 
 
 def decode_address(family: int, raw: bytes) -> object:

@@ -63,7 +63,6 @@ class Worker:
         self.child = child
         self.master_pid = master_pid
         self.alive = True
-        self.served = 0
 
     def run(self) -> int:
         """Boot, serve, and return the exit code for ``os._exit``."""
@@ -91,11 +90,11 @@ class Worker:
     def serve(self) -> int:
         # Locals: this loop runs once per connection.
         board, listener, slot = self.board, self.listener, self.child.slot
-        handle = self.app.handler
-        limit = self.child.limit
+        accept, idle, handle = board.accept, board.idle, self.app.handler
+        left = self.child.limit or -1      # connections before recycling; -1 = never
         while self.alive:
             try:
-                conn, addr = board.accept(slot, listener)
+                conn, addr = accept(slot, listener)
             except OSError as exc:
                 if not self.accept_failed(exc):
                     break
@@ -106,11 +105,11 @@ class Worker:
                 self.handle_error(addr)
             finally:
                 conn.close()    # always: the handler need not
-            self.served += 1
-            if limit and self.served >= limit:
-                log.info("served %d connections (max_requests); recycling", self.served)
+            left -= 1
+            if not left:
+                log.info("served %d connections (max_requests); recycling", self.child.limit)
                 break
-            if board.idle(slot):
+            if idle(slot):
                 return EXIT_OK  # retired by the master; it counts the exit
         board.done(slot)
         return EXIT_OK

@@ -1,0 +1,548 @@
+"""``mps bench``: measure the pool's own work against references, in one run.
+
+    mps bench locks [--procs 1,2,4] [--seconds S] [--json]
+    mps bench serve [--clients 16,64] [--seconds S] [--reps N]
+    mps bench spike [--clients 64] [--plot FILE]
+
+The C programs they need (a C prefork echo reference, an epoll load
+generator, the scoreboard's C-only loop) live in ``benchmarks/`` of the mps
+checkout and are compiled on first use with the system ``cc`` into
+``benchmarks/bin/``.  Run from the checkout, or point ``MPS_BENCH_DIR`` at its
+``benchmarks`` folder.  Results are ratios taken in one run: these machines
+are shared and noisy, absolute numbers are not comparable across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import MpsError, UsageError
+from .scoreboard import BACKENDS, Scoreboard, State, c_available
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FIXED_POOL = ["--start-servers", "4", "--min-spare", "0", "--max-spare", "4",
+              "--max-children", "4", "--max-requests", "0", "--log-level", "warning"]
+
+
+# --------------------------------------------------------------- plumbing
+
+def bench_dir() -> Path:
+    """The checkout's benchmarks/ folder (sources of the C programs)."""
+    candidates = []
+    if os.environ.get("MPS_BENCH_DIR"):
+        candidates.append(Path(os.environ["MPS_BENCH_DIR"]))
+    here = Path.cwd().resolve()
+    candidates += [p / "benchmarks" for p in (here, *here.parents)]
+    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks")
+    for path in candidates:
+        if (path / "loadgen.c").is_file():
+            return path
+    raise MpsError("cannot find benchmarks/loadgen.c: run `mps bench` from the mps checkout "
+                   "or set MPS_BENCH_DIR to its benchmarks folder")
+
+
+def build(name: str, extra: Sequence[str] = ()) -> str:
+    """Compile benchmarks/NAME.c into benchmarks/bin/NAME when missing or stale."""
+    src_dir = bench_dir()
+    source = src_dir / f"{name}.c"
+    core = src_dir.parent / "src" / "_mpscore.c"
+    out = src_dir / "bin" / name
+    newest = max(p.stat().st_mtime for p in (source, core) if p.exists())
+    if out.exists() and out.stat().st_mtime >= newest:
+        return str(out)
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise MpsError("mps bench needs a C compiler (cc) for its reference programs")
+    out.parent.mkdir(exist_ok=True)
+    cmd = [cc, "-O2", "-Wall", "-Wextra", "-Wno-unused-function",
+           f"-I{src_dir.parent / 'src'}", "-o", str(out), str(source), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MpsError(f"cannot compile {source.name}: {r.stderr.strip().splitlines()[-1:]}")
+    return str(out)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model or platform.processor(),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "implementation": platform.python_implementation()}
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from .cli import _Parser     # one-line usage errors, exit 2
+    return _Parser(prog=prog)
+
+
+def parse_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise UsageError(f"expected a comma-separated list of numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def summary(values: Sequence[float]) -> str:
+    return f"{min(values):.3g} / {statistics.median(values):.3g} / {max(values):.3g}"
+
+
+# --------------------------------------------------------------- locks
+
+def lock_worker(board: Scoreboard, slot: int, seconds: float, go: int, out: int,
+                floor: bool) -> None:
+    """In a forked process: busy+idle pairs on one slot for `seconds`."""
+    os.read(go, 1)
+    busy, idle = board.busy, board.idle
+    if floor:
+        busy = idle = board.nop     # type: ignore[attr-defined]
+    ops = 0
+    start = time.perf_counter_ns()
+    deadline = start + int(seconds * 1e9)
+    while True:
+        for _ in range(2048):
+            busy(slot)
+            idle(slot)
+        ops += 2048
+        stop = time.perf_counter_ns()
+        if stop >= deadline:
+            break
+    os.write(out, json.dumps([(stop - start) / ops, ops]).encode() + b"\n")
+
+
+def run_lock_procs(backend: str, procs: int, seconds: float, floor: bool = False) -> float:
+    """ns per busy+idle pair, mean over `procs` processes on one scoreboard."""
+    board = BACKENDS[backend](procs)
+    slots = []
+    for _ in range(procs):
+        slot = board.reserve()
+        board.started(slot, 0)
+        board.idle(slot)
+        slots.append(slot)
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pids = []
+    for slot in slots:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                lock_worker(board, slot, seconds, go_r, res_w, floor)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(res_w)
+    os.write(go_w, b"g" * procs)
+    with os.fdopen(res_r) as results:
+        rows = [json.loads(line) for line in results]
+    for pid in pids:
+        os.waitpid(pid, 0)
+    os.close(go_r)
+    os.close(go_w)
+    if len(rows) != procs:
+        raise MpsError(f"{procs - len(rows)} lock benchmark processes failed")
+    snap = board.snapshot()
+    board.close()
+    ops = sum(int(r[1]) for r in rows)
+    if not floor and (snap.connections != ops or
+                      snap.idle_counter != snap.count(State.IDLE)):
+        raise MpsError(f"lost updates on the {backend} backend: {snap.connections} "
+                       f"connections counted for {ops} operations")
+    return float(statistics.mean(r[0] for r in rows))
+
+
+def run_lock_raw(procs: int, seconds: float) -> float:
+    out = subprocess.run([build("lockbench", ["-lpthread"]), str(procs), str(seconds)],
+                         capture_output=True, text=True, check=True, timeout=seconds + 60)
+    doc = json.loads(out.stdout)
+    if doc["connections"] != doc["ops"] or doc["idle_counter"] != doc["idle_slots"]:
+        raise MpsError("lost updates in the C-only loop")
+    return float(statistics.mean(doc["ns_per_op"]))
+
+
+def bench_locks(argv: list[str]) -> int:
+    p = _parser(prog="mps bench locks")
+    p.add_argument("--procs", default="1,2,4", type=parse_list)
+    p.add_argument("--seconds", default=1.0, type=float)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    backends = (["c"] if c_available() else []) + ["python"]
+    results = []
+    for procs in args.procs:
+        for backend in backends:
+            results.append({"backend": backend, "procs": procs,
+                            "ns_per_op": round(run_lock_procs(backend, procs, args.seconds), 1)})
+        if c_available():
+            results.append({"backend": "cffi-floor", "procs": procs, "ns_per_op": round(
+                run_lock_procs("c", procs, args.seconds, floor=True), 1)})
+            results.append({"backend": "c-raw", "procs": procs,
+                            "ns_per_op": round(run_lock_raw(procs, args.seconds), 1)})
+    if args.json:
+        print(json.dumps({"results": results, "machine": machine()}))
+        return 0
+    print("ns per accounting operation (busy + idle transition pair on one slot)")
+    print(f"{'procs':>5}  " + "".join(f"{b:>12}" for b in
+                                      dict.fromkeys(r['backend'] for r in results)))
+    for procs in args.procs:
+        row = {r["backend"]: r["ns_per_op"] for r in results if r["procs"] == procs}
+        print(f"{procs:>5}  " + "".join(f"{v:>12.1f}" for v in row.values()))
+        if "c" in row:
+            print(f"       python/c = {row['python'] / row['c']:.1f}x   "
+                  f"c/cffi-floor = {row['c'] / row['cffi-floor']:.2f}x   "
+                  f"c/c-raw = {row['c'] / row['c-raw']:.1f}x")
+    return 0
+
+
+# --------------------------------------------------------------- servers
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(own user+sys, reaped children's user+sys) of pid, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    own = int(fields[11]) + int(fields[12])
+    reaped = int(fields[13]) + int(fields[14])
+    return own / CLK_TCK, reaped / CLK_TCK
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used by pid, its live children, and the children it reaped."""
+    own, reaped = proc_cpu(pid)
+    total = own + reaped
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        kids = []
+    for kid in kids:
+        try:
+            total += sum(proc_cpu(kid))
+        except OSError:
+            pass
+    return total
+
+
+def naive_prefork(sock: socket.socket, children: int = 4) -> None:
+    """A Python prefork with no scoreboard at all: accept, echo, close.
+
+    The context row of `mps bench serve`: what Python itself costs per
+    connection, so the framework's own share can be read off.
+    """
+    from .daemon import die_with_parent
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)     # sigwait() needs them blocked
+    pids = []
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+                die_with_parent(signal.SIGKILL)
+                while True:
+                    conn, _ = sock.accept()
+                    conn.sendall(b"%d: %s" % (os.getpid(), conn.recv(128)))
+                    conn.close()
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    signal.sigwait(stop)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    for pid in pids:
+        os.waitpid(pid, 0)
+
+
+@contextmanager
+def server(kind: str, extra: Sequence[str] = (), app: str = "mps.examples:echo",
+           status: str | None = None) -> Iterator[tuple[int, int]]:
+    """Start one server on 127.0.0.1:0; yield (port, pid); stop it by its pid."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    fd = sock.fileno()
+    if kind == "c-ref":
+        cmd = [build("ref_prefork"), "--fd", str(fd), "4"]
+    elif kind == "py-naive":
+        cmd = [sys.executable, "-c", "import socket, sys; from mps.bench import naive_prefork; "
+               f"naive_prefork(socket.socket(fileno={fd}))"]
+    else:
+        cmd = [sys.executable, "-m", "mps", "serve", app, "--bind", f"fd://{fd}",
+               "--backend", kind.split("-", 1)[1], *extra]
+        if status:
+            cmd += ["--status-socket", status]
+    proc = subprocess.Popen(cmd, pass_fds=[fd], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+    sock.close()
+    try:
+        yield port, proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def wait_serving(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"ping")
+                if s.recv(64):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise MpsError(f"the server on port {port} did not start serving")
+
+
+def load(port: int, clients: int, seconds: float) -> dict[str, Any]:
+    out = subprocess.run([build("loadgen"), "--port", str(port), "--clients", str(clients),
+                          "--seconds", str(seconds)],
+                         capture_output=True, text=True, timeout=seconds + 30)
+    if out.returncode != 0:
+        raise MpsError(f"loadgen failed: {out.stderr.strip()[-200:]}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def bench_serve(argv: list[str]) -> int:
+    p = _parser(prog="mps bench serve")
+    p.add_argument("--clients", default="16,64", type=parse_list)
+    p.add_argument("--seconds", default=3.0, type=float)
+    p.add_argument("--reps", default=3, type=int)
+    p.add_argument("--kinds", default="c-ref,mps-c,mps-python,py-naive")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if not c_available():
+        kinds = [k for k in kinds if k != "mps-c"]
+    rows: list[dict[str, Any]] = []
+    for clients in args.clients:
+        for rep in range(args.reps):
+            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]   # interleave
+            for kind in order:
+                with server(kind, FIXED_POOL) as (port, pid):
+                    wait_serving(port)
+                    load(port, clients, min(0.5, args.seconds))     # warm up
+                    cpu0 = tree_cpu(pid)
+                    result = load(port, clients, args.seconds)
+                    cpu = tree_cpu(pid) - cpu0
+                result.update(kind=kind, clients=clients, rep=rep,
+                              cpu_us_per_conn=1e6 * cpu / max(1, result["conns"]))
+                rows.append(result)
+                if not args.json:
+                    print(f"  clients={clients} rep={rep} {kind:<10} "
+                          f"{result['conns_per_s']:>8.0f} conn/s  p50 {result['p50_us']:>6} us  "
+                          f"p99 {result['p99_us']:>6} us  cpu {result['cpu_us_per_conn']:6.1f} "
+                          f"us/conn  errors {result['errors']}", flush=True)
+    if args.json:
+        print(json.dumps({"results": rows, "machine": machine()}))
+        return 0
+    print(serve_report(rows, kinds, args.clients))
+    return 0
+
+
+def serve_report(rows: list[dict[str, Any]], kinds: list[str], clients_list: list[int]) -> str:
+    """Markdown tables: min / median / max over reps, and per-rep ratios to c-ref."""
+    lines = []
+    for clients in clients_list:
+        lines += [f"\n### {clients} concurrent clients (min / median / max over reps)\n",
+                  "| server | conn/s | p50 µs | p99 µs | CPU µs/conn | CPU ratio to c-ref "
+                  "| conn/s ratio to c-ref | errors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        mine = [r for r in rows if r["clients"] == clients]
+        ref = {r["rep"]: r for r in mine if r["kind"] == "c-ref"}
+        for kind in kinds:
+            rs = [r for r in mine if r["kind"] == kind]
+            if not rs:
+                continue
+            cpu_ratio = [r["cpu_us_per_conn"] / ref[r["rep"]]["cpu_us_per_conn"]
+                         for r in rs if r["rep"] in ref]
+            cps_ratio = [r["conns_per_s"] / ref[r["rep"]]["conns_per_s"]
+                         for r in rs if r["rep"] in ref]
+            lines.append(
+                f"| {kind} | {summary([r['conns_per_s'] for r in rs])} "
+                f"| {summary([r['p50_us'] for r in rs])} | {summary([r['p99_us'] for r in rs])} "
+                f"| {summary([r['cpu_us_per_conn'] for r in rs])} "
+                f"| {summary(cpu_ratio) if cpu_ratio else '-'} "
+                f"| {summary(cps_ratio) if cps_ratio else '-'} "
+                f"| {sum(r['errors'] for r in rs)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------- spike
+
+def hold(conn: socket.socket, addr: Any) -> None:
+    """Spike handler: say hello at once, then hold the child until released."""
+    conn.sendall(b"!")
+    while conn.recv(64):
+        pass
+
+
+def sample_children(status_path: str, stop: threading.Event,
+                    out: list[tuple[float, int, int]], t0: Callable[[], float]) -> None:
+    from .status import query
+    while not stop.is_set():
+        try:
+            doc = query(status_path, timeout=2)
+            out.append((t0(), doc["children"]["total"], doc["children"]["busy"]))
+        except MpsError:
+            pass
+        time.sleep(0.002)
+
+
+def burst(port: int, clients: int, timeout: float = 30.0) -> tuple[list[float], list[socket.socket]]:
+    """Open `clients` connections at once; seconds until each got its first byte."""
+    sel = selectors.DefaultSelector()
+    socks = []
+    start = time.perf_counter()
+    for _ in range(clients):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    accepted: list[float] = []
+    deadline = start + timeout
+    while len(accepted) < clients and time.perf_counter() < deadline:
+        for key, _ in sel.select(0.5):
+            conn = key.fileobj
+            if not isinstance(conn, socket.socket):
+                continue
+            try:
+                if conn.recv(1):
+                    accepted.append(time.perf_counter() - start)
+            except OSError:
+                pass
+            sel.unregister(conn)
+    sel.close()
+    return accepted, socks
+
+
+def bench_spike(argv: list[str]) -> int:
+    p = _parser(prog="mps bench spike")
+    p.add_argument("--clients", default=64, type=int)
+    p.add_argument("--backend", default="c" if c_available() else "python")
+    p.add_argument("--plot", default="", help="PNG file for the children-over-time plot "
+                                             "(needs matplotlib)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--settings", default="", help="extra mps serve flags, e.g. '--max-children 128'")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        status_path = os.path.join(tmp, "status.sock")
+        extra = ["--log-level", "warning", *args.settings.split()]
+        with server(f"mps-{args.backend}", extra, app="mps.bench:hold",
+                    status=status_path) as (port, _pid):
+            wait_pool(status_path)
+            samples: list[tuple[float, int, int]] = []
+            stop = threading.Event()
+            t_start = time.perf_counter()
+            sampler = threading.Thread(target=sample_children,
+                                       args=(status_path, stop, samples,
+                                             lambda: time.perf_counter() - t_start))
+            sampler.start()
+            time.sleep(0.05)    # a baseline sample before the burst
+            t_burst = time.perf_counter() - t_start
+            accepted, socks = burst(port, args.clients)
+            time.sleep(0.1)
+            stop.set()
+            sampler.join()
+            for s in socks:
+                s.close()
+    result = {"clients": args.clients, "accepted": len(accepted),
+              "all_accepted_s": max(accepted) if len(accepted) == args.clients else None,
+              "first_32_s": sorted(accepted)[min(31, len(accepted) - 1)] if accepted else None,
+              "children_over_time": [(round(t - t_burst, 4), total, busy)
+                                     for t, total, busy in samples],
+              "machine": machine()}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"burst of {args.clients} held connections against the default pool "
+              f"({args.backend} backend): {len(accepted)} accepted; all accepted after "
+              f"{result['all_accepted_s'] if result['all_accepted_s'] is None else round(result['all_accepted_s'] * 1000, 1)} ms")
+        print("children over time (ms after the burst: total children, busy):")
+        print("  " + "  ".join(f"{t * 1000:.0f}:{n}/{b}" for t, n, b in
+                               result["children_over_time"][::max(1, len(samples) // 40)]))
+    if args.plot:
+        plot_spike(result, args.plot)
+    return 0 if len(accepted) == args.clients else 1
+
+
+def wait_pool(status_path: str, timeout: float = 30.0) -> None:
+    from .status import query
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            doc = query(status_path, timeout=2)
+            if doc["children"]["idle"] >= doc["settings"]["start_servers"]:
+                return
+        except MpsError:
+            pass
+        time.sleep(0.02)
+    raise MpsError("the pool did not come up")
+
+
+def plot_spike(result: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install 'mps[plot]' for matplotlib)", file=sys.stderr)
+        return
+    series = result["children_over_time"]
+    t = [s[0] * 1000 for s in series]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.step(t, [s[1] for s in series], where="post", label="children")
+    ax.step(t, [s[2] for s in series], where="post", label="busy")
+    if result["all_accepted_s"] is not None:
+        ax.axvline(result["all_accepted_s"] * 1000, color="grey", linestyle=":",
+                   label=f"all {result['clients']} accepted")
+    ax.set_xlabel("ms after the burst")
+    ax.set_ylabel("children")
+    ax.set_title(f"mps: burst of {result['clients']} held connections, default pool")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot written to {path}")
+
+
+# --------------------------------------------------------------- entry
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "locks": bench_locks, "serve": bench_serve, "spike": bench_spike}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        raise UsageError("mps bench needs one of: " + ", ".join(COMMANDS))
+    return COMMANDS[argv[0]](argv[1:])

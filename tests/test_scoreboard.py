@@ -1,0 +1,765 @@
+"""The scoreboard contract, on both backends (the ``backend`` fixture).
+
+Single-process tests drive the transitions directly; the concurrency and
+crash tests fork real processes that share the board, and every wait on
+another process has a deadline: a wedged lock fails the test instead of
+hanging it (the call that could hang is made in a forked checker).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import wait_until
+from mps import scoreboard
+from mps.scoreboard import BACKENDS, PyScoreboard, Scoreboard, Snapshot, State
+
+NSLOTS = 8
+#: Deadline for anything another process must do (hang => test failure).
+DEADLINE = 15.0
+
+
+@pytest.fixture
+def board(backend: str) -> Iterator[Scoreboard]:
+    b = BACKENDS[backend](NSLOTS)
+    yield b
+    b.close()
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def consistent(snap: Snapshot) -> bool:
+    return snap.idle_counter == snap.count(State.IDLE)
+
+
+def state(board: Scoreboard, slot: int) -> State:
+    return board.snapshot().slots[slot].state
+
+
+def child_slot(board: Scoreboard, pid: int | None = None) -> int:
+    """A slot as the master hands it to a child: reserved, started, idle."""
+    slot = board.reserve()
+    assert slot >= 0
+    board.started(slot, os.getpid() if pid is None else pid)
+    assert board.idle(slot) == 0
+    return slot
+
+
+def fork_call(fn: Callable[[], object]) -> int:
+    """Fork a process that runs ``fn`` and ends in os._exit: 0 if fn returned, 1 if not."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:  # noqa: BLE001 - report, then leave
+            traceback.print_exc()
+        finally:
+            os._exit(code)  # This must never return into pytest.
+    return pid
+
+
+def reap(pid: int, timeout: float = DEADLINE) -> int:
+    """Wait for ``pid`` with a deadline; on expiry SIGKILL it and fail."""
+    result: list[int] = []
+
+    def finished() -> bool:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            result.append(os.waitstatus_to_exitcode(status))
+        return bool(done)
+
+    try:
+        wait_until(finished, timeout, what=f"process {pid} to finish (hung on the lock?)")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return result[0]
+
+
+def call_in_child(fn: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    """Run ``fn`` in a forked process with a deadline; its JSON-able result."""
+    r, w = os.pipe()
+
+    def body() -> None:
+        os.close(r)
+        os.write(w, json.dumps(fn()).encode())
+
+    pid = fork_call(body)
+    os.close(w)
+    try:
+        code = reap(pid, timeout)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+    assert code == 0, f"checker process failed with {code}"
+    return json.loads(data)
+
+
+def wait_byte(fd: int, timeout: float = DEADLINE) -> bytes:
+    readable, _, _ = select.select([fd], [], [], timeout)
+    assert readable, f"no byte within {timeout}s"
+    return os.read(fd, 1)
+
+
+def process_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return ""
+
+
+def shift_idle_counter(board: Scoreboard, delta: int) -> None:
+    """Move the shared idle counter behind the board's back (a half-done update)."""
+    if isinstance(board, PyScoreboard):
+        board._w[scoreboard._H_IDLE] += delta
+        return
+    from mps._mpscore import ffi
+    addr = int(ffi.cast("uintptr_t", board._board))  # type: ignore[attr-defined]
+    # struct mps_board: uint32 magic, uint32 version, size_t size, then the
+    # head: int64 nslots, int64 idle, ...  Check the layout before poking.
+    assert ctypes.c_uint32.from_address(addr).value == 0x3153504D, "mps_board layout changed"
+    assert ctypes.c_int64.from_address(addr + 16).value == board.nslots, "mps_board layout changed"
+    ctypes.c_int64.from_address(addr + 24).value += delta
+
+
+def snapshot_summary(board: Scoreboard) -> dict[str, int]:
+    snap = board.snapshot()
+    return {"idle_counter": snap.idle_counter, "idle": snap.count(State.IDLE),
+            "repairs": snap.repairs}
+
+
+# ----------------------------------------------------------------- slot life
+
+
+def test_new_board_is_empty(board: Scoreboard) -> None:
+    snap = board.snapshot()
+    assert len(snap.slots) == NSLOTS
+    assert snap.count(State.EMPTY) == NSLOTS
+    assert (snap.idle_counter, snap.connections, snap.repairs, snap.min_spare) == (0, 0, 0, 0)
+    assert [s.index for s in snap.slots] == list(range(NSLOTS))
+
+
+def test_reserve_returns_distinct_slots_until_full(board: Scoreboard) -> None:
+    slots = [board.reserve() for _ in range(NSLOTS)]
+    assert sorted(slots) == list(range(NSLOTS))
+    assert board.reserve() == -1
+    assert board.reserve() == -1
+    snap = board.snapshot()
+    assert snap.count(State.STARTING) == NSLOTS
+    assert snap.idle_counter == 0
+
+
+def test_reserve_reuses_a_released_slot(board: Scoreboard) -> None:
+    for _ in range(NSLOTS):
+        board.reserve()
+    assert board.release(3) == State.STARTING
+    assert state(board, 3) == State.EMPTY
+    assert board.reserve() == 3
+    assert board.reserve() == -1
+
+
+def test_reserve_resets_the_previous_childs_record(board: Scoreboard) -> None:
+    slot = child_slot(board, pid=4242)
+    board.busy(slot)
+    board.retire(slot)
+    board.release(slot)
+    again = board.reserve()
+    assert again == slot
+    s = board.snapshot().slots[slot]
+    assert (s.state, s.pid, s.connections, s.retire) == (State.STARTING, 0, 0, False)
+
+
+def test_started_records_the_pid(board: Scoreboard) -> None:
+    slot = board.reserve()
+    board.started(slot, 31337)
+    s = board.snapshot().slots[slot]
+    assert (s.pid, s.state) == (31337, State.STARTING)
+
+
+def test_release_frees_a_slot_and_returns_its_state(board: Scoreboard) -> None:
+    slot = child_slot(board, pid=999)
+    board.busy(slot)
+    assert board.release(slot) == State.BUSY
+    s = board.snapshot().slots[slot]
+    assert (s.state, s.pid, s.retire) == (State.EMPTY, 0, False)
+    assert board.release(slot) == State.EMPTY   # releasing twice is harmless
+    assert consistent(board.snapshot())
+
+
+def test_release_of_an_idle_slot_decrements_the_counter(board: Scoreboard) -> None:
+    a, b = child_slot(board), child_slot(board)
+    assert board.snapshot().idle_counter == 2
+    assert board.release(a) == State.IDLE
+    snap = board.snapshot()
+    assert snap.idle_counter == 1 == snap.count(State.IDLE)
+    assert snap.slots[b].state == State.IDLE
+
+
+def test_changed_ns_moves_on_each_transition(board: Scoreboard) -> None:
+    slot = board.reserve()
+    t0 = board.snapshot().slots[slot].changed_ns
+    assert t0 > 0
+    board.idle(slot)
+    t1 = board.snapshot().slots[slot].changed_ns
+    board.busy(slot)
+    t2 = board.snapshot().slots[slot].changed_ns
+    assert t0 <= t1 <= t2
+    assert t2 <= time.monotonic_ns()
+    assert board.snapshot().slots[slot].age_s(time.monotonic_ns()) >= 0
+
+
+@pytest.mark.parametrize("call", ["started", "release", "retire", "done"])
+@pytest.mark.parametrize("bad", [-1, NSLOTS, NSLOTS + 100])
+def test_a_bad_slot_is_refused_with_einval(board: Scoreboard, call: str, bad: int) -> None:
+    args = (bad, 1) if call == "started" else (bad,)
+    with pytest.raises(OSError) as info:
+        getattr(board, call)(*args)
+    assert info.value.errno == errno.EINVAL
+    assert consistent(board.snapshot())
+
+
+@pytest.mark.parametrize("call", ["busy", "idle"])
+@pytest.mark.parametrize("bad", [-1, NSLOTS, NSLOTS + 100])
+def test_a_bad_slot_on_the_childs_hot_path_is_refused(board: Scoreboard, call: str,
+                                                      bad: int) -> None:
+    """busy/idle may return -EINVAL instead of raising (the hot path returns
+    codes), but must never touch the board."""
+    before = board.snapshot()
+    try:
+        rc = getattr(board, call)(bad)
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL
+    else:
+        assert rc == -errno.EINVAL
+    after = board.snapshot()
+    assert (after.idle_counter, after.connections, after.slots) == \
+        (before.idle_counter, before.connections, before.slots)
+
+
+def test_a_board_needs_at_least_one_slot(backend: str) -> None:
+    with pytest.raises(OSError):
+        BACKENDS[backend](0)
+
+
+# ----------------------------------------------------------------- idle / busy
+
+
+def test_idle_busy_transitions_keep_the_counter_exact(board: Scoreboard) -> None:
+    slots = [board.reserve() for _ in range(5)]
+    for s in slots:
+        board.started(s, 1000 + s)
+    snap = board.snapshot()
+    assert snap.idle_counter == 0 and consistent(snap)
+    for s in slots:
+        assert board.idle(s) == 0
+        assert consistent(board.snapshot())
+    assert board.snapshot().idle_counter == 5
+    sequence = [(slots[0], "busy"), (slots[1], "busy"), (slots[0], "idle"),
+                (slots[2], "busy"), (slots[1], "idle"), (slots[2], "idle"),
+                (slots[3], "busy"), (slots[4], "busy"), (slots[3], "idle")]
+    for s, verb in sequence:
+        getattr(board, verb)(s)
+        snap = board.snapshot()
+        assert consistent(snap), (s, verb, snap)
+    snap = board.snapshot()
+    assert snap.idle_counter == 4
+    assert snap.slots[slots[4]].state == State.BUSY
+    assert snap.connections == 5
+
+
+def test_idle_twice_counts_once(board: Scoreboard) -> None:
+    slot = child_slot(board)
+    assert board.idle(slot) == 0
+    snap = board.snapshot()
+    assert snap.idle_counter == 1 == snap.count(State.IDLE)
+
+
+def test_busy_counts_connections_per_slot_and_in_total(board: Scoreboard) -> None:
+    a, b = child_slot(board), child_slot(board)
+    for _ in range(3):
+        board.busy(a)
+        board.idle(a)
+    board.busy(b)
+    snap = board.snapshot()
+    assert snap.slots[a].connections == 3
+    assert snap.slots[b].connections == 1
+    assert snap.connections == 4
+
+
+def test_busy_reports_when_idle_falls_below_min_spare(board: Scoreboard) -> None:
+    slots = [child_slot(board) for _ in range(4)]
+    board.set_min_spare(2)
+    assert board.snapshot().min_spare == 2
+    # idle after each busy: 3, 2, 1, 0 -- below min_spare (2) from the third on
+    assert [board.busy(s) for s in slots] == [False, False, True, True]
+    for s in slots:
+        board.idle(s)
+    board.set_min_spare(0)
+    assert [board.busy(s) for s in slots] == [False] * 4
+
+
+def test_busy_never_wakes_with_min_spare_zero(board: Scoreboard) -> None:
+    slot = child_slot(board)
+    assert board.busy(slot) == 0   # a new board's min_spare is 0
+
+
+def test_min_spare_can_be_raised_at_run_time(board: Scoreboard) -> None:
+    a, b = child_slot(board), child_slot(board)
+    board.set_min_spare(1)
+    assert board.busy(a) == 0      # one idle left: not below 1
+    board.idle(a)
+    board.set_min_spare(3)             # TTIN
+    assert board.busy(a) == 1
+    assert board.busy(b) == 1
+
+
+# ----------------------------------------------------------------- retire / done
+
+
+def test_retire_an_idle_slot_makes_it_exiting_at_once(board: Scoreboard) -> None:
+    a, b = child_slot(board), child_slot(board)
+    assert board.retire(a) == State.IDLE
+    snap = board.snapshot()
+    assert snap.slots[a].state == State.EXITING
+    assert snap.idle_counter == 1 == snap.count(State.IDLE)
+    assert board.idle(a) == 1       # the child, waking up, learns it must leave
+    assert state(board, a) == State.EXITING
+    assert board.snapshot().idle_counter == 1
+    assert state(board, b) == State.IDLE
+
+
+def test_retired_idle_child_keeps_the_connection_it_just_accepted(board: Scoreboard) -> None:
+    """Retired while blocked in accept(): it serves that connection, then leaves."""
+    slot = child_slot(board)
+    board.retire(slot)
+    board.busy(slot)                   # accept() returned after all
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.EXITING
+    assert snap.slots[slot].connections == 1
+    assert snap.idle_counter == 0 and consistent(snap)
+    assert board.idle(slot) == 1
+    assert consistent(board.snapshot())
+
+
+def test_retire_a_busy_slot_takes_effect_at_its_next_idle(board: Scoreboard) -> None:
+    slot = child_slot(board)
+    board.busy(slot)
+    assert board.retire(slot) == State.BUSY
+    s = board.snapshot().slots[slot]
+    assert (s.state, s.retire) == (State.BUSY, True)   # the connection is not dropped
+    assert board.idle(slot) == 1
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.EXITING
+    assert snap.idle_counter == 0 and consistent(snap)
+
+
+def test_retire_a_starting_slot_makes_its_first_idle_leave(board: Scoreboard) -> None:
+    slot = board.reserve()
+    assert board.retire(slot) == State.STARTING
+    assert board.idle(slot) == 1
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.EXITING
+    assert snap.idle_counter == 0
+
+
+def test_retire_an_empty_or_exiting_slot_changes_nothing(board: Scoreboard) -> None:
+    assert board.retire(0) == State.EMPTY
+    assert state(board, 0) == State.EMPTY
+    slot = child_slot(board)
+    board.done(slot)
+    assert board.retire(slot) == State.EXITING
+    assert state(board, slot) == State.EXITING
+    assert consistent(board.snapshot())
+
+
+def test_done_from_idle_and_from_busy(board: Scoreboard) -> None:
+    a, b = child_slot(board), child_slot(board)
+    board.busy(b)
+    board.done(a)
+    board.done(b)
+    snap = board.snapshot()
+    assert snap.slots[a].state == State.EXITING
+    assert snap.slots[b].state == State.EXITING
+    assert snap.idle_counter == 0 and consistent(snap)
+    assert board.idle(a) == 1       # an exiting slot never turns idle again
+    assert board.snapshot().idle_counter == 0
+
+
+def test_release_after_exit_empties_the_slot(board: Scoreboard) -> None:
+    slot = child_slot(board)
+    board.done(slot)
+    assert board.release(slot) == State.EXITING
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.EMPTY and consistent(snap)
+
+
+# ----------------------------------------------------------------- audit
+
+
+def test_audit_returns_zero_when_consistent(board: Scoreboard) -> None:
+    a, b = child_slot(board), child_slot(board)
+    board.busy(a)
+    assert board.audit() == 0
+    snap = board.snapshot()
+    assert snap.repairs == 0 and snap.idle_counter == 1
+    assert snap.slots[b].state == State.IDLE
+
+
+@pytest.mark.parametrize("delta", [3, -1])
+def test_audit_repairs_drift_and_counts_it(board: Scoreboard, delta: int) -> None:
+    a, b, c = child_slot(board), child_slot(board), child_slot(board)
+    board.busy(c)
+    shift_idle_counter(board, delta)
+    snap = board.snapshot()
+    assert [snap.slots[s].state for s in (a, b)] == [State.IDLE, State.IDLE]
+    assert snap.idle_counter == 2 + delta       # the drift is visible ...
+    assert board.audit() == -delta              # ... audit returns recount - counter
+    snap = board.snapshot()
+    assert snap.idle_counter == 2 == snap.count(State.IDLE)
+    assert snap.repairs == 1
+    assert board.audit() == 0
+    assert board.snapshot().repairs == 1
+
+
+# ----------------------------------------------------------------- processes
+
+
+N_PROCS = 4
+#: busy/idle pairs per process: enough for the processes to overlap (C is ~50x faster).
+K_PAIRS = {"c": 20000, "python": 2000}
+
+
+def test_concurrent_children_lose_no_update(board: Scoreboard) -> None:
+    """N processes, one slot each, K busy/idle pairs at once: exact totals."""
+    pairs = K_PAIRS[board.name]
+    slots = [board.reserve() for _ in range(N_PROCS)]
+    go_r, go_w = os.pipe()
+
+    def child(slot: int) -> None:
+        os.close(go_w)
+        assert board.idle(slot) == 0
+        os.read(go_r, 1)                # every child starts on the same EOF
+        for _ in range(pairs):
+            assert board.busy(slot) >= 0
+            if board.idle(slot) != 0:
+                raise AssertionError("idle() said leave, but nobody retired the slot")
+
+    pids = []
+    for slot in slots:
+        pid = fork_call(lambda slot=slot: child(slot))
+        board.started(slot, pid)
+        pids.append(pid)
+    os.close(go_r)
+    try:
+        wait_until(lambda: board.snapshot().idle_counter == N_PROCS, DEADLINE,
+                   what="every child to report idle")
+    finally:
+        os.close(go_w)                  # go (and never leave a child blocked)
+    # The master's view while they hammer: every snapshot is consistent.
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        snap = board.snapshot()
+        assert consistent(snap), snap
+        if snap.connections >= N_PROCS * pairs or time.monotonic() > deadline:
+            break
+    codes = [reap(pid) for pid in pids]
+    assert codes == [0] * N_PROCS
+    snap = board.snapshot()
+    assert snap.connections == N_PROCS * pairs
+    assert [snap.slots[s].connections for s in slots] == [pairs] * N_PROCS
+    assert [snap.slots[s].pid for s in slots] == pids
+    assert snap.idle_counter == snap.count(State.IDLE) == N_PROCS
+    assert snap.repairs == 0
+    assert board.audit() == 0
+
+
+def test_master_retires_a_child_that_is_serving_in_another_process(board: Scoreboard) -> None:
+    slot = board.reserve()
+    other = child_slot(board)
+
+    def child() -> None:
+        assert board.idle(slot) == 0
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            assert board.busy(slot) >= 0
+            rc = board.idle(slot)
+            if rc == 1:
+                return                  # retired: leave
+            assert rc == 0
+        raise AssertionError("never told to leave")
+
+    pid = fork_call(child)
+    board.started(slot, pid)
+    wait_until(lambda: board.snapshot().slots[slot].connections >= 50, DEADLINE,
+               what="the child to serve")
+    board.retire(slot)
+    assert reap(pid) == 0
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.EXITING
+    assert snap.idle_counter == 1 == snap.count(State.IDLE)
+    assert snap.slots[other].state == State.IDLE
+    assert board.release(slot) == State.EXITING
+
+
+@pytest.mark.parametrize("death", ["os._exit", "SIGKILL"])
+def test_a_holder_dying_with_the_lock_does_not_wedge_the_board(
+        board: Scoreboard, death: str) -> None:
+    """C: the next locker gets EOWNERDEAD; Python: the kernel drops the fcntl
+    lock and the dirty word says so.  Either way: recount, count a repair."""
+    idle_slot = child_slot(board)
+    busy_slot = child_slot(board)
+    board.busy(busy_slot)
+    ready_r, ready_w = os.pipe()
+
+    def holder() -> None:
+        board.hold_lock()
+        os.write(ready_w, b"h")
+        if death == "SIGKILL":
+            while True:
+                time.sleep(60)          # until the test kills us, lock in hand
+
+    pid = fork_call(holder)
+    os.close(ready_w)
+    try:
+        assert wait_byte(ready_r) == b"h"
+    finally:
+        os.close(ready_r)
+    if death == "SIGKILL":
+        os.kill(pid, signal.SIGKILL)
+    assert reap(pid) == (0 if death == "os._exit" else -signal.SIGKILL)
+
+    # The call that would hang on a wedged lock runs under a deadline first.
+    seen = call_in_child(lambda: snapshot_summary(board))
+    assert seen == {"idle_counter": 1, "idle": 1, "repairs": 1}
+    snap = board.snapshot()
+    assert snap.repairs == 1            # repaired once, not on every later call
+    assert snap.slots[idle_slot].state == State.IDLE
+    assert snap.slots[busy_slot].state == State.BUSY
+    # The board still works.
+    board.idle(busy_slot)
+    assert board.snapshot().idle_counter == 2
+    assert board.audit() == 0
+    assert board.snapshot().repairs == 1
+
+
+def test_a_waiter_blocked_on_the_lock_is_released_when_the_holder_dies(
+        board: Scoreboard) -> None:
+    slot = child_slot(board)
+    ready_r, ready_w = os.pipe()
+
+    def holder() -> None:
+        board.hold_lock()
+        os.write(ready_w, b"h")
+        while True:
+            time.sleep(60)
+
+    holder_pid = fork_call(holder)
+    try:
+        assert wait_byte(ready_r) == b"h"
+        result_r, result_w = os.pipe()
+
+        def waiter() -> None:
+            os.write(result_w, b"w")        # about to block on the held lock
+            board.busy(slot)
+            os.write(result_w, json.dumps(snapshot_summary(board)).encode())
+
+        waiter_pid = fork_call(waiter)
+        os.close(result_w)
+        try:
+            assert wait_byte(result_r) == b"w"
+            wait_until(lambda: process_state(waiter_pid) == "S", DEADLINE,
+                       what="the waiter to block on the lock")
+            assert not select.select([result_r], [], [], 0)[0], "the lock did not exclude"
+        finally:
+            os.kill(holder_pid, signal.SIGKILL)
+        assert reap(waiter_pid) == 0
+        data = os.read(result_r, 4096)
+        os.close(result_r)
+    finally:
+        os.close(ready_r)
+        os.close(ready_w)
+        try:
+            os.kill(holder_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reap(holder_pid)
+    assert json.loads(data) == {"idle_counter": 0, "idle": 0, "repairs": 1}
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.BUSY
+    assert snap.connections == 1
+
+
+def test_a_holder_killed_between_slot_and_counter_store_is_repaired(
+        board: Scoreboard) -> None:
+    """Simulate a child dying mid-update: lock held, counter already moved,
+    slot not.  The next locker must recount before anyone trusts the counter."""
+    a, b, c = child_slot(board), child_slot(board), child_slot(board)
+    board.busy(c)
+
+    def half_done_update() -> None:
+        board.hold_lock()
+        shift_idle_counter(board, -2)   # e.g. two decrements whose slot stores never landed
+
+    pid = fork_call(half_done_update)
+    assert reap(pid) == 0
+    seen = call_in_child(lambda: snapshot_summary(board))
+    assert seen == {"idle_counter": 2, "idle": 2, "repairs": 1}
+    assert board.audit() == 0
+    snap = board.snapshot()
+    assert snap.repairs == 1
+    assert [snap.slots[s].state for s in (a, b, c)] == [State.IDLE, State.IDLE, State.BUSY]
+
+
+# ----------------------------------------------------------------- accept
+
+
+@pytest.fixture
+def wake_pipe(board: Scoreboard) -> Iterator[tuple[int, int]]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    board.wake_fd = w
+    yield r, w
+    board.wake_fd = -1
+    os.close(r)
+    os.close(w)
+
+
+def pending_bytes(fd: int) -> bytes:
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
+
+
+def guarded_listener(family: int, address: object) -> socket.socket:
+    """A blocking listener whose accept() gives up (EAGAIN) instead of hanging."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", 5, 0))
+    listener.bind(address)
+    listener.listen(16)
+    return listener
+
+
+def wait_acceptable(listener: socket.socket) -> None:
+    assert select.select([listener], [], [], DEADLINE)[0], "no connection to accept"
+
+
+def talk(conn: socket.socket, client: socket.socket) -> None:
+    conn.settimeout(DEADLINE)
+    client.settimeout(DEADLINE)
+    client.sendall(b"ping")
+    assert conn.recv(16) == b"ping"
+    conn.sendall(b"pong")
+    assert client.recv(16) == b"pong"
+
+
+@pytest.mark.parametrize("min_spare, woken", [(1, True), (0, False)])
+def test_accept_tcp_marks_busy_and_wakes_the_master_below_min_spare(
+        board: Scoreboard, wake_pipe: tuple[int, int], min_spare: int, woken: bool) -> None:
+    wake_r, _ = wake_pipe
+    slot = child_slot(board)
+    board.set_min_spare(min_spare)
+    listener = guarded_listener(socket.AF_INET, ("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
+    try:
+        wait_acceptable(listener)
+        conn, addr = board.accept(slot, listener)
+        with conn:
+            assert isinstance(conn, socket.socket)
+            assert conn.family == socket.AF_INET and conn.type == socket.SOCK_STREAM
+            assert addr == ("127.0.0.1", client.getsockname()[1])
+            assert conn.getpeername() == client.getsockname()
+            talk(conn, client)
+            snap = board.snapshot()
+            assert snap.slots[slot].state == State.BUSY
+            assert snap.slots[slot].connections == 1
+            assert snap.connections == 1
+            assert snap.idle_counter == 0 and consistent(snap)
+            assert (len(pending_bytes(wake_r)) == 1) is woken
+    finally:
+        client.close()
+        listener.close()
+    assert board.idle(slot) == 0
+    assert board.snapshot().idle_counter == 1
+
+
+def test_accept_tcp_ipv6_address(board: Scoreboard) -> None:
+    try:
+        listener = guarded_listener(socket.AF_INET6, ("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    slot = child_slot(board)
+    client = socket.create_connection(("::1", listener.getsockname()[1]), timeout=DEADLINE)
+    try:
+        wait_acceptable(listener)
+        conn, addr = board.accept(slot, listener)
+        with conn:
+            assert addr == client.getsockname()
+            assert addr[0] == "::1"
+            talk(conn, client)
+    finally:
+        client.close()
+        listener.close()
+    assert state(board, slot) == State.BUSY
+
+
+@pytest.mark.parametrize("named_client", [False, True])
+def test_accept_unix_returns_a_usable_socket(board: Scoreboard, tmp_path: Path,
+                                             named_client: bool) -> None:
+    path = str(tmp_path / "listen.sock")
+    listener = guarded_listener(socket.AF_UNIX, path)
+    slot = child_slot(board)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if named_client:
+            client.bind(str(tmp_path / "client.sock"))
+        client.connect(path)
+        wait_acceptable(listener)
+        conn, addr = board.accept(slot, listener)
+        with conn:
+            assert conn.family == socket.AF_UNIX
+            assert addr == (str(tmp_path / "client.sock") if named_client else "")
+            talk(conn, client)
+    finally:
+        client.close()
+        listener.close()
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.BUSY and snap.connections == 1
+
+
+def test_accept_that_times_out_leaves_the_slot_idle(board: Scoreboard) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", 0, 50_000))   # 50 ms
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    slot = child_slot(board)
+    try:
+        with pytest.raises(OSError) as info:
+            board.accept(slot, listener)
+        assert info.value.errno == 11   # EAGAIN: the worker's cue to check on its master
+    finally:
+        listener.close()
+    snap = board.snapshot()
+    assert snap.slots[slot].state == State.IDLE
+    assert snap.connections == 0 and snap.idle_counter == 1
