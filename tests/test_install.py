@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,8 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_install_without_a_compiler_falls_back_to_python(tmp_path):
     env = {**os.environ, "CC": "/bin/false", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # A pristine copy: an earlier `pip install .` leaves a built .so in build/,
+    # which setuptools would happily reuse.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        "build", ".venv", ".git", "*.so", "__pycache__", "*.egg-info", "bin", ".*_cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w",
-                            str(tmp_path / "wheels"), str(ROOT)],
+                            str(tmp_path / "wheels"), str(source)],
                            capture_output=True, text=True, timeout=300, env=env)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     assert "mps could not build its C scoreboard core" in build.stdout + build.stderr

@@ -350,7 +350,8 @@ class Arbiter:
             close = tuple(fd for fd in (self.wake_r,) if fd >= 0)
             if self.status_sock is not None:
                 close += (self.status_sock.fileno(),)
-            child_main(self.app, self.board, self.listener, child, self.pid, close)
+            child_main(self.app, self.board, self.listener, child, self.pid, close,
+                       self.settings.identity())
         child.pid = pid
         self.board.started(slot, pid)
         self.children[pid] = child
@@ -400,6 +401,8 @@ class Arbiter:
                  self.settings.graceful_timeout)
         self.stopping = "graceful"
         self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
+        assert self.listener is not None
+        sockets.refuse_new_connections(self.listener)   # children drain what is queued
         for child in list(self.children.values()):
             self.retire(child)
 

@@ -11,8 +11,10 @@ Precedence: default < ``MPS_*`` environment < keyword argument < command line.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import math
 import os
+import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -86,6 +88,12 @@ class Settings:
     log_level: str = setting(
         "info", kind="choice", choices=("debug", "info", "warning", "error"),
         help="Least severe log level written.")
+    user: str | None = setting(
+        None, kind="path",
+        help="Run children as this user (name or uid). The master binds first, as root.")
+    group: str | None = setting(
+        None, kind="path",
+        help="Run children with this group (name or gid); default: the user's group.")
     single: bool = setting(
         False, kind="bool",
         help="Debug mode: serve in one process in the foreground, no fork "
@@ -109,12 +117,37 @@ class Settings:
         if self.max_children > self.backlog:
             raise SettingError("max_children", self.max_children,
                                f"must not exceed backlog ({self.backlog})")
+        self.identity()     # an unknown user or group is a setting error
         for name in ("pid_file", "log_file", "status_socket"):
             path = getattr(self, name)
             if path is not None:
                 parent = os.path.dirname(os.path.abspath(path))
                 if not os.path.isdir(parent):
                     raise SettingError(name, path, f"directory {parent} does not exist")
+
+    def identity(self) -> tuple[int, int] | None:
+        """(uid, gid) children switch to, or None to stay as they are."""
+        if self.user is None and self.group is None:
+            return None
+        uid, gid = os.getuid(), os.getgid()
+        if self.user is not None:
+            try:
+                entry = pwd.getpwnam(self.user) if not self.user.isdigit() \
+                    else pwd.getpwuid(int(self.user))
+            except KeyError:
+                raise SettingError("user", self.user, "no such user on this machine") from None
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if self.group is not None:
+            try:
+                gid = (grp.getgrnam(self.group) if not self.group.isdigit()
+                       else grp.getgrgid(int(self.group))).gr_gid
+            except KeyError:
+                raise SettingError("group", self.group, "no such group on this machine") from None
+        if os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
+            name = "user" if self.user is not None else "group"
+            raise SettingError(name, getattr(self, name), "switching identity needs root; "
+                               "start mps as root or drop the setting")
+        return uid, gid
 
     def public(self) -> dict[str, Any]:
         """The settings as a plain dict (for the status document)."""

@@ -50,6 +50,10 @@ def reopen(level: str, log_file: str | None) -> None:
 
 
 def printable(data: object, limit: int = _MAX_FIELD) -> str:
-    """Network input made safe for one log line: escaped and bounded."""
-    text = repr(data)
+    """Network input made safe for one log line: escaped and bounded.
+
+    Text keeps its printable characters and has the rest (newlines, escape
+    sequences) escaped the way repr() does; anything else is shown as repr().
+    """
+    text = repr(data)[1:-1] if isinstance(data, str) else repr(data)
     return text if len(text) <= limit else text[:limit] + "...(%d chars)" % len(text)

@@ -51,5 +51,7 @@ def reset_in_child() -> None:
         signal.signal(sig, signal.SIG_DFL)
     # Operators signal the master; a HUP or TTIN aimed at the process group
     # must neither kill nor stop a child.
-    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+    # A client that goes away mid-reply must cost an EPIPE, never the child
+    # (CPython ignores SIGPIPE at start-up, but an app may have reset it).
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)

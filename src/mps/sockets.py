@@ -6,6 +6,7 @@ not a socket, never steal a socket that a live process still listens on.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -163,6 +164,32 @@ def listen_unix_private(path: str, backlog: int = 16) -> socket.socket:
         os.umask(old)
     sock.listen(backlog)
     return sock
+
+
+# SO_ATTACH_FILTER with the one-instruction classic BPF program "ret #0":
+# struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}, BPF_RET|BPF_K = 0x06.
+_SO_ATTACH_FILTER = 26
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_new_connections(sock: socket.socket) -> None:
+    """Graceful stop: drop incoming SYNs from now on, keep what is queued.
+
+    With a drop-everything socket filter the kernel stops completing new
+    handshakes on this listener while the children drain its queue.  A client
+    whose SYN is dropped retries it after a second and then meets either
+    the closed port (connection refused: it never started) or a new server
+    on the same port -- never a reset of a connection it thought accepted.
+    Only TCP listeners need it (and only TCP takes it; Unix sockets ignore).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    program = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))   # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        pass    # without it the stop is still graceful, just not airtight
 
 
 def queue_depth(sock: socket.socket) -> int:

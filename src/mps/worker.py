@@ -11,7 +11,9 @@ import errno
 import logging
 import os
 import signal
+import select
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -56,13 +58,26 @@ class Worker:
     """One child's life.  Override points: ``boot``, ``serve``, ``handle_error``."""
 
     def __init__(self, app: App, board: Scoreboard, listener: socket.socket,
-                 child: Child, master_pid: int) -> None:
+                 child: Child, master_pid: int, identity: tuple[int, int] | None = None) -> None:
         self.app = app
         self.board = board
         self.listener = listener
         self.child = child
         self.master_pid = master_pid
+        self.identity = identity    # (uid, gid) to switch to after fork, or None
         self.alive = True
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def slot(self) -> int:
+        return self.child.slot
+
+    @property
+    def generation(self) -> int:
+        return self.child.generation
 
     def run(self) -> int:
         """Boot, serve, and return the exit code for ``os._exit``."""
@@ -80,8 +95,10 @@ class Worker:
         die_with_parent(signal.SIGTERM)
         if os.getppid() != self.master_pid:     # the master died before prctl()
             return False
+        if self.identity is not None:
+            drop_privileges(*self.identity)
         try:
-            self.app.call_hook("post_fork", self.child)
+            self.app.call_hook("post_fork", self)
         except Exception:
             log.exception("post_fork hook failed; this child cannot boot")
             return False
@@ -110,9 +127,29 @@ class Worker:
                 log.info("served %d connections (max_requests); recycling", self.child.limit)
                 break
             if idle(slot):
-                return EXIT_OK  # retired by the master; it counts the exit
+                break           # retired by the master; it counts the exit
+        if not self.alive:
+            self.drain()
         board.done(slot)
         return EXIT_OK
+
+    def drain(self) -> None:
+        """Told to stop (SIGTERM): first serve what already waits in the listen
+        queue, so a graceful stop never resets an accepted-by-the-kernel
+        connection.  The master stops new connections entering the queue."""
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        while poller.poll(0):
+            try:
+                conn, addr = self.board.accept(self.child.slot, self.listener)
+            except OSError:
+                return          # another child took it (EAGAIN after SO_RCVTIMEO)
+            try:
+                self.app.handler(conn, addr)
+            except Exception:
+                self.handle_error(addr)
+            finally:
+                conn.close()
 
     def accept_failed(self, exc: OSError) -> bool:
         """An accept() error: True to go on accepting, False to leave."""
@@ -130,8 +167,16 @@ class Worker:
         return False
 
     def handle_error(self, addr: object) -> None:
-        """A handler raised: log its traceback and go on serving."""
-        log.exception("handler failed on a connection from %s", logs.printable(addr))
+        """A handler raised: log where, and go on serving.
+
+        The exception's message may carry network input, so it is escaped and
+        bounded (logs.printable); the stack is code locations only.
+        """
+        exc = sys.exc_info()[1]
+        stack = "".join(traceback.format_tb(exc.__traceback__ if exc else None))
+        log.error("handler failed on a connection from %s: %s: %s\nTraceback (most recent "
+                  "call last):\n%s", logs.printable(addr), type(exc).__name__,
+                  logs.printable(str(exc)), stack.rstrip())
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         # Graceful: finish the current connection, then leave.
@@ -147,8 +192,18 @@ class Worker:
         os._exit(EXIT_RUNTIME)
 
 
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become the --user/--group identity (the master, still root, bound first)."""
+    if os.getuid() == uid and os.getgid() == gid:
+        return
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 def child_main(app: App, board: Scoreboard, listener: socket.socket, child: Child,
-               master_pid: int, close_fds: tuple[int, ...]) -> NoReturn:
+               master_pid: int, close_fds: tuple[int, ...],
+               identity: tuple[int, int] | None = None) -> NoReturn:
     """Entry point right after fork(), in the child.  This must never return."""
     code = EXIT_RUNTIME
     try:
@@ -157,7 +212,7 @@ def child_main(app: App, board: Scoreboard, listener: socket.socket, child: Chil
                 os.close(fd)
             except OSError:
                 pass
-        code = Worker(app, board, listener, child, master_pid).run()
+        code = Worker(app, board, listener, child, master_pid, identity).run()
     except BaseException:  # noqa: BLE001 - log anything, then leave
         try:
             log.exception("child failed")
@@ -183,7 +238,7 @@ def run_single(settings: Settings, app: App) -> int:
              sockets.describe(listener), os.getpid())
     try:
         app.call_hook("on_starting")
-        app.call_hook("post_fork", child)
+        app.call_hook("post_fork", worker)
         board.idle(slot)
         return worker.serve()
     finally:
