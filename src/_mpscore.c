@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -58,6 +59,8 @@ typedef struct mps_board {
     pthread_mutex_t lock;
     struct mps_slot slots[];
 } mps_board;
+
+static const struct timeval mps_no_timeout = {0, 0};
 
 static int64_t mps_now_ns(void)
 {
@@ -273,6 +276,9 @@ static int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int wake_f
     if (fd < 0)
         return -errno;
     *addrlen = len;
+    /* Linux copies the listener's SO_RCVTIMEO (the idle children's periodic
+     * wake-up) into accepted sockets; the handler must get a plain one. */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &mps_no_timeout, sizeof mps_no_timeout);
     rc = mps_busy(b, slot);
     if (rc < 0) {
         close(fd);

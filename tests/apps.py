@@ -93,3 +93,61 @@ def _child_exit(server: mps.Server, worker: Any) -> None:
     if path:
         with open(path, "a") as f:
             f.write("child_exit %d\n" % worker.pid)
+
+
+# --- fault injection -------------------------------------------------------
+
+faulty = mps.Server()
+_worker: list[Any] = []
+
+
+@faulty.post_fork
+def _keep_worker(server: mps.Server, worker: Any) -> None:
+    _worker.append(worker)
+
+
+@faulty.handler
+def _faulty(conn: socket.socket, addr: Any) -> None:
+    """A line-based echo whose requests can inject faults."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(64)
+        if not chunk:
+            return
+        data += chunk
+    what = data.strip()
+    if what == b"lockdie":           # die holding the scoreboard lock
+        _worker[0].board.hold_lock()
+        os.kill(os.getpid(), 9)
+    if what == b"raise":
+        raise RuntimeError("handler failure on purpose")
+    if what == b"exit":
+        os._exit(7)
+    if what == b"segv":
+        ctypes.string_at(0)
+    if what == b"hang":
+        while True:
+            time.sleep(1)
+    if what == b"big":               # a reply far larger than the socket buffers
+        conn.sendall(b"x" * (32 << 20))
+        return
+    conn.sendall(b"%d: %s\n" % (os.getpid(), what))
+
+
+flaky_fork = mps.Server()
+flaky_fork.handler(echo)
+
+
+@flaky_fork.on_starting
+def _break_fork(server: mps.Server) -> None:
+    """Make the master's next 4 fork() calls fail as if RLIMIT_NPROC were hit."""
+    real_fork = os.fork
+    failures = [4]
+
+    def fork() -> int:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    os.fork = fork

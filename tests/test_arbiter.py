@@ -305,3 +305,15 @@ def test_unix_socket_bind(start_master, tmp_path):
     m.signal(signal.SIGTERM)
     assert m.wait_exit() == 0
     assert not path.exists()
+
+
+def test_handlers_get_sockets_without_the_listeners_timeout(start_master, backend):
+    # Idle children wake from accept() every second through the listener's
+    # SO_RCVTIMEO, which Linux copies into accepted sockets: a client that
+    # pauses longer than that must still be served.
+    m = start_master(backend=backend, **SMALL)
+    m.wait_ready()
+    with m.connect() as s:
+        time.sleep(1.5)         # the stimulus: a client slower than the wake-up period
+        s.sendall(b"late")
+        assert recv_all(s).endswith(b": late")

@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -45,6 +46,7 @@ except ImportError:  # no compiler at install time: the Python backend serves
 log = logging.getLogger("mps")
 
 _ADDR_MAX = 128     # sizeof(struct sockaddr_storage)
+_NO_TIMEOUT = struct.pack("ll", 0, 0)   # struct timeval {0, 0}
 
 
 class State(IntEnum):
@@ -152,6 +154,9 @@ class Scoreboard(ABC):
     def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
         """Child: block for a connection, mark busy, wake the master if needed."""
         conn, addr = listener.accept()
+        # Accepted sockets inherit the listener's SO_RCVTIMEO (the idle
+        # children's periodic wake-up); the handler gets a plain socket.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
         if self.busy(slot):
             wake(self.wake_fd)
         return conn, addr
