@@ -41,6 +41,8 @@ def serve(args: list[str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
 
 def listening_port(log: Path) -> int:
     def port() -> int | None:
+        if not log.exists():
+            return None
         m = re.search(r"listening at [^ ]*:(\d+)", log.read_text(errors="replace"))
         return int(m.group(1)) if m else None
     return int(wait_until(port, what="the master to log its address"))
@@ -207,3 +209,24 @@ def test_backend_auto_falls_back_to_python_and_says_so_once(tmp_path):
     finally:
         stop(proc)
     assert log.read_text().count("using the pure-Python scoreboard") == 1
+
+
+def test_hup_reopens_the_log_file(tmp_path):
+    log = tmp_path / "mps.log"
+    rotated = tmp_path / "mps.log.1"
+    out = tmp_path / "out.log"
+    proc = serve(["serve", "--bind", "127.0.0.1:0", "--log-file", str(log), *SMALL], out)
+    try:
+        port = listening_port(log)
+        assert echo(port).endswith(b": hi")
+        log.rename(rotated)                     # what logrotate does
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: log.exists() and "HUP: log reopened" in log.read_text(),
+                   what="a fresh log file")
+        assert echo(port).endswith(b": hi")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+    assert "listening at" in rotated.read_text()
+    assert "exiting" in log.read_text()
