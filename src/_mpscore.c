@@ -100,9 +100,16 @@ static void mps_unlock_(mps_board *b)
     pthread_mutex_unlock(&b->lock);
 }
 
-static int mps_bad_slot(const mps_board *b, int64_t slot)
+/* Every per-slot transition starts here: check the index, take the lock. */
+static int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s)
 {
-    return slot < 0 || slot >= b->head.nslots;
+    int rc;
+    if (slot < 0 || slot >= b->head.nslots)
+        return -EINVAL;
+    if ((rc = mps_lock_(b)) < 0)
+        return rc;
+    *s = &b->slots[slot];
+    return 0;
 }
 
 static void mps_set_state(struct mps_slot *s, int64_t state)
@@ -177,12 +184,11 @@ static int64_t mps_reserve(mps_board *b)
 /* Master, after fork() returned pid for this slot.  Locks. */
 static int mps_started(mps_board *b, int64_t slot, int64_t pid)
 {
+    struct mps_slot *s;
     int rc;
-    if (mps_bad_slot(b, slot))
-        return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
-    b->slots[slot].pid = pid;
+    s->pid = pid;
     mps_unlock_(b);
     return 0;
 }
@@ -195,11 +201,8 @@ static int mps_release(mps_board *b, int64_t slot)
     struct mps_slot *s;
     int64_t was;
     int rc;
-    if (mps_bad_slot(b, slot))
-        return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
-    s = &b->slots[slot];
     was = s->state;
     if (was == MPS_IDLE)
         b->head.idle--;
@@ -219,11 +222,8 @@ static int mps_retire(mps_board *b, int64_t slot)
     struct mps_slot *s;
     int64_t was;
     int rc;
-    if (mps_bad_slot(b, slot))
-        return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
-    s = &b->slots[slot];
     was = s->state;
     if (was == MPS_IDLE) {
         b->head.idle--;
@@ -243,11 +243,8 @@ static int mps_busy(mps_board *b, int64_t slot)
 {
     struct mps_slot *s;
     int rc, wake;
-    if (mps_bad_slot(b, slot))
-        return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
-    s = &b->slots[slot];
     if (s->state == MPS_IDLE) {
         b->head.idle--;
         mps_set_state(s, MPS_BUSY);
@@ -299,11 +296,8 @@ static int mps_idle(mps_board *b, int64_t slot)
 {
     struct mps_slot *s;
     int rc;
-    if (mps_bad_slot(b, slot))
-        return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
-    s = &b->slots[slot];
     if (s->retire || s->state == MPS_EXITING) {
         mps_set_state(s, MPS_EXITING);
         mps_unlock_(b);
@@ -321,11 +315,8 @@ static int mps_done(mps_board *b, int64_t slot)
 {
     struct mps_slot *s;
     int rc;
-    if (mps_bad_slot(b, slot))
-        return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
-    s = &b->slots[slot];
     if (s->state == MPS_IDLE)
         b->head.idle--;
     mps_set_state(s, MPS_EXITING);

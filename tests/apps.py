@@ -26,9 +26,8 @@ def slow(conn: socket.socket, addr: Any) -> None:
     conn.sendall(b"done %d" % os.getpid())
 
 
-def boom(conn: socket.socket, addr: Any) -> None:
-    """Requests decide the failure: raise, exit, segv, hang; else echo."""
-    what = conn.recv(64)
+def inject(what: bytes) -> None:
+    """Carry out a fault request: raise, exit, segv or hang; anything else returns."""
     if what == b"raise":
         raise RuntimeError("handler failure on purpose")
     if what == b"exit":
@@ -38,6 +37,12 @@ def boom(conn: socket.socket, addr: Any) -> None:
     if what == b"hang":
         while True:
             time.sleep(1)
+
+
+def boom(conn: socket.socket, addr: Any) -> None:
+    """Requests decide the failure (see inject); else echo."""
+    what = conn.recv(64)
+    inject(what)
     conn.sendall(b"%d: %s" % (os.getpid(), what))
 
 
@@ -119,15 +124,7 @@ def _faulty(conn: socket.socket, addr: Any) -> None:
     if what == b"lockdie":           # die holding the scoreboard lock
         _worker[0].board.hold_lock()
         os.kill(os.getpid(), 9)
-    if what == b"raise":
-        raise RuntimeError("handler failure on purpose")
-    if what == b"exit":
-        os._exit(7)
-    if what == b"segv":
-        ctypes.string_at(0)
-    if what == b"hang":
-        while True:
-            time.sleep(1)
+    inject(what)
     if what == b"big":               # a reply far larger than the socket buffers
         conn.sendall(b"x" * (32 << 20))
         return
