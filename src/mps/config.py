@@ -17,7 +17,7 @@ import os
 import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from .errors import SettingError
 
@@ -154,27 +154,34 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+    "choice": (str,), "path": (str, type(None)),
+}
+
+
+def _check_field(f: dataclasses.Field[Any], value: object) -> None:
     kind = f.metadata["kind"]
-    expected: tuple[type, ...] = {
-        "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-        "choice": (str,), "path": (str, type(None)),
-    }[kind]
-    if not isinstance(value, expected) or (kind in ("int", "float") and isinstance(value, bool)):
+    if not isinstance(value, _TYPES[kind]) or (kind in ("int", "float")
+                                               and isinstance(value, bool)):
         raise SettingError(f.name, value, f"must be of type {kind}")
-    value = cast(Any, value)
-    if kind == "float" and not math.isfinite(value):  # NaN passes every < and >
-        raise SettingError(f.name, value, "must be a finite number of seconds")
-    minimum, maximum = f.metadata["minimum"], f.metadata["maximum"]
-    if minimum is not None and value < minimum:
-        raise SettingError(f.name, value, f"must be at least {minimum:g}")
-    if maximum is not None and value > maximum:
-        raise SettingError(f.name, value, f"must be at most {maximum:g}")
+    if isinstance(value, (int, float)):
+        _check_number(f, value)
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise SettingError(f.name, value, "must be one of " + ", ".join(choices))
     if kind == "path" and value == "":
         raise SettingError(f.name, value, "must not be empty")
+
+
+def _check_number(f: dataclasses.Field[Any], value: float) -> None:
+    if not math.isfinite(value):    # NaN passes every < and >
+        raise SettingError(f.name, value, "must be a finite number")
+    minimum, maximum = f.metadata["minimum"], f.metadata["maximum"]
+    if minimum is not None and value < minimum:
+        raise SettingError(f.name, value, f"must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise SettingError(f.name, value, f"must be at most {maximum:g}")
 
 
 def fields() -> tuple[dataclasses.Field[Any], ...]:
