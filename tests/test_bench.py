@@ -59,8 +59,9 @@ def test_bench_spike_accepts_the_whole_burst(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["accepted"] == 8 and doc["all_accepted_s"] > 0
-    totals = [total for _, total, _ in doc["children_over_time"]]
+    totals = [total for _, total in doc["children_over_time"]]
     assert max(totals) == 8 and totals[0] < 8      # the pool grew to absorb the burst
+    assert len(doc["accepted_at_s"]) == 8
 
 
 def test_bench_usage_error_is_one_line():

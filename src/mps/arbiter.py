@@ -23,12 +23,13 @@ import random
 import selectors
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, fields
 
 from . import daemon, logs, sockets, status
 from .config import Settings
-from .errors import EXIT_BOOT, EXIT_OK, BootError, MpsError
+from .errors import EXIT_BOOT, EXIT_OK, BootError
 from .handlers import App
 from .scoreboard import Scoreboard, Snapshot, State, open_scoreboard
 from .signals import MASTER_SIGNALS, SignalQueue
@@ -100,6 +101,7 @@ class Arbiter:
         self.pid = os.getpid()
         self.pass_now = True            # run the next pass without waiting
         self.started = False            # start() finished: on_exit and "exiting" are due
+        self.owned_paths: list[str] = []    # socket files we created (not inherited)
 
     # ----------------------------------------------------------- life cycle
 
@@ -122,13 +124,17 @@ class Arbiter:
 
     def start(self) -> None:
         s = self.settings
-        self.listener = sockets.listen(sockets.parse_bind(s.bind), s.backlog)
+        address = sockets.parse_bind(s.bind)
+        self.listener = sockets.listen(address, s.backlog)
+        if address.family == socket.AF_UNIX:
+            self.owned_paths.append(address.path)
         # Idle children wake from accept() every second (EAGAIN) to notice a
         # dead master or a lost retire signal.
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                                  _timeval(ACCEPT_TIMEOUT_S))
         if s.status_socket:
             self.status_sock = sockets.listen_unix_private(s.status_socket)
+            self.owned_paths.append(s.status_socket)
             self.status_sock.setblocking(False)
         self.board = open_scoreboard(s.backend, s.max_children)
         self.board.set_min_spare(self.min_spare)
@@ -163,7 +169,12 @@ class Arbiter:
                 log.exception("on_exit hook failed")
         for sock in (self.status_sock, self.listener):
             if sock is not None:
-                _close_listener(sock)
+                sock.close()
+        for path in self.owned_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self.settings.pid_file:
             daemon.remove_pid_file(self.settings.pid_file)
         if self.board is not None:
@@ -500,18 +511,4 @@ class Arbiter:
 
 
 def _timeval(seconds: int) -> bytes:
-    import struct
-    return struct.pack("ll", seconds, 0)
-
-
-def _close_listener(sock: socket.socket) -> None:
-    path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    sock.close()
-    if path and isinstance(path, str):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-__all__ = ["Arbiter", "Totals", "MpsError"]
+    return struct.pack("ll", seconds, 0)     # struct timeval
