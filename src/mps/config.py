@@ -47,29 +47,29 @@ class Settings:
         1024, kind="int", minimum=1, maximum=65535, seed="MAXLISTEN",
         help="Length of the kernel's queue of connections waiting for a child.")
     start_servers: int = setting(
-        32, kind="int", minimum=0, seed="STARTSERVERS",
+        32, kind="int", minimum=0, maximum=65535, seed="STARTSERVERS",
         help="Children forked at start (and after a HUP rotation).")
     min_spare: int = setting(
-        8, kind="int", minimum=0, seed="MINSPARESERVERS",
+        8, kind="int", minimum=0, maximum=65535, seed="MINSPARESERVERS",
         help="Fewest idle children: below it the master forks the deficit at once.")
     max_spare: int = setting(
-        32, kind="int", minimum=1, seed="MAXSPARESERVERS",
+        32, kind="int", minimum=1, maximum=65535, seed="MAXSPARESERVERS",
         help="Most idle children: a lasting surplus is retired gracefully.")
     max_children: int = setting(
-        64, kind="int", minimum=1, seed="MAXCLIENTS",
+        64, kind="int", minimum=1, maximum=65535, seed="MAXCLIENTS",
         help="Hard cap on children; beyond it connections wait in the backlog.")
     max_requests: int = setting(
-        128, kind="int", minimum=0, seed="MAXSERVICES",
+        128, kind="int", minimum=0, maximum=2**62, seed="MAXSERVICES",
         help="Connections a child serves before it is replaced; 0 = never.")
     max_requests_jitter: int = setting(
-        0, kind="int", minimum=0,
+        0, kind="int", minimum=0, maximum=2**62,
         help="Each child's limit is max_requests + randint(0, jitter), so children "
              "do not recycle together.")
     timeout: float = setting(
-        0.0, kind="float", minimum=0,
+        0.0, kind="float", minimum=0, maximum=10**9,
         help="Seconds one connection may hold a child before the master kills it; 0 = off.")
     graceful_timeout: float = setting(
-        30.0, kind="float", minimum=0,
+        30.0, kind="float", minimum=0, maximum=10**9,
         help="Seconds a graceful stop (TERM) waits for busy children before SIGKILL.")
     backend: str = setting(
         "auto", kind="choice", choices=("auto", "c", "python"),
@@ -118,12 +118,14 @@ class Settings:
             raise SettingError("max_children", self.max_children,
                                f"must not exceed backlog ({self.backlog})")
         self.identity()     # an unknown user or group is a setting error
+        if self.status_socket is not None:
+            check_path("status_socket", self.status_socket, limit=107)  # sun_path
         for name in ("pid_file", "log_file", "status_socket"):
             path = getattr(self, name)
             if path is not None:
                 parent = os.path.dirname(os.path.abspath(path))
                 if not os.path.isdir(parent):
-                    raise SettingError(name, path, f"directory {parent} does not exist")
+                    raise SettingError(name, path, f"directory {parent!r} does not exist")
 
     def identity(self) -> tuple[int, int] | None:
         """(uid, gid) children switch to, or None to stay as they are."""
@@ -131,18 +133,10 @@ class Settings:
             return None
         uid, gid = os.getuid(), os.getgid()
         if self.user is not None:
-            try:
-                entry = pwd.getpwnam(self.user) if not self.user.isdigit() \
-                    else pwd.getpwuid(int(self.user))
-            except KeyError:
-                raise SettingError("user", self.user, "no such user on this machine") from None
+            entry = _lookup(pwd.getpwuid, pwd.getpwnam, "user", self.user)
             uid, gid = entry.pw_uid, entry.pw_gid
         if self.group is not None:
-            try:
-                gid = (grp.getgrnam(self.group) if not self.group.isdigit()
-                       else grp.getgrgid(int(self.group))).gr_gid
-            except KeyError:
-                raise SettingError("group", self.group, "no such group on this machine") from None
+            gid = _lookup(grp.getgrgid, grp.getgrnam, "group", self.group).gr_gid
         if os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
             name = "user" if self.user is not None else "group"
             raise SettingError(name, getattr(self, name), "switching identity needs root; "
@@ -152,6 +146,17 @@ class Settings:
     def public(self) -> dict[str, Any]:
         """The settings as a plain dict (for the status document)."""
         return dataclasses.asdict(self)
+
+
+def _lookup(by_id: Callable[[int], Any], by_name: Callable[[str], Any], name: str,
+            value: str) -> Any:
+    """A passwd/group entry by number or name; SettingError if there is none."""
+    try:
+        if value.isascii() and value.isdigit():
+            return by_id(int(value))
+        return by_name(value)
+    except (KeyError, ValueError, OverflowError):
+        raise SettingError(name, value, f"no such {name} on this machine") from None
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -170,18 +175,32 @@ def _check_field(f: dataclasses.Field[Any], value: object) -> None:
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise SettingError(f.name, value, "must be one of " + ", ".join(choices))
-    if kind == "path" and value == "":
-        raise SettingError(f.name, value, "must not be empty")
+    if kind == "path" and isinstance(value, str):
+        check_path(f.name, value)
 
 
 def _check_number(f: dataclasses.Field[Any], value: float) -> None:
-    if not math.isfinite(value):    # NaN passes every < and >
+    if isinstance(value, float) and not math.isfinite(value):   # NaN passes every < and >
         raise SettingError(f.name, value, "must be a finite number")
     minimum, maximum = f.metadata["minimum"], f.metadata["maximum"]
     if minimum is not None and value < minimum:
         raise SettingError(f.name, value, f"must be at least {minimum:g}")
     if maximum is not None and value > maximum:
         raise SettingError(f.name, value, f"must be at most {maximum:g}")
+
+
+def check_path(name: str, path: str, limit: int = 4096) -> None:
+    """A usable file system path: not empty, no NUL, encodable, not too long."""
+    if path == "":
+        raise SettingError(name, path, "must not be empty")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeError:
+        raise SettingError(name, path, "is not a valid file name") from None
+    if b"\0" in raw:
+        raise SettingError(name, path, "must not contain a NUL byte")
+    if len(raw) > limit:
+        raise SettingError(name, path, f"is longer than {limit} bytes")
 
 
 def fields() -> tuple[dataclasses.Field[Any], ...]:
@@ -200,6 +219,8 @@ def env_var(name: str) -> str:
 def parse_text(f: dataclasses.Field[Any], text: str, source: str) -> Any:
     """Convert a flag or environment string to the field's type."""
     kind = f.metadata["kind"]
+    if not isinstance(text, str):       # argparse hands `--flag --` over as []
+        raise SettingError(f.name, text, f"{source} needs a value")
     parsers: dict[str, Callable[[str], Any]] = {
         "int": int, "float": float, "str": str, "choice": str, "path": str,
         "bool": _parse_bool,
@@ -249,7 +270,10 @@ def resolve(keywords: Mapping[str, Any] | None = None,
     for name, value in merged.items():
         if fixed[name].metadata["kind"] == "float" and isinstance(value, int) \
                 and not isinstance(value, bool):
-            merged[name] = float(value)
+            try:
+                merged[name] = float(value)
+            except OverflowError:
+                raise SettingError(name, value, "must be a finite number") from None
     return Settings(**merged)
 
 

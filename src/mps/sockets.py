@@ -52,17 +52,20 @@ def parse_bind(text: str) -> Address:
         path = text[5:]
         if not path:
             raise bad("unix: needs a path, e.g. unix:/run/app.sock")
-        if len(os.fsencode(path)) > 107:
+        try:
+            raw = os.fsencode(path)
+        except UnicodeError:
+            raise bad("the path is not a valid file name") from None
+        if b"\0" in raw:
+            raise bad("the path must not contain a NUL byte")
+        if len(raw) > 107:
             raise bad("a Unix socket path is at most 107 bytes")
         return Address(socket.AF_UNIX, path=path)
     if text.startswith("fd://"):
-        try:
-            fd = int(text[5:])
-        except ValueError:
-            raise bad("fd:// needs a file descriptor number, e.g. fd://3") from None
-        if fd < 0:
-            raise bad("the file descriptor must not be negative")
-        return Address(-1, fd=fd)
+        fd = text[5:]
+        if not (fd.isascii() and fd.isdigit()) or int(fd) > 2**31 - 1:
+            raise bad("fd:// needs a file descriptor number, e.g. fd://3")
+        return Address(-1, fd=int(fd))
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         family = socket.AF_INET6
@@ -78,6 +81,10 @@ def parse_bind(text: str) -> Address:
         raise bad("port must be between 0 and 65535")
     if family == socket.AF_INET and ":" in host:
         raise bad("write an IPv6 address in brackets, e.g. [::1]:8000")
+    if family == socket.AF_INET6 and ":" not in host:
+        raise bad("brackets are for IPv6 addresses; write an IPv4 address as HOST:PORT")
+    if "\0" in host:
+        raise bad("the host must not contain a NUL byte")
     return Address(family, host=host, port=number)
 
 

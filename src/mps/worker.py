@@ -92,11 +92,13 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGABRT, self._on_timeout)
         logs.slot_filter.slot = f"slot {self.child.slot}"
+        if self.identity is not None:
+            drop_privileges(*self.identity)
+        # After any setuid(): the kernel clears the parent-death signal when a
+        # process changes its credentials.
         die_with_parent(signal.SIGTERM)
         if os.getppid() != self.master_pid:     # the master died before prctl()
             return False
-        if self.identity is not None:
-            drop_privileges(*self.identity)
         try:
             self.app.call_hook("post_fork", self)
         except Exception:
@@ -213,9 +215,11 @@ def child_main(app: App, board: Scoreboard, listener: socket.socket, child: Chil
             except OSError:
                 pass
         code = Worker(app, board, listener, child, master_pid, identity).run()
-    except BaseException:  # noqa: BLE001 - log anything, then leave
+    except BaseException as exc:  # noqa: BLE001 - log anything, then leave
         try:
-            log.exception("child failed")
+            # SystemExit and friends from a handler may carry network input.
+            log.error("child failed: %s: %s\n%s", type(exc).__name__, logs.printable(str(exc)),
+                      "".join(traceback.format_tb(exc.__traceback__)).rstrip())
         finally:
             code = EXIT_RUNTIME
     finally:
