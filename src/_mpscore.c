@@ -112,10 +112,11 @@ static int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s)
     return 0;
 }
 
-static void mps_set_state(struct mps_slot *s, int64_t state)
+/* `now` is read before locking: the clock stays out of the critical section. */
+static void mps_set_state(struct mps_slot *s, int64_t state, int64_t now)
 {
     s->state = state;
-    s->changed_ns = mps_now_ns();
+    s->changed_ns = now;
 }
 
 /* Master, before any fork: map and initialise a board of nslots slots. */
@@ -162,6 +163,7 @@ static int mps_destroy(mps_board *b)
  * Locks.  Returns the slot index, or -ENOSPC when every slot is taken. */
 static int64_t mps_reserve(mps_board *b)
 {
+    int64_t now = mps_now_ns();
     int64_t i;
     int rc = mps_lock_(b);
     if (rc < 0)
@@ -172,7 +174,7 @@ static int64_t mps_reserve(mps_board *b)
             s->pid = 0;
             s->connections = 0;
             s->retire = 0;
-            mps_set_state(s, MPS_STARTING);
+            mps_set_state(s, MPS_STARTING, now);
             mps_unlock_(b);
             return i;
         }
@@ -198,6 +200,7 @@ static int mps_started(mps_board *b, int64_t slot, int64_t pid)
  * Returns the state the slot was in. */
 static int mps_release(mps_board *b, int64_t slot)
 {
+    int64_t now = mps_now_ns();
     struct mps_slot *s;
     int64_t was;
     int rc;
@@ -208,7 +211,7 @@ static int mps_release(mps_board *b, int64_t slot)
         b->head.idle--;
     s->pid = 0;
     s->retire = 0;
-    mps_set_state(s, MPS_EMPTY);
+    mps_set_state(s, MPS_EMPTY, now);
     mps_unlock_(b);
     return (int)was;
 }
@@ -219,6 +222,7 @@ static int mps_release(mps_board *b, int64_t slot)
  * Locks.  Returns the slot's state before the call. */
 static int mps_retire(mps_board *b, int64_t slot)
 {
+    int64_t now = mps_now_ns();
     struct mps_slot *s;
     int64_t was;
     int rc;
@@ -227,7 +231,7 @@ static int mps_retire(mps_board *b, int64_t slot)
     was = s->state;
     if (was == MPS_IDLE) {
         b->head.idle--;
-        mps_set_state(s, MPS_EXITING);
+        mps_set_state(s, MPS_EXITING, now);
     } else if (was == MPS_STARTING || was == MPS_BUSY) {
         s->retire = 1;
     }
@@ -241,15 +245,16 @@ static int mps_retire(mps_board *b, int64_t slot)
  * was accepting stays EXITING: it serves this connection, then leaves. */
 static int mps_busy(mps_board *b, int64_t slot)
 {
+    int64_t now = mps_now_ns();
     struct mps_slot *s;
     int rc, wake;
     if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
     if (s->state == MPS_IDLE) {
         b->head.idle--;
-        mps_set_state(s, MPS_BUSY);
+        mps_set_state(s, MPS_BUSY, now);
     } else {
-        s->changed_ns = mps_now_ns();   /* the timeout clock starts now */
+        s->changed_ns = now;    /* the timeout clock starts now */
     }
     s->connections++;
     b->head.connections++;
@@ -294,18 +299,19 @@ static int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int wake_f
  * EXITING and the child must leave), else 0 (the slot is IDLE). */
 static int mps_idle(mps_board *b, int64_t slot)
 {
+    int64_t now = mps_now_ns();
     struct mps_slot *s;
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
     if (s->retire || s->state == MPS_EXITING) {
-        mps_set_state(s, MPS_EXITING);
+        mps_set_state(s, MPS_EXITING, now);
         mps_unlock_(b);
         return 1;
     }
     if (s->state != MPS_IDLE)
         b->head.idle++;
-    mps_set_state(s, MPS_IDLE);
+    mps_set_state(s, MPS_IDLE, now);
     mps_unlock_(b);
     return 0;
 }
@@ -313,13 +319,14 @@ static int mps_idle(mps_board *b, int64_t slot)
 /* Child, when it leaves on its own (connection budget spent, stop).  Locks. */
 static int mps_done(mps_board *b, int64_t slot)
 {
+    int64_t now = mps_now_ns();
     struct mps_slot *s;
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s)) < 0)
         return rc;
     if (s->state == MPS_IDLE)
         b->head.idle--;
-    mps_set_state(s, MPS_EXITING);
+    mps_set_state(s, MPS_EXITING, now);
     mps_unlock_(b);
     return 0;
 }

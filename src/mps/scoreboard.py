@@ -312,11 +312,12 @@ class PyScoreboard(Scoreboard):
         return _HEADER + _SLOT * slot
 
     @staticmethod
-    def _set_state(w: memoryview, base: int, state: int) -> None:
+    def _set_state(w: memoryview, base: int, state: int, now: int) -> None:
         w[base + _STATE] = state
-        w[base + _CHANGED] = time.monotonic_ns()
+        w[base + _CHANGED] = now
 
     def reserve(self) -> int:
+        now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
             for i in range(self.nslots):
@@ -325,7 +326,7 @@ class PyScoreboard(Scoreboard):
                     w[base + _PID] = 0
                     w[base + _CONNS] = 0
                     w[base + _RETIRE] = 0
-                    self._set_state(w, base, State.STARTING)
+                    self._set_state(w, base, State.STARTING, now)
                     return i
             return -1
         finally:
@@ -341,6 +342,7 @@ class PyScoreboard(Scoreboard):
 
     def release(self, slot: int) -> State:
         base = self._base(slot)
+        now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
             was = w[base + _STATE]
@@ -348,19 +350,20 @@ class PyScoreboard(Scoreboard):
                 w[_H_IDLE] -= 1
             w[base + _PID] = 0
             w[base + _RETIRE] = 0
-            self._set_state(w, base, State.EMPTY)
+            self._set_state(w, base, State.EMPTY, now)
             return State(was)
         finally:
             self._unlock(w)
 
     def retire(self, slot: int) -> State:
         base = self._base(slot)
+        now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
             was = w[base + _STATE]
             if was == State.IDLE:
                 w[_H_IDLE] -= 1
-                self._set_state(w, base, State.EXITING)
+                self._set_state(w, base, State.EXITING, now)
             elif was in (State.STARTING, State.BUSY):
                 w[base + _RETIRE] = 1
             return State(was)
@@ -371,13 +374,14 @@ class PyScoreboard(Scoreboard):
         if not 0 <= slot < self.nslots:
             return -errno.EINVAL     # like the C core: a code, not an exception
         base = _HEADER + _SLOT * slot
+        now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
             if w[base + _STATE] == State.IDLE:
                 w[_H_IDLE] -= 1
-                self._set_state(w, base, State.BUSY)
+                self._set_state(w, base, State.BUSY, now)
             else:
-                w[base + _CHANGED] = time.monotonic_ns()
+                w[base + _CHANGED] = now
             w[base + _CONNS] += 1
             w[_H_CONNS] += 1
             wake_master = int(w[_H_IDLE] < w[_H_MIN_SPARE])
@@ -389,25 +393,27 @@ class PyScoreboard(Scoreboard):
         if not 0 <= slot < self.nslots:
             return -errno.EINVAL     # like the C core: a code, not an exception
         base = _HEADER + _SLOT * slot
+        now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
             if w[base + _RETIRE] or w[base + _STATE] == State.EXITING:
-                self._set_state(w, base, State.EXITING)
+                self._set_state(w, base, State.EXITING, now)
                 return 1
             if w[base + _STATE] != State.IDLE:
                 w[_H_IDLE] += 1
-            self._set_state(w, base, State.IDLE)
+            self._set_state(w, base, State.IDLE, now)
             return 0
         finally:
             self._unlock(w)
 
     def done(self, slot: int) -> None:
         base = self._base(slot)
+        now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
             if w[base + _STATE] == State.IDLE:
                 w[_H_IDLE] -= 1
-            self._set_state(w, base, State.EXITING)
+            self._set_state(w, base, State.EXITING, now)
         finally:
             self._unlock(w)
 
