@@ -25,6 +25,7 @@ struct mps_head {
     int64_t min_spare;
     int64_t connections;
     int64_t repairs;
+    int64_t wake_pending;
 };
 typedef struct mps_board mps_board;
 
@@ -40,7 +41,7 @@ int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int wake_fd,
 int mps_idle(mps_board *b, int64_t slot);
 int mps_done(mps_board *b, int64_t slot);
 int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots);
-int64_t mps_audit(mps_board *b);
+int mps_audit(mps_board *b, int64_t *drift);
 int mps_set_min_spare(mps_board *b, int64_t min_spare);
 int mps_hold_lock(mps_board *b);
 int mps_nop(mps_board *b, int64_t slot);

@@ -49,6 +49,7 @@ struct mps_head {
     int64_t min_spare;      /* the master's live min_spare: busy below it wakes the master */
     int64_t connections;    /* connections accepted by all children */
     int64_t repairs;        /* times the counter was recounted from the slots */
+    int64_t wake_pending;   /* a child has woken the master; it re-arms when it can act */
 };
 
 typedef struct mps_board {
@@ -258,7 +259,12 @@ static int mps_busy(mps_board *b, int64_t slot)
     }
     s->connections++;
     b->head.connections++;
-    wake = b->head.idle < b->head.min_spare;
+    /* Edge-triggered: one wake-up until the master re-arms, so a pool held
+     * below min_spare (saturated) does not cost the master a pass per
+     * connection. */
+    wake = b->head.idle < b->head.min_spare && !b->head.wake_pending;
+    if (wake)
+        b->head.wake_pending = 1;
     mps_unlock_(b);
     return wake;
 }
@@ -343,28 +349,29 @@ static int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *sl
     return 0;
 }
 
-/* Master, every pass: recount idle slots; repair and count any drift.
- * Locks.  Returns the drift (recount - counter) that was repaired. */
-static int64_t mps_audit(mps_board *b)
+/* Master, every pass: recount idle slots; repair and count any drift,
+ * stored in *drift (recount - counter).  Locks. */
+static int mps_audit(mps_board *b, int64_t *drift)
 {
-    int64_t drift;
     int rc = mps_lock_(b);
     if (rc < 0)
         return rc;
-    drift = mps_recount(b);
-    if (drift != 0)
+    *drift = mps_recount(b);
+    if (*drift != 0)
         b->head.repairs++;
     mps_unlock_(b);
-    return drift;
+    return 0;
 }
 
-/* Master, on start and on TTIN/TTOU.  Locks. */
+/* Master: publish the live min_spare and re-arm the children's wake-up
+ * (on start, on TTIN/TTOU, and on each pass that can fork).  Locks. */
 static int mps_set_min_spare(mps_board *b, int64_t min_spare)
 {
     int rc = mps_lock_(b);
     if (rc < 0)
         return rc;
     b->head.min_spare = min_spare;
+    b->head.wake_pending = 0;
     mps_unlock_(b);
     return 0;
 }

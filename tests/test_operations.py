@@ -230,3 +230,32 @@ def test_hup_reopens_the_log_file(tmp_path):
         stop(proc)
     assert "listening at" in rotated.read_text()
     assert "exiting" in log.read_text()
+
+
+def test_inherited_listener_is_handed_back_open_after_a_graceful_stop(tmp_path):
+    # systemd-style socket handoff: the listener outlives each master.  A
+    # graceful stop must not leave it refusing connections for the next one.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    args = ["serve", "--bind", f"fd://{fd}", *SMALL]
+    try:
+        first = serve(args, tmp_path / "first.log", pass_fds=[fd])
+        try:
+            wait_until(lambda: _try_echo(port), what="the first master")
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(15) == 0
+        finally:
+            stop(first)
+        waiting = socket.create_connection(("127.0.0.1", port), timeout=5)  # queued, not dropped
+        with waiting:
+            waiting.sendall(b"between")
+            second = serve(args, tmp_path / "second.log", pass_fds=[fd])
+            try:
+                assert recv_all(waiting).endswith(b": between")
+            finally:
+                stop(second)
+    finally:
+        listener.close()

@@ -310,12 +310,17 @@ def test_busy_reports_when_idle_falls_below_min_spare(board: Scoreboard) -> None
     slots = [child_slot(board) for _ in range(4)]
     board.set_min_spare(2)
     assert board.snapshot().min_spare == 2
-    # idle after each busy: 3, 2, 1, 0 -- below min_spare (2) from the third on
-    assert [board.busy(s) for s in slots] == [False, False, True, True]
+    # idle after each busy: 3, 2, 1, 0 -- below min_spare (2) from the third
+    # on; the wake-up is edge-triggered: once, until the master re-arms.
+    assert [board.busy(s) for s in slots] == [0, 0, 1, 0]
+    for s in slots:
+        board.idle(s)
+    board.set_min_spare(2)              # the master re-arms on its next pass
+    assert [board.busy(s) for s in slots] == [0, 0, 1, 0]
     for s in slots:
         board.idle(s)
     board.set_min_spare(0)
-    assert [board.busy(s) for s in slots] == [False] * 4
+    assert [board.busy(s) for s in slots] == [0] * 4
 
 
 def test_busy_never_wakes_with_min_spare_zero(board: Scoreboard) -> None:
@@ -330,6 +335,9 @@ def test_min_spare_can_be_raised_at_run_time(board: Scoreboard) -> None:
     board.idle(a)
     board.set_min_spare(3)             # TTIN
     assert board.busy(a) == 1
+    assert board.busy(b) == 0          # already woken; no second byte until re-armed
+    board.set_min_spare(3)
+    board.idle(b)
     assert board.busy(b) == 1
 
 

@@ -45,6 +45,14 @@ BOOT_FAILURE_LIMIT = 5
 MAX_BACKOFF_S = 5.0
 #: Grace between SIGABRT (timeout, fast stop) and SIGKILL.
 KILL_GRACE_S = 1.0
+#: A child still STARTING (its post_fork hook hangs) after this long is
+#: killed and counted as a boot failure; after STALE_START_S it no longer
+#: counts as a spare, so the master forks others meanwhile.
+BOOT_TIMEOUT_S = 30.0
+STALE_START_S = 5.0
+#: A booted child that dies this young without serving is a crash loop too:
+#: the master backs off before replacing it.
+YOUNG_S = 1.0
 #: Idle children wake from accept() this often (EAGAIN from SO_RCVTIMEO) to
 #: check whether the master is alive and whether they were told to leave: a
 #: SIGTERM that lands just before a child blocks in accept() sets its flag
@@ -56,9 +64,9 @@ ACCEPT_TIMEOUT_S = 1
 
 @dataclass
 class Totals:
-    """Counters for the status document (SPEC §7)."""
+    """The master's counters for the status document (SPEC §7); connections
+    and counter repairs are counted in the scoreboard itself."""
 
-    connections: int = 0
     spawned: int = 0
     reaped: int = 0
     crashed: int = 0
@@ -66,7 +74,6 @@ class Totals:
     retired: int = 0
     timed_out: int = 0
     max_children_reached: int = 0
-    counter_repairs: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -102,6 +109,9 @@ class Arbiter:
         self.pass_now = True            # run the next pass without waiting
         self.started = False            # start() finished: on_exit and "exiting" are due
         self.owned_paths: list[str] = []    # socket files we created (not inherited)
+        self.identity: tuple[int, int] | None = None
+        self.adopted = False            # the listener came from fd://N (not ours to filter)
+        self.last_boot_failure = 0.0
 
     # ----------------------------------------------------------- life cycle
 
@@ -112,20 +122,24 @@ class Arbiter:
                 self.wait()
                 self.handle_signals()
                 self.reap()
-                self.murder()
-                self.maintain()
+                snap = self.audit()
+                self.murder(snap)
+                self.maintain(snap)
             return EXIT_OK
         except BootError as exc:
             log.error("%s", exc)
             self.stop_now()
+            self.wait_for_children()
             return EXIT_BOOT
         finally:
             self.cleanup()
 
     def start(self) -> None:
         s = self.settings
+        self.identity = s.identity()     # resolved once, never in a child
         address = sockets.parse_bind(s.bind)
         self.listener = sockets.listen(address, s.backlog)
+        self.adopted = address.fd >= 0
         if address.family == socket.AF_UNIX:
             self.owned_paths.append(address.path)
         # Idle children wake from accept() every second (EAGAIN) to notice a
@@ -167,6 +181,8 @@ class Arbiter:
                 self.app.call_hook("on_exit")
             except Exception:
                 log.exception("on_exit hook failed")
+        if self.adopted and self.listener is not None:
+            sockets.accept_new_connections(self.listener)   # hand it back as we got it
         for sock in (self.status_sock, self.listener):
             if sock is not None:
                 sock.close()
@@ -205,10 +221,11 @@ class Arbiter:
             due.append(self.spawn_after - now)
         if self.surplus_since:
             due.append(self.surplus_since + SURPLUS_GRACE_S - now)
-        if self.stopping == "graceful":
+        if self.stopping == "graceful" and self.stop_deadline > now:
             due.append(self.stop_deadline - now)
-        due.extend(c.kill_at - now for c in self.children.values() if c.kill_at)
-        return min(due)
+        due.extend(c.kill_at - now for c in self.children.values() if c.kill_at > now)
+        # Past deadlines were acted on in the last pass: never spin on them.
+        return max(0.001, min(due))
 
     def drain_wake_pipe(self) -> None:
         try:
@@ -222,30 +239,42 @@ class Arbiter:
             getattr(self, "handle_" + MASTER_SIGNALS[sig])()
 
     def reap(self) -> None:
+        exited = []
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             child = self.children.pop(pid, None)
-            if child is None:
-                continue    # not one of ours (a hook's subprocess)
-            assert self.board is not None
+            if child is not None:       # else not ours (a hook's subprocess)
+                exited.append((child, os.waitstatus_to_exitcode(wait_status)))
+        if not exited:
+            return
+        assert self.board is not None
+        slots = self.board.snapshot().slots     # what each child served, before release
+        for child, code in exited:
             was = self.board.release(child.slot)
             self.totals.reaped += 1
-            self.account_exit(child, was, os.waitstatus_to_exitcode(wait_status))
+            self.account_exit(child, was, code, slots[child.slot].connections)
             try:
                 self.app.call_hook("child_exit", child)
             except Exception:
                 log.exception("child_exit hook failed")
 
-    def murder(self) -> None:
-        """Kill children stuck past `timeout`, and those past a kill deadline."""
+    def audit(self) -> Snapshot:
+        """Check idle_counter == idle slots (repairing drift); the pass's snapshot."""
+        assert self.board is not None
+        drift = self.board.audit()
+        if drift:
+            log.warning("idle counter drifted by %d from the slots; repaired", drift)
+        return self.board.snapshot()
+
+    def murder(self, snap: Snapshot) -> None:
+        """Kill children stuck past `timeout` or in boot, and those past a kill deadline."""
         now = time.monotonic()
-        if self.settings.timeout > 0:
-            self.kill_timed_out(now)
+        self.kill_stuck(snap, now)
         if self.stopping == "graceful" and now >= self.stop_deadline:
             busy = [c for c in self.children.values() if not c.kill_at]
             if busy:
@@ -258,50 +287,69 @@ class Arbiter:
                 self.kill(child, signal.SIGKILL)
                 child.kill_at = now + 3600   # once; the reap follows
 
-    def kill_timed_out(self, now: float) -> None:
-        assert self.board is not None
+    def kill_stuck(self, snap: Snapshot, now: float) -> None:
+        timeout = self.settings.timeout
         now_ns = time.monotonic_ns()
         by_slot = {c.slot: c for c in self.children.values()}
-        for slot in self.board.snapshot().slots:
-            if slot.state not in (State.BUSY, State.EXITING):
-                continue
+        for slot in snap.slots:
             child = by_slot.get(slot.index)
-            if child is None or child.timed_out or slot.age_s(now_ns) < self.settings.timeout:
+            if child is None or child.timed_out or child.kill_at:
+                continue
+            age = slot.age_s(now_ns)
+            if slot.state == State.STARTING and age >= BOOT_TIMEOUT_S:
+                log.error("child %d (slot %d) has not booted in %gs (post_fork hangs?); "
+                          "killing it", child.pid, child.slot, BOOT_TIMEOUT_S)
+                child.kill_at = now
+                continue
+            # A retired idle child may sit in accept() for up to ACCEPT_TIMEOUT_S
+            # before it notices: only an EXITING child older than that is stuck.
+            limit = timeout + (ACCEPT_TIMEOUT_S if slot.state == State.EXITING else 0)
+            if timeout <= 0 or slot.state not in (State.BUSY, State.EXITING) or age < limit:
                 continue
             log.warning("child %d (slot %d) exceeded timeout (%gs) on one connection; killing it",
-                        child.pid, child.slot, self.settings.timeout)
+                        child.pid, child.slot, timeout)
             child.timed_out = True
             child.kill_at = now + KILL_GRACE_S
             self.totals.timed_out += 1
             self.kill(child, signal.SIGABRT)
 
-    def maintain(self) -> None:
+    def maintain(self, snap: Snapshot) -> None:
         if self.stopping:
             return
-        assert self.board is not None
-        drift = self.board.audit()
-        if drift:
-            self.totals.counter_repairs += 1
-            log.warning("idle counter drifted by %d from the slots; repaired", drift)
-        snap = self.board.snapshot()
+        self.note_boots(snap)
         self.spawn_deficit(snap)
         self.retire_surplus(snap)
+
+    def note_boots(self, snap: Snapshot) -> None:
+        """A child born after the last boot failure has booted: the streak is over."""
+        if not self.boot_failures:
+            return
+        booted = {s.index for s in snap.slots if s.state in (State.IDLE, State.BUSY)}
+        if any(c.slot in booted and c.born > self.last_boot_failure
+               for c in self.children.values()):
+            self.boot_failures = 0
 
     # ----------------------------------------------------------- pool policy
 
     def spawn_deficit(self, snap: Snapshot) -> None:
-        spare = snap.count(State.IDLE) + snap.count(State.STARTING)
+        now_ns = time.monotonic_ns()
+        spare = snap.count(State.IDLE) + sum(
+            1 for s in snap.slots if s.state == State.STARTING and s.age_s(now_ns) < STALE_START_S)
+        room = self.settings.max_children - len(self.children)
+        can_fork = room > 0 and time.monotonic() >= self.spawn_after
+        if can_fork:
+            assert self.board is not None
+            self.board.set_min_spare(self.min_spare)    # re-arm the children's wake-up
         if spare >= self.min_spare:
             self.saturated = False
             return
         assert self.listener is not None
-        room = self.settings.max_children - len(self.children)
         # A burst shows in the listen queue before children report it: size
         # the fork batch from the queue, not one deficit at a time.
         want = self.min_spare - spare + sockets.queue_depth(self.listener)
         if want > room and not any(c.retiring for c in self.children.values()):
             self.note_saturation()
-        if room > 0 and time.monotonic() >= self.spawn_after:
+        if can_fork:
             self.spawn_many(min(want, room))
 
     def note_saturation(self) -> None:
@@ -350,19 +398,24 @@ class Arbiter:
         limit = s.max_requests + random.randint(0, s.max_requests_jitter) if s.max_requests else 0
         child = Child(pid=0, slot=slot, generation=self.generation, limit=limit,
                       born=time.monotonic())
+        # Signals stay blocked across fork() so that none reaches the child
+        # while it still has the master's handlers; it unblocks after its own.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             self.board.release(slot)    # roll back, or it says STARTING forever
             self.fork_failed(exc)
             return False
         if pid == 0:
-            child.pid = os.getpid()
-            close = tuple(fd for fd in (self.wake_r,) if fd >= 0)
-            if self.status_sock is not None:
-                close += (self.status_sock.fileno(),)
-            child_main(self.app, self.board, self.listener, child, self.pid, close,
-                       self.settings.identity())
+            try:
+                child.pid = os.getpid()
+                child_main(self.app, self.board, self.listener, child, self.pid,
+                           self.child_close_fds(), self.identity, old_mask)
+            finally:
+                os._exit(1)     # This must never return into the master's frames.
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child.pid = pid
         self.board.started(slot, pid)
         self.children[pid] = child
@@ -370,29 +423,36 @@ class Arbiter:
         self.fork_failures = 0
         return True
 
+    def child_close_fds(self) -> tuple[int, ...]:
+        """The master's own descriptors, which a child must not keep."""
+        fds = [self.wake_r]
+        if self.selector is not None:
+            fds.append(self.selector.fileno())  # type: ignore[attr-defined]
+        if self.status_sock is not None:
+            fds.append(self.status_sock.fileno())
+        return tuple(fd for fd in fds if fd >= 0)
+
     def fork_failed(self, exc: OSError) -> None:
         self.fork_failures += 1
         delay = min(0.1 * 2 ** (self.fork_failures - 1), MAX_BACKOFF_S)
         self.spawn_after = time.monotonic() + delay
         log.error("fork failed: %s; retrying in %.1f s", exc.strerror, delay)
 
-    def account_exit(self, child: Child, was: State, code: int) -> None:
+    def account_exit(self, child: Child, was: State, code: int, served: int) -> None:
         """Count one reaped child and apply the crash-loop brake."""
         how = f"exit {code}" if code >= 0 else "killed by " + signal.Signals(-code).name
-        if was == State.STARTING and not self.stopping and not child.retiring:
+        if child.timed_out or self.stopping:
+            return
+        if was == State.STARTING and not child.retiring:
             self.totals.crashed += 1
             self.boot_failures += 1
-            delay = min(0.1 * 2 ** (self.boot_failures - 1), MAX_BACKOFF_S)
-            self.spawn_after = time.monotonic() + delay
+            self.last_boot_failure = time.monotonic()
+            self.back_off(self.boot_failures)
             log.error("child %d (slot %d) died before it could serve (%s); %d in a row",
                       child.pid, child.slot, how, self.boot_failures)
             if self.boot_failures >= BOOT_FAILURE_LIMIT:
                 raise BootError(f"children cannot boot: {self.boot_failures} in a row died "
                                 f"before serving (last: {how}); see the log above for the cause")
-            return
-        if was != State.STARTING:
-            self.boot_failures = 0
-        if child.timed_out or self.stopping:
             return
         if code == 0:
             if child.retiring:
@@ -401,7 +461,15 @@ class Arbiter:
                 self.totals.recycled += 1
             return
         self.totals.crashed += 1
-        log.warning("child %d (slot %d) died (%s); replacing it", child.pid, child.slot, how)
+        young = served == 0 and time.monotonic() - child.born < YOUNG_S
+        if young:       # booted, then died at once: do not fork in a tight loop
+            self.back_off(1)
+        log.warning("child %d (slot %d) died (%s)%s; replacing it", child.pid, child.slot, how,
+                    " before serving anything" if young else "")
+
+    def back_off(self, streak: int) -> None:
+        delay = min(0.1 * 2 ** (streak - 1), MAX_BACKOFF_S)
+        self.spawn_after = max(self.spawn_after, time.monotonic() + delay)
 
     # ----------------------------------------------------------- signals
 
@@ -412,10 +480,26 @@ class Arbiter:
                  self.settings.graceful_timeout)
         self.stopping = "graceful"
         self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
-        assert self.listener is not None
-        sockets.refuse_new_connections(self.listener)   # children drain what is queued
+        self.surplus_since = 0.0
+        self.stop_accepting()
         for child in list(self.children.values()):
             self.retire(child)
+
+    def stop_accepting(self) -> None:
+        """Graceful stop: let no new connection in, keep the queued ones for
+        the children to drain.  An inherited (fd://) listener may outlive us
+        in its owner's hands (systemd, the next master): cleanup() lifts the
+        filter again once the children are gone."""
+        assert self.listener is not None
+        if self.listener.family == socket.AF_UNIX:
+            if self.adopted:
+                return      # its path is not ours to remove
+            path = self.listener.getsockname()
+            if isinstance(path, str) and path in self.owned_paths:
+                os.unlink(path)     # new clients get ENOENT: refused, never reset
+                self.owned_paths.remove(path)
+        else:
+            sockets.refuse_new_connections(self.listener)
 
     def handle_int(self) -> None:
         if self.stopping == "fast":
@@ -426,7 +510,11 @@ class Arbiter:
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
-        logs.reopen(self.settings.log_level, self.settings.log_file)
+        try:
+            logs.reopen(self.settings.log_level, self.settings.log_file)
+        except OSError as exc:      # keep the old handler: losing the log beats dying
+            log.error("HUP: cannot reopen log_file %s: %s; still writing to the old one",
+                      self.settings.log_file, exc.strerror)
         if self.stopping:
             return
         self.generation += 1
@@ -466,18 +554,18 @@ class Arbiter:
     def stop_now(self) -> None:
         """Fast stop: children die at once (SIGINT is SIG_DFL in them)."""
         self.stopping = "fast"
+        self.surplus_since = 0.0
         deadline = time.monotonic() + KILL_GRACE_S
         for child in self.children.values():
             self.kill(child, signal.SIGINT)
             child.retiring = True
             child.kill_at = child.kill_at or deadline
-        if self.children and self.pid == os.getpid():
-            self.wait_for_children()
 
     def wait_for_children(self) -> None:
-        """Used only when the loop itself is leaving (BootError)."""
+        """When the loop itself is leaving (BootError): reap what stop_now() ended."""
+        assert self.board is not None
         while self.children:
-            self.murder()
+            self.murder(self.board.snapshot())
             time.sleep(0.01)
             self.reap()
 
@@ -501,8 +589,12 @@ class Arbiter:
                 log.warning("status socket accept failed: %s", exc.strerror)
                 return
             try:
+                doc = status.encode(status.document(self))
+                # One non-blocking send must take the whole document, however
+                # many slots: size the buffer for it (the kernel caps it).
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(doc) + 4096)
                 conn.setblocking(False)
-                conn.send(status.encode(status.document(self)))
+                conn.send(doc)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EPIPE, errno.ECONNRESET):
                     log.warning("status client failed: %s", exc.strerror)

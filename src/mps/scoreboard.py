@@ -141,7 +141,8 @@ class Scoreboard(ABC):
 
     @abstractmethod
     def set_min_spare(self, value: int) -> None:
-        """Publish the live min_spare (children wake the master below it)."""
+        """Publish the live min_spare and re-arm the children's (edge-triggered)
+        wake-up: after one wake, children stay quiet until the master re-arms."""
 
     @abstractmethod
     def hold_lock(self) -> None:
@@ -194,6 +195,7 @@ class CScoreboard(Scoreboard):
         self._head = _ffi.new("struct mps_head *")
         self._slots = _ffi.new("struct mps_slot[]", nslots)
         self._addrlen = _ffi.new("uint32_t *")
+        self._drift = _ffi.new("int64_t *")
         self._peers: Peers | None = None
         self._peer_buf: Any = None
         self.busy = partial(_lib.mps_busy, self._board)
@@ -203,7 +205,7 @@ class CScoreboard(Scoreboard):
 
     def reserve(self) -> int:
         rc = int(_lib.mps_reserve(self._board))
-        return -1 if rc == -28 else _check(rc)   # -ENOSPC: every slot taken
+        return -1 if rc == -errno.ENOSPC else _check(rc)   # every slot taken
 
     def started(self, slot: int, pid: int) -> None:
         _check(_lib.mps_started(self._board, slot, pid))
@@ -243,7 +245,8 @@ class CScoreboard(Scoreboard):
                         for i, s in enumerate(self._slots)))
 
     def audit(self) -> int:
-        return int(_lib.mps_audit(self._board))
+        _check(_lib.mps_audit(self._board, self._drift))
+        return int(self._drift[0])
 
     def set_min_spare(self, value: int) -> None:
         _check(_lib.mps_set_min_spare(self._board, value))
@@ -258,7 +261,7 @@ class CScoreboard(Scoreboard):
 
 
 # PyScoreboard layout: int64 words.  Header words, then 5 words per slot.
-_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY = range(6)
+_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY, _H_WAKE = range(7)
 _HEADER = 8
 _PID, _STATE, _CONNS, _CHANGED, _RETIRE = range(5)
 _SLOT = 5
@@ -384,8 +387,10 @@ class PyScoreboard(Scoreboard):
                 w[base + _CHANGED] = now
             w[base + _CONNS] += 1
             w[_H_CONNS] += 1
-            wake_master = int(w[_H_IDLE] < w[_H_MIN_SPARE])
-            return wake_master
+            wake_master = w[_H_IDLE] < w[_H_MIN_SPARE] and not w[_H_WAKE]  # edge, as in C
+            if wake_master:
+                w[_H_WAKE] = 1
+            return int(wake_master)
         finally:
             self._unlock(w)
 
@@ -448,6 +453,7 @@ class PyScoreboard(Scoreboard):
         w = self._lock()
         try:
             w[_H_MIN_SPARE] = value
+            w[_H_WAKE] = 0
         finally:
             self._unlock(w)
 

@@ -132,6 +132,9 @@ def _adopt(fd: int, backlog: int) -> socket.socket:
             not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()
         raise BindError(f"fd://{fd} is not a listening stream socket")
+    # A master that died mid-stop may have left its drop-all filter on this
+    # shared socket (see refuse_new_connections).
+    accept_new_connections(sock)
     sock.listen(backlog)
     return sock
 
@@ -176,6 +179,7 @@ def listen_unix_private(path: str, backlog: int = 16) -> socket.socket:
 # SO_ATTACH_FILTER with the one-instruction classic BPF program "ret #0":
 # struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}, BPF_RET|BPF_K = 0x06.
 _SO_ATTACH_FILTER = 26
+_SO_DETACH_FILTER = 27
 _DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
 
 
@@ -197,6 +201,14 @@ def refuse_new_connections(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
     except OSError:
         pass    # without it the stop is still graceful, just not airtight
+
+
+def accept_new_connections(sock: socket.socket) -> None:
+    """Undo refuse_new_connections (a no-op if no filter is attached)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+    except OSError:
+        pass    # ENOENT: there was none
 
 
 def queue_depth(sock: socket.socket) -> int:

@@ -30,9 +30,8 @@ def document(arbiter: Arbiter) -> dict[str, Any]:
     children.update({name: snap.count(State[name.upper()]) for name in STATES})
     settings = arbiter.settings.public()
     settings.update(min_spare=arbiter.min_spare, max_spare=arbiter.max_spare)
-    totals = arbiter.totals.as_dict()
-    totals["connections"] = snap.connections
-    totals["counter_repairs"] = snap.repairs
+    totals = {"connections": snap.connections, **arbiter.totals.as_dict(),
+              "counter_repairs": snap.repairs}
     from .sockets import describe
     return {
         "pid": arbiter.pid,

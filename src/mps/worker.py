@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from types import FrameType
+from collections.abc import Iterable
 from typing import NoReturn
 
 from . import logs
@@ -33,6 +34,8 @@ log = logging.getLogger("mps")
 #: A child that was told to stop by a master that has since died gets this
 #: long to finish its connection (then SIGALRM's default action ends it).
 ORPHAN_GRACE_S = 1
+#: Longest a leaving child keeps serving what waits in the listen queue.
+DRAIN_S = 1.0
 
 _RETRY_ACCEPT = {errno.EAGAIN, errno.EINTR, errno.ECONNABORTED, errno.EPROTO,
                  errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
@@ -66,6 +69,9 @@ class Worker:
         self.master_pid = master_pid
         self.identity = identity    # (uid, gid) to switch to after fork, or None
         self.alive = True
+        #: The mask to restore once the child's own handlers are in place (the
+        #: master blocks its signals across fork()); None: leave it as it is.
+        self.signal_mask: set[int] | None = None
 
     @property
     def pid(self) -> int:
@@ -91,6 +97,8 @@ class Worker:
         reset_in_child()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGABRT, self._on_timeout)
+        if self.signal_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
         if self.identity is not None:
             drop_privileges(*self.identity)
@@ -138,10 +146,13 @@ class Worker:
     def drain(self) -> None:
         """Told to stop (SIGTERM): first serve what already waits in the listen
         queue, so a graceful stop never resets an accepted-by-the-kernel
-        connection.  The master stops new connections entering the queue."""
+        connection.  The master stops new connections entering the queue; the
+        drain is bounded anyway (DRAIN_S), so a retired child under overload
+        still leaves."""
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
-        while poller.poll(0):
+        deadline = time.monotonic() + DRAIN_S
+        while poller.poll(0) and time.monotonic() < deadline:
             try:
                 conn, addr = self.board.accept(self.child.slot, self.listener)
             except OSError:
@@ -205,7 +216,8 @@ def drop_privileges(uid: int, gid: int) -> None:
 
 def child_main(app: App, board: Scoreboard, listener: socket.socket, child: Child,
                master_pid: int, close_fds: tuple[int, ...],
-               identity: tuple[int, int] | None = None) -> NoReturn:
+               identity: tuple[int, int] | None = None,
+               signal_mask: Iterable[int] = ()) -> NoReturn:
     """Entry point right after fork(), in the child.  This must never return."""
     code = EXIT_RUNTIME
     try:
@@ -214,7 +226,9 @@ def child_main(app: App, board: Scoreboard, listener: socket.socket, child: Chil
                 os.close(fd)
             except OSError:
                 pass
-        code = Worker(app, board, listener, child, master_pid, identity).run()
+        worker = Worker(app, board, listener, child, master_pid, identity)
+        worker.signal_mask = set(signal_mask)
+        code = worker.run()
     except BaseException as exc:  # noqa: BLE001 - log anything, then leave
         try:
             # SystemExit and friends from a handler may carry network input.
