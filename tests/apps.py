@@ -148,3 +148,13 @@ def _break_fork(server: mps.Server) -> None:
         return real_fork()
 
     os.fork = fork
+
+
+hangs_at_boot = mps.Server()
+hangs_at_boot.handler(echo)
+
+
+@hangs_at_boot.post_fork
+def _hang(server: mps.Server, worker: Any) -> None:
+    while True:             # a database connect with no timeout, say
+        time.sleep(1)

@@ -319,3 +319,11 @@ def test_handlers_get_sockets_without_the_listeners_timeout(start_master, backen
         time.sleep(1.5)         # the stimulus: a client slower than the wake-up period
         s.sendall(b"late")
         assert recv_all(s).endswith(b": late")
+
+
+def test_children_hanging_in_boot_are_killed_and_stop_the_master(start_master):
+    m = start_master(app="apps.py:hangs_at_boot", timeout=0.5, **SMALL)
+    assert m.wait_exit(timeout=30) == 3
+    out = m.output()
+    assert "has not booted in 0.5s (post_fork hangs?)" in out
+    assert "children cannot boot" in out

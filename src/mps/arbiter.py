@@ -45,9 +45,10 @@ BOOT_FAILURE_LIMIT = 5
 MAX_BACKOFF_S = 5.0
 #: Grace between SIGABRT (timeout, fast stop) and SIGKILL.
 KILL_GRACE_S = 1.0
-#: A child still STARTING (its post_fork hook hangs) after this long is
-#: killed and counted as a boot failure; after STALE_START_S it no longer
-#: counts as a spare, so the master forks others meanwhile.
+#: A child still STARTING (its post_fork hook hangs) after this long (or
+#: after `timeout`, when that is set) is killed and counted as a boot
+#: failure; after STALE_START_S it no longer counts as a spare, so the master
+#: forks others meanwhile.
 BOOT_TIMEOUT_S = 30.0
 STALE_START_S = 5.0
 #: A booted child that dies this young without serving is a crash loop too:
@@ -289,6 +290,7 @@ class Arbiter:
 
     def kill_stuck(self, snap: Snapshot, now: float) -> None:
         timeout = self.settings.timeout
+        boot_timeout = timeout if timeout > 0 else BOOT_TIMEOUT_S
         now_ns = time.monotonic_ns()
         by_slot = {c.slot: c for c in self.children.values()}
         for slot in snap.slots:
@@ -296,9 +298,9 @@ class Arbiter:
             if child is None or child.timed_out or child.kill_at:
                 continue
             age = slot.age_s(now_ns)
-            if slot.state == State.STARTING and age >= BOOT_TIMEOUT_S:
+            if slot.state == State.STARTING and age >= boot_timeout:
                 log.error("child %d (slot %d) has not booted in %gs (post_fork hangs?); "
-                          "killing it", child.pid, child.slot, BOOT_TIMEOUT_S)
+                          "killing it", child.pid, child.slot, boot_timeout)
                 child.kill_at = now
                 continue
             # A retired idle child may sit in accept() for up to ACCEPT_TIMEOUT_S
