@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,37 @@ def recv_all(s: socket.socket) -> bytes:
     while chunk := s.recv(65536):
         data += chunk
     return data
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return self.err.splitlines()
+
+
+def run_mps(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 30.0) -> Result:
+    """Run ``python -m mps ARGS`` to completion; kill its session if it overstays."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MPS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "mps", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**clean, **(env or {})}, cwd=str(cwd) if cwd else None,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.returncode is None:     # overstayed (or the test failed): no leftovers
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 @pytest.fixture(params=BACKENDS)

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import BACKENDS, Master, pid_alive, recv_all, wait_until
+from conftest import Master, pid_alive, recv_all, wait_until
 
 SMALL = {"start_servers": 2, "min_spare": 1, "max_spare": 2, "max_children": 4}
 

@@ -4,56 +4,19 @@ for an operator mistake."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import mps
-from conftest import APPS, Master
-from mps.scoreboard import c_available
+from conftest import APPS, Master, Result, run_mps
 
 TIMEOUT = 30.0
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def err_lines(self) -> list[str]:
-        return self.err.splitlines()
-
-
-def run_mps(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = TIMEOUT) -> Result:
-    """Run ``python -m mps ARGS`` to completion; kill its session if it overstays."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MPS_")}
-    proc = subprocess.Popen([sys.executable, "-m", "mps", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**clean, **(env or {})}, cwd=str(cwd) if cwd else None,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.returncode is None:     # overstayed (or the test failed): no leftovers
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-
+from mps.scoreboard import c_available
 
 def assert_one_line(r: Result, code: int, *needles: str) -> str:
     """Exit ``code`` with exactly one stderr line containing every needle."""

@@ -13,17 +13,15 @@ import re
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import mps
-from conftest import Master, pid_alive, wait_until
+from conftest import Master, pid_alive, run_mps, wait_until
 
 TIMEOUT = 30.0
 NOBODY = "nobody"
@@ -37,31 +35,6 @@ needs_root = pytest.mark.skipif(
 
 
 # ----------------------------------------------------------------- helpers
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_mps(*args: str, cwd: Path, timeout: float = TIMEOUT) -> Result:
-    """Run ``python -m mps ARGS`` to completion in its own session; never leave it behind."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MPS_")}
-    proc = subprocess.Popen([sys.executable, "-m", "mps", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean,
-                            cwd=str(cwd), start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.communicate()
-    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 def one_line(text: str) -> str:
