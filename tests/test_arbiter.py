@@ -283,7 +283,10 @@ def test_status_socket_is_private_and_never_stalls_the_master(start_master):
         for _ in range(50):     # clients that connect and never read
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(m.status_path)
-            s.sendall(b"garbage\x00\xff" * 10)
+            try:
+                s.sendall(b"garbage\x00\xff" * 10)
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # the master answered and closed first: what it should do
             silent.append(s)
         victims = m.child_pids()
         for pid in victims:
