@@ -39,7 +39,7 @@ from .errors import BackendError
 from .sockets import Peers
 
 try:
-    from ._mpscore import ffi as _ffi, lib as _lib  # type: ignore[import-untyped]
+    from ._mpscore import ffi as _ffi, lib as _lib
 except ImportError:  # no compiler at install time: the Python backend serves
     _ffi = _lib = None
 
