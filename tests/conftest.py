@@ -164,6 +164,19 @@ class Master:
         self.log.close()
 
 
+def consistent(m: Master) -> dict[str, Any] | None:
+    """The status document when the scoreboard agrees with /proc, else None:
+    idle_counter == idle slots, slot pids == live children, nobody starting."""
+    doc = m.try_status()
+    if doc is None:
+        return None
+    idle = sum(1 for s in doc["slots"] if s["state"] == "idle")
+    ok = (doc["idle_counter"] == idle == doc["children"]["idle"]
+          and {s["pid"] for s in doc["slots"]} == m.child_pids()
+          and doc["children"]["starting"] == 0)
+    return doc if ok else None
+
+
 def recv_all(s: socket.socket) -> bytes:
     data = b""
     while chunk := s.recv(65536):

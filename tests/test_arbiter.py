@@ -10,22 +10,9 @@ from collections import Counter
 
 import pytest
 
-from conftest import Master, pid_alive, recv_all, wait_until
+from conftest import consistent, pid_alive, recv_all, wait_until
 
 SMALL = {"start_servers": 2, "min_spare": 1, "max_spare": 2, "max_children": 4}
-
-
-def consistent(m: Master) -> dict | None:
-    """The status document when the scoreboard agrees with /proc, else None."""
-    doc = m.try_status()
-    if doc is None:
-        return None
-    live = m.child_pids()
-    slot_pids = {s["pid"] for s in doc["slots"]}
-    idle = sum(1 for s in doc["slots"] if s["state"] == "idle")
-    ok = (doc["idle_counter"] == idle == doc["children"]["idle"]
-          and slot_pids == live and doc["children"]["starting"] == 0)
-    return doc if ok else None
 
 
 def test_echo_is_the_seeds_handler(start_master, backend):

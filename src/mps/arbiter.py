@@ -23,7 +23,6 @@ import random
 import selectors
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass, fields
 
@@ -107,7 +106,6 @@ class Arbiter:
         self.selector: selectors.BaseSelector | None = None
         self.wake_r = self.wake_w = -1
         self.pid = os.getpid()
-        self.pass_now = True            # run the next pass without waiting
         self.started = False            # start() finished: on_exit and "exiting" are due
         self.owned_paths: list[str] = []    # socket files we created (not inherited)
         self.identity: tuple[int, int] | None = None
@@ -119,14 +117,15 @@ class Arbiter:
     def run(self) -> int:
         try:
             self.start()
-            while not (self.stopping and not self.children):
-                self.wait()
+            while True:
                 self.handle_signals()
                 self.reap()
+                if self.stopping and not self.children:
+                    return EXIT_OK
                 snap = self.audit()
                 self.murder(snap)
                 self.maintain(snap)
-            return EXIT_OK
+                self.wait()
         except BootError as exc:
             log.error("%s", exc)
             self.stop_now()
@@ -145,8 +144,7 @@ class Arbiter:
             self.owned_paths.append(address.path)
         # Idle children wake from accept() every second (EAGAIN) to notice a
         # dead master or a lost retire signal.
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 _timeval(ACCEPT_TIMEOUT_S))
+        sockets.set_receive_timeout(self.listener, ACCEPT_TIMEOUT_S)
         if s.status_socket:
             self.status_sock = sockets.listen_unix_private(s.status_socket)
             self.owned_paths.append(s.status_socket)
@@ -207,15 +205,14 @@ class Arbiter:
 
     def wait(self) -> None:
         assert self.selector is not None
-        timeout = 0.0 if self.pass_now else max(0.0, min(self.deadlines(), 1.0))
-        self.pass_now = False
-        for key, _ in self.selector.select(timeout):
+        for key, _ in self.selector.select(self.deadlines()):
             if key.fileobj is self.status_sock:
                 self.answer_status()
             else:
                 self.drain_wake_pipe()
 
     def deadlines(self) -> float:
+        """Seconds until the next thing the loop must do (at most 1)."""
         now = time.monotonic()
         due = [1.0]
         if self.spawn_after > now:
@@ -292,7 +289,7 @@ class Arbiter:
         timeout = self.settings.timeout
         boot_timeout = timeout if timeout > 0 else BOOT_TIMEOUT_S
         now_ns = time.monotonic_ns()
-        by_slot = {c.slot: c for c in self.children.values()}
+        by_slot = self.children_by_slot()
         for slot in snap.slots:
             child = by_slot.get(slot.index)
             if child is None or child.timed_out or child.kill_at:
@@ -376,7 +373,7 @@ class Arbiter:
         if now - self.surplus_since < SURPLUS_GRACE_S:
             return
         self.surplus_since = 0.0
-        by_slot = {c.slot: c for c in self.children.values()}
+        by_slot = self.children_by_slot()
         surplus = len(idle) - self.max_spare
         log.info("%d idle children exceed max_spare (%d); retiring %d",
                  len(idle), self.max_spare, surplus)
@@ -425,6 +422,9 @@ class Arbiter:
         self.fork_failures = 0
         return True
 
+    def children_by_slot(self) -> dict[int, Child]:
+        return {c.slot: c for c in self.children.values()}
+
     def child_close_fds(self) -> tuple[int, ...]:
         """The master's own descriptors, which a child must not keep."""
         fds = [self.wake_r]
@@ -436,8 +436,7 @@ class Arbiter:
 
     def fork_failed(self, exc: OSError) -> None:
         self.fork_failures += 1
-        delay = min(0.1 * 2 ** (self.fork_failures - 1), MAX_BACKOFF_S)
-        self.spawn_after = time.monotonic() + delay
+        delay = self.back_off(self.fork_failures)
         log.error("fork failed: %s; retrying in %.1f s", exc.strerror, delay)
 
     def account_exit(self, child: Child, was: State, code: int, served: int) -> None:
@@ -469,9 +468,11 @@ class Arbiter:
         log.warning("child %d (slot %d) died (%s)%s; replacing it", child.pid, child.slot, how,
                     " before serving anything" if young else "")
 
-    def back_off(self, streak: int) -> None:
-        delay = min(0.1 * 2 ** (streak - 1), MAX_BACKOFF_S)
+    def back_off(self, streak: int) -> float:
+        """No fork for 0.1 * 2**(streak-1) s (capped); returns that delay."""
+        delay = min(0.1 * 2.0 ** (streak - 1), MAX_BACKOFF_S)
         self.spawn_after = max(self.spawn_after, time.monotonic() + delay)
+        return delay
 
     # ----------------------------------------------------------- signals
 
@@ -494,10 +495,8 @@ class Arbiter:
         filter again once the children are gone."""
         assert self.listener is not None
         if self.listener.family == socket.AF_UNIX:
-            if self.adopted:
-                return      # its path is not ours to remove
             path = self.listener.getsockname()
-            if isinstance(path, str) and path in self.owned_paths:
+            if path in self.owned_paths:    # never an inherited socket's path
                 os.unlink(path)     # new clients get ENOENT: refused, never reset
                 self.owned_paths.remove(path)
         else:
@@ -582,6 +581,7 @@ class Arbiter:
     def answer_status(self) -> None:
         """Send the JSON document to each waiting client; never block."""
         assert self.status_sock is not None
+        doc = b""
         for _ in range(16):
             try:
                 conn, _ = self.status_sock.accept()
@@ -591,7 +591,7 @@ class Arbiter:
                 log.warning("status socket accept failed: %s", exc.strerror)
                 return
             try:
-                doc = status.encode(status.document(self))
+                doc = doc or status.encode(status.document(self))   # once per batch
                 # One non-blocking send must take the whole document, however
                 # many slots: size the buffer for it (the kernel caps it).
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(doc) + 4096)
@@ -603,6 +603,3 @@ class Arbiter:
             finally:
                 conn.close()
 
-
-def _timeval(seconds: int) -> bytes:
-    return struct.pack("ll", seconds, 0)     # struct timeval

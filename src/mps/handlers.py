@@ -23,8 +23,6 @@ from .errors import AppError
 Handler = Callable[[socket.socket, Any], object]
 Hook = Callable[..., object]
 
-HOOK_NAMES = ("on_starting", "post_fork", "child_exit", "on_exit")
-
 
 @dataclass
 class App:

@@ -26,7 +26,6 @@ import logging
 import mmap
 import os
 import socket
-import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from enum import IntEnum
 from typing import Any
 
 from .errors import BackendError
-from .sockets import Peers
+from .sockets import Peers, set_receive_timeout
 
 try:
     from ._mpscore import ffi as _ffi, lib as _lib
@@ -46,7 +45,6 @@ except ImportError:  # no compiler at install time: the Python backend serves
 log = logging.getLogger("mps")
 
 _ADDR_MAX = 128     # sizeof(struct sockaddr_storage)
-_NO_TIMEOUT = struct.pack("ll", 0, 0)   # struct timeval {0, 0}
 
 
 class State(IntEnum):
@@ -157,7 +155,7 @@ class Scoreboard(ABC):
         conn, addr = listener.accept()
         # Accepted sockets inherit the listener's SO_RCVTIMEO (the idle
         # children's periodic wake-up); the handler gets a plain socket.
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_TIMEOUT)
+        set_receive_timeout(conn, 0)
         if self.busy(slot):
             wake(self.wake_fd)
         return conn, addr

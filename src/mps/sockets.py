@@ -222,6 +222,14 @@ def queue_depth(sock: socket.socket) -> int:
     return int(struct.unpack_from("I", info, _TCPI_UNACKED_OFFSET)[0])
 
 
+def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO (0 = none).  On a listener it bounds accept(); Linux copies
+    it into every accepted socket, which must then clear it again."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+
+
 def describe(sock: socket.socket) -> str:
     """What the socket really listens on (port 0 resolved)."""
     name = sock.getsockname()
@@ -253,7 +261,7 @@ class Peers:
     def decode(self, length: int) -> object:
         buf = self.buf
         if self.family != socket.AF_INET:
-            return decode_address(self.family, bytes(buf[:length]))
+            return _decode_other(self.family, bytes(buf[:length]))
         key = bytes(buf[4:8])
         host = self._hosts.get(key)
         if host is None:
@@ -263,11 +271,8 @@ class Peers:
         return (host, buf[2] << 8 | buf[3])
 
 
-def decode_address(family: int, raw: bytes) -> object:
-    """Turn a sockaddr filled in by accept4() into what socket.accept() returns."""
-    if family == socket.AF_INET:
-        port, = struct.unpack_from("!H", raw, 2)
-        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+def _decode_other(family: int, raw: bytes) -> object:
+    """An IPv6 or Unix peer sockaddr, as socket.accept() would return it."""
     if family == socket.AF_INET6:
         port, flow, = struct.unpack_from("!HI", raw, 2)
         scope, = struct.unpack_from("I", raw, 24)

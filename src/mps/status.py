@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import MpsError
 from .scoreboard import STATE_CHARS, State
+from .sockets import describe
 
 if TYPE_CHECKING:
     from .arbiter import Arbiter
@@ -32,7 +33,6 @@ def document(arbiter: Arbiter) -> dict[str, Any]:
     settings.update(min_spare=arbiter.min_spare, max_spare=arbiter.max_spare)
     totals = {"connections": snap.connections, **arbiter.totals.as_dict(),
               "counter_repairs": snap.repairs}
-    from .sockets import describe
     return {
         "pid": arbiter.pid,
         "backend": arbiter.board.name,

@@ -157,7 +157,7 @@ class Worker:
                 conn, addr = self.board.accept(self.child.slot, self.listener)
             except OSError:
                 return          # another child took it (EAGAIN after SO_RCVTIMEO)
-            try:
+            try:        # the same per-connection policy as serve(), kept inline there
                 self.app.handler(conn, addr)
             except Exception:
                 self.handle_error(addr)
