@@ -3,13 +3,23 @@
 Without a compiler the install still succeeds (with a warning) and mps runs on
 its pure-Python scoreboard backend, the way markupsafe and msgpack treat their
 speedups.
+
+The wheel also carries a copy of the C core's source beside the benchmarks'
+C programs (``mps/_bench/_mpscore.c``): ``mps bench locks`` compiles it into
+its C-only floor, so the floor measures the very code the extension was
+built from, and src/_mpscore.c stays the one copy in the repository.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+CORE = Path("src", "_mpscore.c")
+CORE_COPY = Path("mps", "_bench", "_mpscore.c")   # inside build_lib
 
 
 class OptionalBuildExt(build_ext):
@@ -36,7 +46,19 @@ class OptionalBuildExt(build_ext):
         )
 
 
+class BuildPyWithCore(build_py):
+    """Copy src/_mpscore.c into the package, beside the benchmark sources."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:     # the package stays in src/; bench finds src/_mpscore.c
+            return
+        target = Path(self.build_lib) / CORE_COPY
+        self.mkpath(str(target.parent))
+        self.copy_file(str(CORE), str(target))
+
+
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithCore},
 )

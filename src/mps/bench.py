@@ -1,23 +1,31 @@
 """``mps bench``: measure the pool's own work against references, in one run.
 
-    mps bench locks [--procs 1,2,4] [--seconds S] [--json]
-    mps bench serve [--clients 16,64] [--seconds S] [--reps N]
-    mps bench spike [--clients 64] [--plot FILE]
+    mps bench locks [--procs 1,2,4] [--seconds S] [--reps N] [--json]
+    mps bench serve [--clients 16,64] [--seconds S] [--reps N] [--kinds K,...] [--json]
+    mps bench spike [--clients 64] [--backend B] [--plot FILE] [--settings ...] [--json]
 
-The C programs they need (a C prefork echo reference, an epoll load
-generator, the scoreboard's C-only loop) live in ``benchmarks/`` of the mps
-checkout and are compiled on first use with the system ``cc`` into
-``benchmarks/bin/``.  Run from the checkout, or point ``MPS_BENCH_DIR`` at its
-``benchmarks`` folder.  Results are ratios taken in one run: these machines
-are shared and noisy, absolute numbers are not comparable across runs.
+The C programs they use (an epoll load generator, a C prefork echo reference,
+the scoreboard's C-only loop) ship inside the package, in ``mps/_bench/``,
+with a copy of the C core they include.  They are compiled on first use with
+``$CC`` (else ``cc``) into a per-user cache, one binary per hash of its
+sources, compiler and flags: ``$MPS_BENCH_CACHE``, else
+``$XDG_CACHE_HOME/mps/bench``, else ``~/.cache/mps/bench`` -- never into the
+installed package, so ``mps bench`` works from any directory after ``pip
+install``.  ``locks`` needs no compiler (without one it skips only its
+C-only floor); ``serve`` does (its load generator is C) and says so in one
+line; ``spike`` runs mps alone.  Results are ratios taken in one run: these
+machines are shared and noisy, absolute numbers are not comparable across
+runs.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -30,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import MpsError, UsageError
 from .scoreboard import BACKENDS, Scoreboard, State, c_available
@@ -38,44 +46,98 @@ from .scoreboard import BACKENDS, Scoreboard, State, c_available
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FIXED_POOL = ["--start-servers", "4", "--min-spare", "0", "--max-spare", "4",
               "--max-children", "4", "--max-requests", "0", "--log-level", "warning"]
+SERVER_KINDS = ("c-ref", "mps-c", "mps-python", "py-naive")
+
+SOURCES = Path(__file__).resolve().parent / "_bench"
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-Wno-unused-function")
+LIBS: dict[str, tuple[str, ...]] = {"loadgen": (), "ref_prefork": (), "lockbench": ("-lpthread",)}
+NEEDS_CORE = {"lockbench"}          # #includes _mpscore.c
+
+
+class CannotBuild(MpsError):
+    """This machine cannot build a benchmark's C program: no working C
+    compiler, or the C core's source is not installed."""
 
 
 # --------------------------------------------------------------- plumbing
 
-def bench_dir() -> Path:
-    """The checkout's benchmarks/ folder (sources of the C programs)."""
-    candidates = []
-    if os.environ.get("MPS_BENCH_DIR"):
-        candidates.append(Path(os.environ["MPS_BENCH_DIR"]))
-    here = Path.cwd().resolve()
-    candidates += [p / "benchmarks" for p in (here, *here.parents)]
-    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks")
-    for path in candidates:
-        if (path / "loadgen.c").is_file():
+def cache_dir() -> Path:
+    """Where compiled benchmark programs are kept (per user, never site-packages)."""
+    if os.environ.get("MPS_BENCH_CACHE"):
+        return Path(os.environ["MPS_BENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mps" / "bench"
+
+
+def core_source() -> Path | None:
+    """_mpscore.c: the copy setup.py puts beside the benchmark sources, else
+    the checkout's src/_mpscore.c (an editable install has no copy)."""
+    for path in (SOURCES / "_mpscore.c", SOURCES.parents[1] / "_mpscore.c"):
+        if path.is_file():
             return path
-    raise MpsError("cannot find benchmarks/loadgen.c: run `mps bench` from the mps checkout "
-                   "or set MPS_BENCH_DIR to its benchmarks folder")
+    return None
 
 
-def build(name: str, extra: Sequence[str] = ()) -> str:
-    """Compile benchmarks/NAME.c into benchmarks/bin/NAME when missing or stale."""
-    src_dir = bench_dir()
-    source = src_dir / f"{name}.c"
-    core = src_dir.parent / "src" / "_mpscore.c"
-    out = src_dir / "bin" / name
-    newest = max(p.stat().st_mtime for p in (source, core) if p.exists())
-    if out.exists() and out.stat().st_mtime >= newest:
-        return str(out)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def compiler() -> list[str]:
+    """The C compiler command: $CC (may carry flags), else cc, gcc or clang."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
-        raise MpsError("mps bench needs a C compiler (cc) for its reference programs")
-    out.parent.mkdir(exist_ok=True)
-    cmd = [cc, "-O2", "-Wall", "-Wextra", "-Wno-unused-function",
-           f"-I{src_dir.parent / 'src'}", "-o", str(out), str(source), *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise MpsError(f"cannot compile {source.name}: {r.stderr.strip().splitlines()[-1:]}")
+        raise CannotBuild("no C compiler found (install cc, or set CC)")
+    return shlex.split(cc)
+
+
+def build(name: str) -> str:
+    """Path of benchmark program NAME, compiled from mps/_bench/NAME.c on first use."""
+    sources = [SOURCES / f"{name}.c"]
+    if name in NEEDS_CORE:
+        core = core_source()
+        if core is None:
+            raise CannotBuild("the C core's source _mpscore.c is not installed "
+                              "(reinstall mps from its sdist or wheel)")
+        sources.append(core)
+    cc = compiler()
+    cmd = [*cc, *CFLAGS, f"-I{sources[-1].parent}"]
+    digest = hashlib.sha256(json.dumps([cmd, LIBS[name]]).encode())
+    for path in sources:
+        digest.update(path.read_bytes())
+    out = cache_dir() / f"{name}-{digest.hexdigest()[:16]}"
+    if out.is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name and rename: two benches started at once each
+    # see either no binary or a whole one, never a half-written file.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    error = run_compiler([*cmd, "-o", str(tmp), str(sources[0]), *LIBS[name]])
+    if error is not None:
+        tmp.unlink(missing_ok=True)
+        check_compiler(cc, out.parent)
+        raise MpsError(f"cannot compile {sources[0].name} with {shlex.join(cc)}: {error}")
+    os.replace(tmp, out)
     return str(out)
+
+
+def run_compiler(cmd: list[str]) -> str | None:
+    """None when the compiler succeeded, else its last line of complaint."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if r.returncode == 0:
+        return None
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {r.returncode}"
+
+
+def check_compiler(cc: list[str], workdir: Path) -> None:
+    """After a failed build: raise CannotBuild if cc cannot compile even an
+    empty program, so a missing compiler is told apart from a broken source."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        probe = Path(tmp, "probe.c")
+        probe.write_text("int main(void) { return 0; }\n")
+        error = run_compiler([*cc, "-o", str(probe.with_suffix("")), str(probe)])
+    if error is not None:
+        raise CannotBuild(f"no working C compiler (`{shlex.join(cc)}` cannot compile an "
+                          f"empty program: {error}); install cc, or set CC")
 
 
 def machine() -> dict[str, Any]:
@@ -91,19 +153,35 @@ def machine() -> dict[str, Any]:
             "implementation": platform.python_implementation()}
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    from .cli import _Parser     # one-line usage errors, exit 2
-    return _Parser(prog=prog)
-
-
 def parse_list(text: str) -> list[int]:
+    """A comma-separated list of positive whole numbers (an argparse type)."""
     try:
         values = [int(x) for x in text.split(",") if x]
     except ValueError:
-        raise UsageError(f"expected a comma-separated list of numbers, got {text!r}") from None
+        values = []
     if not values or min(values) < 1:
-        raise UsageError(f"expected positive numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive whole numbers, got {text!r}")
     return values
+
+
+def positive_int(text: str) -> int:
+    """One positive whole number (an argparse type)."""
+    values = parse_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive whole number, got {text!r}")
+    return values[0]
+
+
+def positive_float(text: str) -> float:
+    """A finite positive number (an argparse type); rejects nan and inf too."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def summary(values: Sequence[float]) -> str:
@@ -175,8 +253,8 @@ def run_lock_procs(backend: str, procs: int, seconds: float, floor: bool = False
     return float(statistics.mean(r[0] for r in rows))
 
 
-def run_lock_raw(procs: int, seconds: float) -> float:
-    out = subprocess.run([build("lockbench", ["-lpthread"]), str(procs), str(seconds)],
+def run_lock_raw(program: str, procs: int, seconds: float) -> float:
+    out = subprocess.run([program, str(procs), str(seconds)],
                          capture_output=True, text=True, check=True, timeout=seconds + 60)
     doc = json.loads(out.stdout)
     if doc["connections"] != doc["ops"] or doc["idle_counter"] != doc["idle_slots"]:
@@ -184,29 +262,34 @@ def run_lock_raw(procs: int, seconds: float) -> float:
     return float(statistics.mean(doc["ns_per_op"]))
 
 
-def bench_locks(argv: list[str]) -> int:
-    p = _parser(prog="mps bench locks")
-    p.add_argument("--procs", default="1,2,4", type=parse_list)
-    p.add_argument("--seconds", default=1.0, type=float,
-                   help="measuring time per backend and process count, split over the reps")
-    p.add_argument("--reps", default=5, type=int)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+def lock_runners() -> dict[str, Callable[[int, float], float]]:
+    """The backends `locks` compares, by name; the C ones only when the
+    extension is built, the C-only floor only when it can be compiled here."""
     runners: dict[str, Callable[[int, float], float]] = {}
     if c_available():
         runners["c"] = lambda procs, secs: run_lock_procs("c", procs, secs)
     runners["python"] = lambda procs, secs: run_lock_procs("python", procs, secs)
     if c_available():
         runners["cffi-floor"] = lambda procs, secs: run_lock_procs("c", procs, secs, floor=True)
-        runners["c-raw"] = run_lock_raw
+        try:
+            program = build("lockbench")
+        except CannotBuild as exc:
+            print(f"mps bench locks: c-raw (the C-only floor) skipped: {exc}", file=sys.stderr)
+        else:
+            runners["c-raw"] = lambda procs, secs: run_lock_raw(program, procs, secs)
+    return runners
+
+
+def bench_locks(args: argparse.Namespace) -> int:
+    runners = lock_runners()
     results = []
     for procs in args.procs:
         # Short runs, interleaved, median per backend: a noisy neighbour then
         # hits every backend alike instead of one of them.
         samples: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(max(1, args.reps)):
+        for _ in range(args.reps):
             for name, run in runners.items():
-                samples[name].append(run(procs, args.seconds / max(1, args.reps)))
+                samples[name].append(run(procs, args.seconds / args.reps))
         results += [{"backend": name, "procs": procs,
                      "ns_per_op": round(statistics.median(values), 1)}
                     for name, values in samples.items()]
@@ -219,10 +302,11 @@ def bench_locks(argv: list[str]) -> int:
     for procs in args.procs:
         row = {r["backend"]: r["ns_per_op"] for r in results if r["procs"] == procs}
         print(f"{procs:>5}  " + "".join(f"{v:>12.1f}" for v in row.values()))
-        if "c" in row:
-            print(f"       python/c = {row['python'] / row['c']:.1f}x   "
-                  f"c/cffi-floor = {row['c'] / row['cffi-floor']:.2f}x   "
-                  f"c/c-raw = {row['c'] / row['c-raw']:.1f}x")
+        ratios = [f"{a}/{b} = {row[a] / row[b]:.2f}x"
+                  for a, b in (("python", "c"), ("c", "cffi-floor"), ("c", "c-raw"))
+                  if a in row and b in row]
+        if ratios:
+            print("       " + "   ".join(ratios))
     return 0
 
 
@@ -342,17 +426,20 @@ def load(port: int, clients: int, seconds: float) -> dict[str, Any]:
     return result
 
 
-def bench_serve(argv: list[str]) -> int:
-    p = _parser(prog="mps bench serve")
-    p.add_argument("--clients", default="16,64", type=parse_list)
-    p.add_argument("--seconds", default=3.0, type=float)
-    p.add_argument("--reps", default=3, type=int)
-    p.add_argument("--kinds", default="c-ref,mps-c,mps-python,py-naive")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    kinds = args.kinds.split(",")
+def bench_serve(args: argparse.Namespace) -> int:
+    kinds = args.kinds
     if not c_available():
         kinds = [k for k in kinds if k != "mps-c"]
+    if not kinds:
+        raise UsageError("nothing to run: mps-c needs the C extension, which is not built")
+    # Build the C programs before any server starts: no compiler is one line
+    # up front, not a traceback in the middle of a run.
+    for name in ("loadgen", "ref_prefork") if "c-ref" in kinds else ("loadgen",):
+        try:
+            build(name)
+        except CannotBuild as exc:
+            raise CannotBuild(f"mps bench serve cannot build its {name} program: {exc}") \
+                from None
     rows: list[dict[str, Any]] = []
     for clients in args.clients:
         for rep in range(args.reps):
@@ -460,15 +547,7 @@ def burst(port: int, clients: int, timeout: float = 30.0) -> tuple[list[float], 
     return accepted, socks
 
 
-def bench_spike(argv: list[str]) -> int:
-    p = _parser(prog="mps bench spike")
-    p.add_argument("--clients", default=64, type=int)
-    p.add_argument("--backend", default="c" if c_available() else "python")
-    p.add_argument("--plot", default="", help="PNG file for the children-over-time plot "
-                                             "(needs matplotlib)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--settings", default="", help="extra mps serve flags, e.g. '--max-children 128'")
-    args = p.parse_args(argv)
+def bench_spike(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         status_path = os.path.join(tmp, "status.sock")
         extra = ["--log-level", "warning", *args.settings.split()]
@@ -552,13 +631,95 @@ def plot_spike(result: dict[str, Any], path: str) -> None:
     print(f"plot written to {path}")
 
 
-# --------------------------------------------------------------- entry
+# --------------------------------------------------------------- command line
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line and exit 2 (UsageError), no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "locks": bench_locks, "serve": bench_serve, "spike": bench_spike}
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in COMMANDS:
-        raise UsageError("mps bench needs one of: " + ", ".join(COMMANDS))
-    return COMMANDS[argv[0]](argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """`mps bench` and its three subcommands; every flag has a help line."""
+    parser = _Parser(
+        prog="mps bench",
+        description="Measure the pool's own work against C and Python references, in one run "
+                    "(method and recorded numbers: benchmarks/RESULTS.md in the source).",
+        epilog="The C programs ship inside the package and are compiled on first use with $CC "
+               "(else cc) into $MPS_BENCH_CACHE, else $XDG_CACHE_HOME/mps/bench, else "
+               "~/.cache/mps/bench.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    json_help = "print one JSON document instead of the report"
+
+    locks = sub.add_parser(
+        "locks", help="scoreboard cost of one connection: C vs Python backend vs C floors",
+        description="ns per busy+idle transition pair on one slot, each process on its own "
+                    "slot of one shared scoreboard; no C compiler needed (without one only "
+                    "the C-only floor, c-raw, is skipped).")
+    locks.add_argument("--procs", default=[1, 2, 4], type=parse_list, metavar="N[,N...]",
+                       help="numbers of processes to measure, comma-separated (default: 1,2,4)")
+    locks.add_argument("--seconds", default=1.0, type=positive_float, metavar="S",
+                       help="measuring time per backend and process count, split over the "
+                            "reps (default: %(default)s)")
+    locks.add_argument("--reps", default=5, type=positive_int, metavar="N",
+                       help="interleaved runs per backend; the median is reported "
+                            "(default: %(default)s)")
+    locks.add_argument("--json", action="store_true", help=json_help)
+
+    serve = sub.add_parser(
+        "serve", help="echo servers under a loopback load: mps vs a C prefork reference",
+        description="Connections/s, latency and server CPU per connection of each server kind "
+                    "under a C load generator; needs a C compiler.")
+    serve.add_argument("--clients", default=[16, 64], type=parse_list, metavar="N[,N...]",
+                       help="concurrent client counts, comma-separated (default: 16,64)")
+    serve.add_argument("--seconds", default=3.0, type=positive_float, metavar="S",
+                       help="load time per measurement, after a warm-up (default: %(default)s)")
+    serve.add_argument("--reps", default=3, type=positive_int, metavar="N",
+                       help="repetitions, the kinds interleaved in a rotating order "
+                            "(default: %(default)s)")
+    serve.add_argument("--kinds", default=list(SERVER_KINDS), type=server_kinds,
+                       metavar="K[,K...]",
+                       help="servers to compare, comma-separated, from "
+                            f"{', '.join(SERVER_KINDS)} (default: all)")
+    serve.add_argument("--json", action="store_true", help=json_help)
+
+    spike = sub.add_parser(
+        "spike", help="a burst of held connections against the default pool",
+        description="Time until every connection of a burst has a child, and the children "
+                    "over time, read from /proc.")
+    spike.add_argument("--clients", default=64, type=positive_int, metavar="N",
+                       help="connections opened at once, each holding a child "
+                            "(default: %(default)s)")
+    spike.add_argument("--backend", default="c" if c_available() else "python",
+                       choices=["c", "python"],
+                       help="scoreboard backend of the server (default: %(default)s)")
+    spike.add_argument("--plot", default="", metavar="FILE",
+                       help="write the children-over-time plot to this PNG (needs matplotlib)")
+    spike.add_argument("--settings", default="", metavar="FLAGS",
+                       help="extra mps serve flags, e.g. '--max-children 128'")
+    spike.add_argument("--json", action="store_true", help=json_help)
+    return parser
+
+
+def server_kinds(text: str) -> list[str]:
+    """Comma-separated server kinds (an argparse type)."""
+    kinds = [k for k in text.split(",") if k]
+    unknown = sorted(set(kinds) - set(SERVER_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"unknown server kind {', '.join(unknown) or text!r}; "
+                                         f"choose from {', '.join(SERVER_KINDS)}")
+    return kinds
+
+
+def main(argv: Sequence[str]) -> int:
+    """`mps bench ARGV`: parse, run one subcommand, return its exit status."""
+    args = build_parser().parse_args(list(argv))
+    if args.command is None:
+        raise UsageError("mps bench needs one of: " + ", ".join(COMMANDS)
+                         + " (see `mps bench --help`)")
+    return COMMANDS[args.command](args)

@@ -2,8 +2,10 @@
  * lockbench.c -- "c-raw": the scoreboard's busy+idle transition pair called
  * in a plain C loop, no Python: the floor for `mps bench locks`.
  *
- * Build (mps bench does it on first use):
- *     cc -O2 -Wall -Wextra -Wno-unused-function -I../src -o bin/lockbench lockbench.c -lpthread
+ * Build (mps bench does it on first use, into its cache), with CORE the folder
+ * of _mpscore.c -- this folder in an installed package (setup.py copies it
+ * here), src/ in a checkout:
+ *     cc -O2 -Wall -Wextra -Wno-unused-function -I"$CORE" -o lockbench lockbench.c -lpthread
  * Usage: lockbench PROCS SECONDS
  * Forks PROCS processes on one scoreboard, each owning one slot; after a
  * common start signal each runs busy/idle pairs for SECONDS and reports its
