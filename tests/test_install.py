@@ -1,6 +1,15 @@
-"""Installing on a machine without a C compiler still gives a working mps."""
+"""`python -m build` makes an sdist and a wheel from a pristine copy; the sdist
+installs into a fresh venv with a C compiler (C backend) and without one (the
+pure-Python backend), and each install serves and runs `mps bench locks` from
+a directory that is not the checkout.
+
+The installs build in pip's isolated environment, which takes setuptools and
+cffi from the package index, as any user's `pip install mps-*.tar.gz` does.
+"""
 from __future__ import annotations
 
+import email
+import json
 import os
 import re
 import shutil
@@ -8,7 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,53 +27,138 @@ import pytest
 from conftest import recv_all, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MPS_BENCH_CACHE")}
+ENV["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+NO_CC = {"CC": "/bin/false"}
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The sdist and the wheel, built once for the module."""
+    tmp = tmp_path_factory.mktemp("dists")
+    # A pristine copy: an earlier `pip install .` leaves a built .so in build/,
+    # which setuptools would happily reuse.
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        "build", "dist", ".venv", ".git", "*.so", "__pycache__", "*.egg-info", "bin",
+        ".*_cache", ".hypothesis"))
+    r = subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp / "dist"),
+                        str(source)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (sdist,) = (tmp / "dist").glob("mps-*.tar.gz")
+    (wheel,) = (tmp / "dist").glob("mps-*.whl")
+    return {"sdist": sdist, "wheel": wheel}
 
 
 @pytest.mark.slow
-def test_install_without_a_compiler_falls_back_to_python(tmp_path):
-    env = {**os.environ, "CC": "/bin/false", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    # A pristine copy: an earlier `pip install .` leaves a built .so in build/,
-    # which setuptools would happily reuse.
-    source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        "build", ".venv", ".git", "*.so", "__pycache__", "*.egg-info", "bin", ".*_cache"))
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w",
-                            str(tmp_path / "wheels"), str(source)],
-                           capture_output=True, text=True, timeout=300, env=env)
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    assert "mps could not build its C scoreboard core" in build.stdout + build.stderr
-    (wheel,) = (tmp_path / "wheels").glob("mps-*.whl")
+def test_sdist_carries_what_building_and_testing_need(dists: dict[str, Path]) -> None:
+    with tarfile.open(dists["sdist"]) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {"pyproject.toml", "setup.py", "build_ffi.py", "MANIFEST.in", "README.md",
+              "LICENSE", "src/_mpscore.c", "src/mps/py.typed", "benchmarks/RESULTS.md",
+              "scripts/update_readme.py", ".ci/run"}
+    needed |= {f"src/mps/_bench/{p.name}" for p in (ROOT / "src/mps/_bench").glob("*.c")}
+    needed |= {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}
+    assert {"tests/apps.py", "tests/conftest.py", "src/mps/_bench/loadgen.c"} <= needed
+    assert needed <= names, sorted(needed - names)
 
-    venv.create(tmp_path / "venv", with_pip=True)
-    py = str(tmp_path / "venv" / "bin" / "python")
-    subprocess.run([py, "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=300,
-                   env=env)
-    probe = subprocess.run([py, "-c", "from mps.scoreboard import c_available; "
-                                      "print(c_available())"],
-                           capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == "False"
 
-    refused = subprocess.run([py, "-m", "mps", "serve", "--backend", "c"],
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "backend 'c' is not available" in refused.stderr
+@pytest.mark.slow
+def test_wheel_carries_the_package_data_and_the_metadata(dists: dict[str, Path]) -> None:
+    with zipfile.ZipFile(dists["wheel"]) as whl:
+        names = set(whl.namelist())
+        (meta_name,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+        meta = email.message_from_bytes(whl.read(meta_name))
+    assert {"mps/py.typed", "mps/_bench/_mpscore.c", "mps/_bench/loadgen.c",
+            "mps/_bench/lockbench.c", "mps/_bench/ref_prefork.c"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+    assert meta["License-Expression"] == "MIT"
+    assert "Typing :: Typed" in meta.get_all("Classifier")
+    urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
+    assert set(urls) == {"Homepage", "Source", "Issues"}
 
-    log = tmp_path / "serve.log"
+
+def install_sdist(sdist: Path, where: Path, env: dict[str, str]) -> tuple[str, str]:
+    """A fresh venv with the sdist pip-installed; (its python, pip's output)."""
+    venv.create(where, with_pip=True)
+    py = str(where / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-v", str(sdist)], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return py, r.stdout + r.stderr
+
+
+def serve_once(py: str, tmp: Path, backend: str) -> str:
+    """Start `mps serve`, echo one line through it, stop it; the log."""
+    log = tmp / f"serve-{backend}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([py, "-m", "mps", "serve", "--bind", "127.0.0.1:0",
-                                 "--start-servers", "1", "--min-spare", "1", "--max-spare", "1",
-                                 "--max-children", "2"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                 "--backend", backend, "--start-servers", "1",
+                                 "--min-spare", "1", "--max-spare", "1", "--max-children", "2"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp), env=ENV,
+                                start_new_session=True)
     try:
         port = int(wait_until(lambda: (m := re.search(r"listening at [^ ]*:(\d+)",
                                                        log.read_text())) and m.group(1),
-                              what="the fallback server to listen"))
+                              what="the installed server to listen"))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"no compiler")
-            assert recv_all(s).endswith(b": no compiler")
+            s.sendall(b"from the sdist")
+            assert recv_all(s).endswith(b": from the sdist")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-    assert "using the pure-Python scoreboard" in log.read_text()
+    return log.read_text()
+
+
+def bench(py: str, tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`mps bench ARGS` of the installed package, run outside the checkout."""
+    return subprocess.run([py, "-m", "mps", "bench", *args], capture_output=True, text=True,
+                          timeout=120, cwd=str(tmp),
+                          env={**ENV, "MPS_BENCH_CACHE": str(tmp / "bench-cache"), **env})
+
+
+def lock_backends(r: subprocess.CompletedProcess[str]) -> set[str]:
+    assert r.returncode == 0, r.stderr
+    return {row["backend"] for row in json.loads(r.stdout)["results"]}
+
+
+LOCKS = ("locks", "--procs", "1", "--seconds", "0.05", "--reps", "1", "--json")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("cc"), reason="needs a C compiler")
+def test_sdist_installs_with_a_compiler_and_serves_on_the_c_backend(
+        dists: dict[str, Path], tmp_path: Path) -> None:
+    py, _ = install_sdist(dists["sdist"], tmp_path / "venv", ENV)
+    probe = subprocess.run([py, "-c", "from mps.scoreboard import c_available; "
+                                      "print(c_available())"],
+                           capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert probe.stdout.strip() == "True", probe.stderr
+    serve_once(py, tmp_path, "c")
+    assert lock_backends(bench(py, tmp_path, *LOCKS)) == {"c", "python", "cffi-floor", "c-raw"}
+    assert list((tmp_path / "bench-cache").glob("lockbench-*"))
+
+
+@pytest.mark.slow
+def test_sdist_installs_without_a_compiler_and_serves_on_python(
+        dists: dict[str, Path], tmp_path: Path) -> None:
+    py, output = install_sdist(dists["sdist"], tmp_path / "venv", {**ENV, **NO_CC})
+    assert "mps could not build its C scoreboard core" in output
+    probe = subprocess.run([py, "-c", "from mps.scoreboard import c_available; "
+                                      "print(c_available())"],
+                           capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert probe.stdout.strip() == "False", probe.stderr
+
+    refused = subprocess.run([py, "-m", "mps", "serve", "--backend", "c"],
+                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert refused.returncode == 2 and "backend 'c' is not available" in refused.stderr
+    assert "using the pure-Python scoreboard" in serve_once(py, tmp_path, "auto")
+
+    assert lock_backends(bench(py, tmp_path, *LOCKS, **NO_CC)) == {"python"}
+    r = bench(py, tmp_path, "serve", "--seconds", "0.1", **NO_CC)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "no working C compiler" in r.stderr and "Traceback" not in r.stderr
