@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from mps.scoreboard import c_available
 
 TESTS = Path(__file__).resolve().parent
 APPS = TESTS / "apps.py"
+
+_serial = itertools.count()
 
 BACKENDS = ["c", "python"] if c_available() else ["python"]
 
@@ -66,15 +70,25 @@ class Master:
     """One ``mps serve`` process under test."""
 
     def __init__(self, tmp: Path, app: str, backend: str, settings: dict[str, Any],
-                 env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
-        self.port = self.listener.getsockname()[1]
-        self.status_path = str(tmp / f"status-{self.port}.sock")
-        self.log_path = tmp / f"master-{self.port}.log"
-        args = [sys.executable, "-m", "mps", "serve", app,
-                "--bind", f"fd://{self.listener.fileno()}",
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+                 bind: str | None = None) -> None:
+        """``bind=None``: the test binds the listener and passes it as fd://N
+        (the master treats it as shared and never changes it); otherwise the
+        master binds ``bind`` itself (say 127.0.0.1:0) and owns the socket."""
+        tag = f"{os.getpid()}-{next(_serial)}"
+        self.status_path = str(tmp / f"status-{tag}.sock")
+        self.log_path = tmp / f"master-{tag}.log"
+        pass_fds: list[int] = []
+        listener = None
+        if bind is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1024)
+            pass_fds = [listener.fileno()]
+            bind = f"fd://{listener.fileno()}"
+        elif bind.startswith("fd://"):     # a listener the test keeps (a hand-off)
+            pass_fds = [int(bind[5:])]
+        args = [sys.executable, "-m", "mps", "serve", app, "--bind", bind,
                 "--backend", backend, "--status-socket", self.status_path]
         for name, value in settings.items():
             flag = "--" + name.replace("_", "-")
@@ -85,11 +99,26 @@ class Master:
         args += extra_args or []
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            args, pass_fds=[self.listener.fileno()], stdin=subprocess.DEVNULL,
+            args, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})}, cwd=str(TESTS))
         self.pid = self.proc.pid
-        self.listener.close()   # the master holds its own copy now
+        if listener is not None:
+            self.port = listener.getsockname()[1]
+            listener.close()   # the master holds its own copy now
+        elif bind.startswith("unix:"):
+            self.port = 0
+        elif bind.startswith("fd://"):
+            with socket.socket(fileno=os.dup(pass_fds[0])) as shared:
+                self.port = shared.getsockname()[1]
+        else:
+            self.port = int(wait_until(self._listening_port, 15, what="the master to listen"))
+
+    def _listening_port(self) -> int | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"master exited early ({self.proc.returncode}):\n{self.output()}")
+        doc = self.try_status()
+        return int(doc["listening"].rsplit(":", 1)[1]) if doc else None
 
     # -- observing
     def status(self) -> dict[str, Any]:
@@ -177,6 +206,62 @@ def consistent(m: Master) -> dict[str, Any] | None:
     return doc if ok else None
 
 
+class Load:
+    """Steady concurrent line-echo load from a few threads, every attempt classified.
+
+    ``refused``: the connection never started (refused or not accepted in
+    time by a server that is stopping).  ``failed``: it started and did not get
+    its full reply -- what a fault must keep to the connections it touches.
+    """
+
+    def __init__(self, port: int, threads: int = 4) -> None:
+        self.port = port
+        self.ok = self.refused = 0
+        self.slowest_connect = 0.0     # a dropped SYN shows here as >= 1 s
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        wait_until(lambda: self.ok >= 20, what="load to flow")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def wait_for(self, more: int) -> None:
+        target = self.ok + more
+        wait_until(lambda: self.ok >= target, timeout=20, what=f"{more} more connections")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                self.slowest_connect = max(self.slowest_connect, time.monotonic() - began)
+            except OSError:
+                with self._lock:
+                    self.refused += 1
+                time.sleep(0.01)
+                continue
+            try:
+                with s:
+                    s.sendall(b"ping\n")
+                    reply = recv_all(s)
+                if not reply.endswith(b": ping\n"):
+                    raise ValueError(f"bad reply {reply[:40]!r}")
+                with self._lock:
+                    self.ok += 1
+            except (OSError, ValueError) as exc:
+                with self._lock:
+                    self.failed.append(repr(exc))
+
+
 def recv_all(s: socket.socket) -> bytes:
     data = b""
     while chunk := s.recv(65536):
@@ -228,7 +313,8 @@ def start_master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
     def start(app: str = "mps.examples:echo", backend: str = "auto",
               env: dict[str, str] | None = None, extra_args: list[str] | None = None,
               **settings: Any) -> Master:
-        m = Master(tmp_path, app, backend, settings, env, extra_args)
+        bind = settings.pop("bind", None)   # None: an fd:// listener the test made
+        m = Master(tmp_path, app, backend, settings, env, extra_args, bind)
         masters.append(m)
         return m
 

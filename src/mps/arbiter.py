@@ -6,8 +6,15 @@ The loop is a few named steps (gunicorn's arbiter is the model)::
                       client or the next deadline
     handle_signals()  dispatch recorded signals to handle_<name>()
     reap()            waitpid() every exited child and free its slot
+    audit()           re-arm the children's wake-up, then snapshot the board
     murder()          kill children stuck on one connection past `timeout`
-    maintain()        audit the counter, fork the idle deficit, retire surplus
+    maintain()        fork the idle deficit, retire surplus; while a graceful
+                      stop drains, notice when the queue is empty
+
+A graceful stop (TERM) has two phases: "draining" -- the listener refuses
+new handshakes while the pool goes on serving everything the kernel already
+accepted -- then "graceful", once the queue is empty: children are retired,
+finish their connection, and the master leaves.
 
 The master owns slot life and death (Apache's rule): it reserves a slot
 before fork(), rolls it back if fork() fails, and frees it when it reaps the
@@ -23,15 +30,16 @@ import random
 import selectors
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, fields
 
-from . import daemon, logs, sockets, status
+from . import daemon, logs, signals, sockets, status
 from .config import Settings
 from .errors import EXIT_BOOT, EXIT_OK, BootError
 from .handlers import App
 from .scoreboard import Scoreboard, Snapshot, State, open_scoreboard
-from .signals import MASTER_SIGNALS, SignalQueue
+from .signals import MASTER_SIGNALS, RECORDED, SignalQueue
 from .worker import Child, child_main
 
 log = logging.getLogger("mps")
@@ -60,6 +68,13 @@ YOUNG_S = 1.0
 #: to this: Python retries an interrupted accept() (PEP 475) with a fresh
 #: timeout, so periodic signals would keep an idle child blocked forever.
 ACCEPT_TIMEOUT_S = 1
+#: How often a draining master looks at its listen queue.
+DRAIN_POLL_S = 0.02
+#: Longest a status client may take to read the document before the master
+#: resets it (it gets the whole document or an error, never a part).
+STATUS_SEND_S = 5.0
+#: Status clients served at once; more wait in the status socket's backlog.
+STATUS_CLIENTS = 64
 
 
 @dataclass
@@ -90,7 +105,7 @@ class Arbiter:
         self.children: dict[int, Child] = {}
         self.totals = Totals()
         self.generation = 0
-        self.stopping = ""              # "", "graceful" or "fast"
+        self.stopping = ""              # "", "draining", "graceful" or "fast"
         self.stop_deadline = 0.0
         self.spawn_after = 0.0          # back-off: no fork before this time
         self.boot_failures = 0          # consecutive children dead before booting
@@ -109,7 +124,8 @@ class Arbiter:
         self.started = False            # start() finished: on_exit and "exiting" are due
         self.owned_paths: list[str] = []    # socket files we created (not inherited)
         self.identity: tuple[int, int] | None = None
-        self.adopted = False            # the listener came from fd://N (not ours to filter)
+        self.inherited: sockets.Inherited | None = None    # fd://N: to hand back as it came
+        self.status_out: dict[socket.socket, tuple[memoryview, float]] = {}
         self.last_boot_failure = 0.0
 
     # ----------------------------------------------------------- life cycle
@@ -120,8 +136,9 @@ class Arbiter:
             while True:
                 self.handle_signals()
                 self.reap()
-                if self.stopping and not self.children:
+                if self.stopping in ("graceful", "fast") and not self.children:
                     return EXIT_OK
+                self.keep_wake_up_timer()
                 snap = self.audit()
                 self.murder(snap)
                 self.maintain(snap)
@@ -139,7 +156,8 @@ class Arbiter:
         self.identity = s.identity()     # resolved once, never in a child
         address = sockets.parse_bind(s.bind)
         self.listener = sockets.listen(address, s.backlog)
-        self.adopted = address.fd >= 0
+        if address.fd >= 0:     # shared with its owner: hand it back as it came
+            self.inherited = sockets.Inherited.of(self.listener, ACCEPT_TIMEOUT_S)
         if address.family == socket.AF_UNIX:
             self.owned_paths.append(address.path)
         # Idle children wake from accept() every second (EAGAIN) to notice a
@@ -165,8 +183,9 @@ class Arbiter:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         if self.status_sock is not None:
             self.selector.register(self.status_sock, selectors.EVENT_READ)
-        log.info("mps master %d listening at %s (backend %s, %d children)",
-                 self.pid, sockets.describe(self.listener), self.board.name, s.start_servers)
+        log.info("mps master %d listening at %s (backend %s, %d %s)",
+                 self.pid, sockets.describe(self.listener), self.board.name, s.start_servers,
+                 "child" if s.start_servers == 1 else "children")
         self.app.call_hook("on_starting")
         self.started = True
         gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
@@ -180,8 +199,10 @@ class Arbiter:
                 self.app.call_hook("on_exit")
             except Exception:
                 log.exception("on_exit hook failed")
-        if self.adopted and self.listener is not None:
-            sockets.accept_new_connections(self.listener)   # hand it back as we got it
+        if self.inherited is not None and self.listener is not None:
+            self.inherited.restore(self.listener)   # hand it back as we got it
+        for conn in list(self.status_out):
+            conn.close()
         for sock in (self.status_sock, self.listener):
             if sock is not None:
                 sock.close()
@@ -208,8 +229,11 @@ class Arbiter:
         for key, _ in self.selector.select(self.deadlines()):
             if key.fileobj is self.status_sock:
                 self.answer_status()
+            elif key.fileobj in self.status_out:
+                self.send_status(key.fileobj)
             else:
                 self.drain_wake_pipe()
+        self.expire_status_clients()
 
     def deadlines(self) -> float:
         """Seconds until the next thing the loop must do (at most 1)."""
@@ -219,8 +243,12 @@ class Arbiter:
             due.append(self.spawn_after - now)
         if self.surplus_since:
             due.append(self.surplus_since + SURPLUS_GRACE_S - now)
-        if self.stopping == "graceful" and self.stop_deadline > now:
+        if self.stopping in ("draining", "graceful") and self.stop_deadline > now:
             due.append(self.stop_deadline - now)
+        if self.stopping == "draining":
+            due.append(DRAIN_POLL_S)
+        if self.status_out:
+            due.append(min(d for _, d in self.status_out.values()) - now)
         due.extend(c.kill_at - now for c in self.children.values() if c.kill_at > now)
         # Past deadlines were acted on in the last pass: never spin on them.
         return max(0.001, min(due))
@@ -234,7 +262,11 @@ class Arbiter:
 
     def handle_signals(self) -> None:
         for sig in self.signals.drain():
-            getattr(self, "handle_" + MASTER_SIGNALS[sig])()
+            if sig in MASTER_SIGNALS:
+                getattr(self, "handle_" + MASTER_SIGNALS[sig])()
+            else:
+                log.warning("%s received; ignored (mps gives it no meaning)",
+                            signals.name(sig))
 
     def reap(self) -> None:
         exited = []
@@ -261,19 +293,40 @@ class Arbiter:
             except Exception:
                 log.exception("child_exit hook failed")
 
+    def keep_wake_up_timer(self) -> None:
+        """A shared listener's timeout may be handed back to its owner by
+        another mps master that leaves before us: put ours back."""
+        assert self.listener is not None
+        if self.inherited is not None and not self.stopping and \
+                not sockets.has_receive_timeout(self.listener, ACCEPT_TIMEOUT_S):
+            sockets.set_receive_timeout(self.listener, ACCEPT_TIMEOUT_S)
+
     def audit(self) -> Snapshot:
-        """Check idle_counter == idle slots (repairing drift); the pass's snapshot."""
+        """Check idle_counter == idle slots (repairing drift); the pass's snapshot.
+
+        The children's wake-up is re-armed *before* the snapshot: a busy
+        transition after the re-arm writes a wake byte (another pass), one
+        before it is in the snapshot, so none falls between the two unseen.
+        It is re-armed only when the master could act on a wake-up (room to
+        fork, no back-off): a saturated pool must not cost a pass per
+        connection."""
         assert self.board is not None
+        if self.can_fork():
+            self.board.set_min_spare(self.min_spare)
         drift = self.board.audit()
         if drift:
             log.warning("idle counter drifted by %d from the slots; repaired", drift)
         return self.board.snapshot()
 
+    def can_fork(self) -> bool:
+        return (len(self.children) < self.settings.max_children
+                and time.monotonic() >= self.spawn_after)
+
     def murder(self, snap: Snapshot) -> None:
         """Kill children stuck past `timeout` or in boot, and those past a kill deadline."""
         now = time.monotonic()
         self.kill_stuck(snap, now)
-        if self.stopping == "graceful" and now >= self.stop_deadline:
+        if self.stopping in ("draining", "graceful") and now >= self.stop_deadline:
             busy = [c for c in self.children.values() if not c.kill_at]
             if busy:
                 log.warning("graceful_timeout (%gs) expired; killing %d children",
@@ -313,11 +366,13 @@ class Arbiter:
             self.kill(child, signal.SIGABRT)
 
     def maintain(self, snap: Snapshot) -> None:
-        if self.stopping:
+        if self.stopping not in ("", "draining"):
             return
         self.note_boots(snap)
         self.spawn_deficit(snap)
         self.retire_surplus(snap)
+        if self.stopping == "draining" and self.drained():
+            self.retire_all()
 
     def note_boots(self, snap: Snapshot) -> None:
         """A child born after the last boot failure has booted: the streak is over."""
@@ -335,21 +390,30 @@ class Arbiter:
         spare = snap.count(State.IDLE) + sum(
             1 for s in snap.slots if s.state == State.STARTING and s.age_s(now_ns) < STALE_START_S)
         room = self.settings.max_children - len(self.children)
-        can_fork = room > 0 and time.monotonic() >= self.spawn_after
-        if can_fork:
-            assert self.board is not None
-            self.board.set_min_spare(self.min_spare)    # re-arm the children's wake-up
-        if spare >= self.min_spare:
+        want = self.min_spare - spare
+        if want <= 0 and spare > 0:
             self.saturated = False
             return
         assert self.listener is not None
         # A burst shows in the listen queue before children report it: size
         # the fork batch from the queue, not one deficit at a time.
-        want = self.min_spare - spare + sockets.queue_depth(self.listener)
+        queued = sockets.queue_depth(self.listener)
+        if want > 0:
+            want += queued
+        elif queued or sockets.readable(self.listener) or not self.serving_children():
+            # min_spare 0 (TTOU can get there): the pool still never falls to
+            # zero children, and a queued connection always gets one.
+            want = max(1, queued)
+        else:
+            self.saturated = False
+            return
         if want > room and not any(c.retiring for c in self.children.values()):
             self.note_saturation()
-        if can_fork:
+        if self.can_fork():
             self.spawn_many(min(want, room))
+
+    def serving_children(self) -> int:
+        return sum(1 for c in self.children.values() if not c.retiring)
 
     def note_saturation(self) -> None:
         if self.saturated:
@@ -399,7 +463,7 @@ class Arbiter:
                       born=time.monotonic())
         # Signals stay blocked across fork() so that none reaches the child
         # while it still has the master's handlers; it unblocks after its own.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RECORDED)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -479,28 +543,48 @@ class Arbiter:
     def handle_term(self) -> None:
         if self.stopping:
             return
-        log.info("TERM: graceful stop; waiting up to %gs for busy children",
-                 self.settings.graceful_timeout)
-        self.stopping = "graceful"
+        log.info("TERM: graceful stop; serving what is queued, then waiting up to %gs in all "
+                 "for busy children", self.settings.graceful_timeout)
         self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
-        self.surplus_since = 0.0
-        self.stop_accepting()
-        for child in list(self.children.values()):
-            self.retire(child)
+        if self.stop_accepting():
+            self.stopping = "draining"      # maintain() retires the pool once drained
+        else:
+            self.retire_all()
 
-    def stop_accepting(self) -> None:
-        """Graceful stop: let no new connection in, keep the queued ones for
-        the children to drain.  An inherited (fd://) listener may outlive us
-        in its owner's hands (systemd, the next master): cleanup() lifts the
-        filter again once the children are gone."""
+    def stop_accepting(self) -> bool:
+        """Let no new connection in; True when the queue is ours to drain.
+
+        A listener we created: new handshakes are refused (TCP: a filter that
+        drops pure SYNs; unix: its path is removed) while the pool serves what
+        the kernel already accepted.  An inherited (fd://) listener may be
+        shared with its owner (systemd, the next master): it is never changed
+        for them; we only stop accepting, and its queue stays theirs."""
         assert self.listener is not None
+        if self.inherited is not None:
+            return False
         if self.listener.family == socket.AF_UNIX:
             path = self.listener.getsockname()
-            if path in self.owned_paths:    # never an inherited socket's path
-                os.unlink(path)     # new clients get ENOENT: refused, never reset
-                self.owned_paths.remove(path)
-        else:
-            sockets.refuse_new_connections(self.listener)
+            if path not in self.owned_paths:
+                return False
+            os.unlink(path)     # new clients get ENOENT: refused, never reset
+            self.owned_paths.remove(path)
+            return True
+        return sockets.refuse_new_connections(self.listener)
+
+    def drained(self) -> bool:
+        """Nothing queued and no handshake under way: no client is left that
+        believes it is connected but has no child."""
+        assert self.listener is not None
+        return (not sockets.readable(self.listener)
+                and not sockets.handshakes_in_progress(self.listener))
+
+    def retire_all(self) -> None:
+        if self.stopping == "draining":
+            log.info("listen queue drained; retiring %d children", len(self.children))
+        self.stopping = "graceful"
+        self.surplus_since = 0.0
+        for child in list(self.children.values()):
+            self.retire(child)
 
     def handle_int(self) -> None:
         if self.stopping == "fast":
@@ -511,17 +595,34 @@ class Arbiter:
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
+        self.reopen_log("HUP")
+        self.rotate("HUP: log reopened")
+
+    def handle_usr1(self) -> None:
+        """logrotate's signal (as for nginx and gunicorn): reopen the log file.
+        The children write to it too, so they are replaced gracefully, as
+        Apache's `graceful` after a rotation: no connection is lost."""
+        self.reopen_log("USR1")
+        self.rotate("USR1: log reopened")
+
+    def handle_usr2(self) -> None:
+        log.warning("USR2 received; ignored (mps gives it no meaning yet)")
+
+    def reopen_log(self, why: str) -> None:
         try:
             logs.reopen(self.settings.log_level, self.settings.log_file)
         except OSError as exc:      # keep the old handler: losing the log beats dying
-            log.error("HUP: cannot reopen log_file %s: %s; still writing to the old one",
-                      self.settings.log_file, exc.strerror)
+            log.error("%s: cannot reopen log_file %s: %s; still writing to the old one",
+                      why, self.settings.log_file, exc.strerror)
+
+    def rotate(self, why: str) -> None:
+        """Replace every child gracefully: new ones start, old ones finish first."""
         if self.stopping:
             return
         self.generation += 1
         old = list(self.children.values())
-        log.info("HUP: log reopened; replacing %d children gracefully (generation %d)",
-                 len(old), self.generation)
+        log.info("%s; replacing %d children gracefully (generation %d)",
+                 why, len(old), self.generation)
         for child in old:
             self.retire(child)
         self.spawn_many(self.settings.start_servers)
@@ -579,10 +680,15 @@ class Arbiter:
     # ----------------------------------------------------------- status
 
     def answer_status(self) -> None:
-        """Send the JSON document to each waiting client; never block."""
-        assert self.status_sock is not None
+        """Start sending the JSON document to each waiting client; never block.
+
+        A document larger than one send() (a big pool) is finished from the
+        loop as the client reads; one that has not read it all within
+        STATUS_SEND_S is reset, so a client gets the whole document or an
+        error, never a silently truncated one."""
+        assert self.status_sock is not None and self.selector is not None
         doc = b""
-        for _ in range(16):
+        while len(self.status_out) < STATUS_CLIENTS:
             try:
                 conn, _ = self.status_sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -590,16 +696,43 @@ class Arbiter:
             except OSError as exc:
                 log.warning("status socket accept failed: %s", exc.strerror)
                 return
-            try:
-                doc = doc or status.encode(status.document(self))   # once per batch
-                # One non-blocking send must take the whole document, however
-                # many slots: size the buffer for it (the kernel caps it).
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(doc) + 4096)
-                conn.setblocking(False)
-                conn.send(doc)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EPIPE, errno.ECONNRESET):
-                    log.warning("status client failed: %s", exc.strerror)
-            finally:
-                conn.close()
+            conn.setblocking(False)
+            doc = doc or status.encode(status.document(self))   # once per batch
+            self.status_out[conn] = (memoryview(doc), time.monotonic() + STATUS_SEND_S)
+            self.send_status(conn)
+            if conn in self.status_out:
+                self.selector.register(conn, selectors.EVENT_WRITE)
 
+    def send_status(self, conn: socket.socket) -> None:
+        """Send what the client can take now; close it once it has it all."""
+        rest, deadline = self.status_out[conn]
+        try:
+            sent = conn.send(rest)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.warning("status client failed: %s", exc.strerror)
+            self.end_status_client(conn)
+            return
+        if sent < len(rest):
+            self.status_out[conn] = (rest[sent:], deadline)
+        else:
+            self.end_status_client(conn)
+
+    def expire_status_clients(self) -> None:
+        now = time.monotonic()
+        for conn, (_, deadline) in list(self.status_out.items()):
+            if now >= deadline:
+                # Reset, not close: a partial document must read as an error.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.end_status_client(conn)
+
+    def end_status_client(self, conn: socket.socket) -> None:
+        assert self.selector is not None
+        del self.status_out[conn]
+        try:
+            self.selector.unregister(conn)
+        except KeyError:
+            pass    # finished by its first send, never registered
+        conn.close()

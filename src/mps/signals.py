@@ -1,9 +1,9 @@
 """Signals: the master's handlers only record; the loop acts.
 
-A handler appends the signal number to a queue; ``signal.set_wakeup_fd``
-writes a byte to the master's wake-up pipe so its ``select()`` returns at
-once.  Nothing is logged, reaped or decided inside a handler (gunicorn's
-years of SIGCHLD re-entrancy deadlocks are the reason).
+A handler records the signal number; ``signal.set_wakeup_fd`` writes a byte
+to the master's wake-up pipe so its ``select()`` returns at once.  Nothing
+is logged, reaped or decided inside a handler (gunicorn's years of SIGCHLD
+re-entrancy deadlocks are the reason).
 """
 from __future__ import annotations
 
@@ -20,38 +20,75 @@ MASTER_SIGNALS: dict[int, str] = {
     signal.SIGTTIN: "ttin",
     signal.SIGTTOU: "ttou",
     signal.SIGCHLD: "chld",
+    signal.SIGUSR1: "usr1",
+    signal.SIGUSR2: "usr2",
 }
+
+#: Signals whose default action would end the master without a word (a
+#: stray `kill -ALRM`, a profiler's timer, a real-time signal meant for
+#: someone else): the master logs and ignores them.  The synchronous faults
+#: (SEGV, BUS, FPE, ILL, TRAP, SYS) and ABRT keep their default: ignoring a
+#: real fault would loop on it.
+STRAY_SIGNALS: tuple[int, ...] = (
+    signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR,
+    signal.SIGXCPU, signal.SIGSTKFLT,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+
+#: Everything the master's handler records (blocked across fork()).
+RECORDED: tuple[int, ...] = (*MASTER_SIGNALS, *STRAY_SIGNALS)
 
 
 class SignalQueue:
-    """Records the master's signals for its loop."""
+    """Records the master's signals for its loop, in order, losing none.
+
+    CHLD is kept as one flag (the loop reaps every pass anyway), so a storm
+    of exits cannot grow the queue; every other signal is kept, unbounded,
+    because each one that stops, rotates or resizes the pool must be acted
+    on (a bounded deque would silently drop the oldest: a TERM).
+    """
 
     def __init__(self) -> None:
-        self.pending: collections.deque[int] = collections.deque(maxlen=256)
+        self.pending: collections.deque[int] = collections.deque()
+        self.chld = False
 
     def install(self, wake_fd: int) -> None:
         signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
-        for sig in MASTER_SIGNALS:
+        for sig in RECORDED:
             signal.signal(sig, self._record)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.pending.append(signum)
+        if signum == signal.SIGCHLD:
+            self.chld = True
+        else:
+            self.pending.append(signum)
 
     def drain(self) -> list[int]:
         out = []
         while self.pending:
             out.append(self.pending.popleft())
+        if self.chld:
+            self.chld = False
+            out.append(signal.SIGCHLD)
         return out
+
+
+def name(sig: int) -> str:
+    """SIGUSR2, SIGRTMIN+3, ..."""
+    if signal.SIGRTMIN < sig <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+    return signal.Signals(sig).name
 
 
 def reset_in_child() -> None:
     """A new child drops the master's handlers before anything else runs."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGALRM):
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, *STRAY_SIGNALS):
         signal.signal(sig, signal.SIG_DFL)
-    # Operators signal the master; a HUP or TTIN aimed at the process group
-    # must neither kill nor stop a child.
+    # Operators signal the master; a HUP, USR1, USR2 or TTIN aimed at the
+    # process group must neither kill nor stop a child.
     # A client that goes away mid-reply must cost an EPIPE, never the child
     # (CPython ignores SIGPIPE at start-up, but an app may have reset it).
-    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE):
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
+                signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)

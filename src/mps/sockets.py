@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -21,6 +22,7 @@ from .errors import BindError, SettingError
 # length in tcpi_unacked.
 _TCPI_UNACKED_OFFSET = 24
 _TCP_INFO_LEN = 104
+_TIMEVAL_LEN = struct.calcsize("ll")
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def parse_bind(text: str) -> Address:
 def listen(address: Address, backlog: int) -> socket.socket:
     """Create the listening socket; BindError (exit 1) with one clear line."""
     if address.fd >= 0:
-        return _adopt(address.fd, backlog)
+        return _adopt(address.fd)
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         if address.family == socket.AF_UNIX:
@@ -123,7 +125,7 @@ def _bind_hint(exc: OSError) -> str:
     return ""
 
 
-def _adopt(fd: int, backlog: int) -> socket.socket:
+def _adopt(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
@@ -132,10 +134,8 @@ def _adopt(fd: int, backlog: int) -> socket.socket:
             not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()
         raise BindError(f"fd://{fd} is not a listening stream socket")
-    # A master that died mid-stop may have left its drop-all filter on this
-    # shared socket (see refuse_new_connections).
-    accept_new_connections(sock)
-    sock.listen(backlog)
+    # Shared with its owner (systemd, another master): its backlog and
+    # filters are left alone (see Inherited).
     return sock
 
 
@@ -176,31 +176,43 @@ def listen_unix_private(path: str, backlog: int = 16) -> socket.socket:
     return sock
 
 
-# SO_ATTACH_FILTER with the one-instruction classic BPF program "ret #0":
-# struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}, BPF_RET|BPF_K = 0x06.
+# SO_ATTACH_FILTER with a classic BPF program that drops pure SYNs only.  A
+# TCP socket's filter sees the segment from its TCP header on, so byte 13 is
+# the flags.  struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}.
 _SO_ATTACH_FILTER = 26
 _SO_DETACH_FILTER = 27
-_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+_SYN, _ACK = 0x02, 0x10
+_DROP_SYN = b"".join(struct.pack("HBBI", *insn) for insn in (
+    (0x30, 0, 0, 13),               # ldb [13]          A = TCP flags
+    (0x54, 0, 0, _SYN | _ACK),      # and #SYN|ACK
+    (0x15, 0, 1, _SYN),             # jeq #SYN, drop, keep
+    (0x06, 0, 0, 0),                # drop: ret #0
+    (0x06, 0, 0, 0xFFFFFFFF),       # keep: ret #-1 (the whole segment)
+))
 
 
-def refuse_new_connections(sock: socket.socket) -> None:
-    """Graceful stop: drop incoming SYNs from now on, keep what is queued.
+def refuse_new_connections(sock: socket.socket) -> bool:
+    """Graceful stop: drop new handshakes (pure SYNs) from now on; True if done.
 
-    With a drop-everything socket filter the kernel stops completing new
-    handshakes on this listener while the children drain its queue.  A client
-    whose SYN is dropped retries it after a second and then meets either
-    the closed port (connection refused: it never started) or a new server
-    on the same port -- never a reset of a connection it thought accepted.
-    Only TCP listeners need it (and only TCP takes it; Unix sockets ignore).
+    Everything else still reaches the listener: the ACK (or, with
+    TCP_DEFER_ACCEPT, the first data) that completes a handshake already
+    under way, so a client that believes it is connected is queued and
+    served, never reset.  A client whose SYN is dropped retries it after a
+    second and then meets either the closed port (connection refused: it
+    never started) or a new server on the same port.  Only for a listener
+    this master created: a filter on a shared socket would refuse the next
+    master's connections too.  Unix sockets have no handshake (and take no
+    filter); their path is removed instead.
     """
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    program = ctypes.create_string_buffer(_DROP_ALL, len(_DROP_ALL))
-    fprog = struct.pack("HL", 1, ctypes.addressof(program))   # struct sock_fprog
+        return False
+    program = ctypes.create_string_buffer(_DROP_SYN, len(_DROP_SYN))
+    fprog = struct.pack("HL", len(_DROP_SYN) // 8, ctypes.addressof(program))  # sock_fprog
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
     except OSError:
-        pass    # without it the stop is still graceful, just not airtight
+        return False    # the caller falls back to stopping at once
+    return True
 
 
 def accept_new_connections(sock: socket.socket) -> None:
@@ -209,6 +221,64 @@ def accept_new_connections(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
     except OSError:
         pass    # ENOENT: there was none
+
+
+def readable(sock: socket.socket) -> bool:
+    """True when a connection waits in the listener's accept queue (any family)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+_SYN_RECV = "03"
+
+
+def handshakes_in_progress(sock: socket.socket) -> int:
+    """Handshakes under way on a TCP listener (request sockets in SYN_RECV,
+    TCP_DEFER_ACCEPT's included), from /proc/net/tcp{,6}: connections the
+    accept queue does not show yet but that a client may already think
+    established.  O(sockets on the host): call it only while stopping."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    port = ":%04X" % sock.getsockname()[1]
+    table = "/proc/net/tcp6" if sock.family == socket.AF_INET6 else "/proc/net/tcp"
+    count = 0
+    try:
+        with open(table) as f:
+            next(f, None)
+            for line in f:
+                cols = line.split(None, 4)
+                if len(cols) > 3 and cols[3] == _SYN_RECV and cols[1].endswith(port):
+                    count += 1
+    except OSError:
+        return 0
+    return count
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What an inherited listener looked like when we got it, to hand it back
+    exactly so.  Its backlog and filters are never touched; its receive
+    timeout is borrowed for the idle children's wake-up (see
+    set_receive_timeout) and restored on exit."""
+
+    rcvtimeo: bytes
+
+    @classmethod
+    def of(cls, sock: socket.socket, ours: float) -> Inherited:
+        """``ours``: the timeout mps itself sets.  Found already set, it is
+        another mps master's on the same socket (a hand-off in progress),
+        not the owner's: what we hand back then is no timeout."""
+        rcvtimeo = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL_LEN)
+        if rcvtimeo == _timeval(ours):
+            rcvtimeo = _timeval(0)
+        return cls(rcvtimeo)
+
+    def restore(self, sock: socket.socket) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.rcvtimeo)
+        except OSError:
+            pass    # closed under us: nothing left to hand back
 
 
 def queue_depth(sock: socket.socket) -> int:
@@ -225,9 +295,17 @@ def queue_depth(sock: socket.socket) -> int:
 def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
     """SO_RCVTIMEO (0 = none).  On a listener it bounds accept(); Linux copies
     it into every accepted socket, which must then clear it again."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+
+
+def has_receive_timeout(sock: socket.socket, seconds: float) -> bool:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                           _TIMEVAL_LEN) == _timeval(seconds)
+
+
+def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
-    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def describe(sock: socket.socket) -> str:
