@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__, config, logs
+from . import __version__, config, daemon, logs
 from .errors import EXIT_USAGE, MpsError, UsageError
 from .handlers import App
 
@@ -79,6 +79,10 @@ def serve_app(app: App, argv: list[str]) -> int:
 
 def _serve(app: App, flags: dict[str, Any]) -> int:
     settings = config.resolve(keywords=app.settings, command_line=flags)
+    if settings.pid_file and not settings.single:
+        # Before anything binds: a second master must not take over a live
+        # master's pid file (and delete it when it stops).
+        daemon.check_pid_file(settings.pid_file)
     try:
         logs.configure(settings.log_level, settings.log_file)
     except OSError as exc:

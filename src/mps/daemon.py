@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
+import stat
 
 from .errors import MpsError
 
@@ -11,6 +13,12 @@ _PR_SET_PDEATHSIG = 1
 #: libc, loaded once in the master: CDLL(None) is the already-mapped C
 #: library (find_library() would run ldconfig in every new child).
 _libc = ctypes.CDLL(None, use_errno=True)
+#: /proc/PID/stat's start time and /proc/stat's btime are whole clock ticks
+#: and whole seconds (btime also wobbles by a second under NTP slewing): a
+#: process counts as started after the pid file only beyond this margin.
+_START_SLACK_S = 2.0
+#: The kernel's highest possible pid (PID_MAX_LIMIT on 64-bit).
+_PID_MAX = 4 * 1024 * 1024
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -32,8 +40,69 @@ def daemonize() -> None:
     os.close(null)
 
 
+def check_pid_file(path: str) -> None:
+    """Refuse a pid file that names a running process (MpsError, exit 1).
+
+    The file is stale, and may be replaced, when it holds no pid, names this
+    process (a container restarted with the same pid), a process that no
+    longer exists or is a zombie, or one that started after the file was
+    written: the pid was reused.  A process is never asked what it *is*
+    (its name may be ``python myapp.py`` or anything else), only when it began.
+    """
+    try:
+        # O_NONBLOCK: a FIFO at the path must not hang the start; O_NOFOLLOW:
+        # a symlink is no pid file of ours (the write replaces the link).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return
+        raise MpsError(f"cannot read pid_file {path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        text = os.read(fd, 64) if stat.S_ISREG(info.st_mode) else b""
+    finally:
+        os.close(fd)
+    try:
+        pid = int(text.strip())
+    except ValueError:
+        return          # not a pid file we wrote: replaced
+    if not 0 < pid <= _PID_MAX or pid == os.getpid() or \
+            not _running_since(pid, info.st_mtime):
+        return
+    raise MpsError(f"pid_file {path} belongs to running process {pid} (another mps "
+                   f"master?); stop it, or choose another pid_file")
+
+
+def _running_since(pid: int, written: float) -> bool:
+    """Whether ``pid`` is a live process that may have written a file at ``written``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass            # someone else's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, IndexError, StopIteration, ValueError):
+        return True     # it exists and /proc says no more (hidepid): assume live
+    if fields[0] == b"Z":
+        return False    # dead, not yet reaped
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return started <= written + _START_SLACK_S
+
+
 def write_pid_file(path: str) -> None:
-    """Write our pid atomically: a new file (never following a link), renamed."""
+    """Write our pid atomically: a new file (never following a link), renamed.
+
+    The master checks again here: another master may have written the file
+    since the command line checked it, before this one bound (check_pid_file).
+    """
+    check_pid_file(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
