@@ -33,10 +33,11 @@ def echo(port: int, payload: bytes = b"hi", family: int = socket.AF_INET,
 
 
 def serve(args: list[str], log: Path, **kw: object) -> subprocess.Popen[bytes]:
+    kw.setdefault("cwd", str(TESTS))
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "mps", *args], stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=str(TESTS), **kw)  # type: ignore[call-overload]
+                                start_new_session=True, **kw)  # type: ignore[call-overload]
 
 
 def listening_port(log: Path) -> int:
@@ -259,3 +260,125 @@ def test_inherited_listener_is_handed_back_open_after_a_graceful_stop(tmp_path):
                 stop(second)
     finally:
         listener.close()
+
+
+# ----------------------------------------------------------------- every README form alike
+
+MYAPP = textwrap.dedent("""
+    import os
+    import mps
+
+    app = mps.Server(start_servers=3, min_spare=1, max_spare=3, max_children=5,
+                     max_requests=77)
+
+    def note(line):
+        with open(os.environ["MYAPP_HOOK_LOG"], "a") as f:
+            f.write(line + "\\n")
+
+    @app.handler
+    def handle(conn, addr):
+        conn.sendall(b"myapp %d: %s" % (os.getpid(), conn.recv(64)))
+
+    @app.on_starting
+    def starting(server):
+        note("on_starting %d %s" % (os.getpid(), server is app))
+
+    @app.post_fork
+    def forked(server, worker):
+        note("post_fork %d" % worker.pid)
+
+    if __name__ == "__main__":
+        app.run()
+""")
+
+# What README "Writing a handler" shows, run from the app's folder (or its parent).
+README_FORMS = {
+    "python myapp.py": ["{python}", "myapp.py"],
+    "mps serve myapp:app": ["{python}", "-m", "mps", "serve", "myapp:app"],
+    "mps serve myapp:handle": ["{python}", "-m", "mps", "serve", "myapp:handle"],
+    "mps serve path/to/myapp.py:handle": ["{python}", "-m", "mps", "serve",
+                                          "path/to/myapp.py:handle"],
+}
+
+
+@pytest.mark.parametrize("form", list(README_FORMS))
+def test_every_readme_form_runs_the_apps_server_settings_and_hooks(form, tmp_path):
+    # `mps serve myapp:handle` used to serve the bare function: 32 children,
+    # max_requests 128, and none of the hooks.
+    folder = tmp_path / "path" / "to" if "path/to" in form else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "myapp.py").write_text(MYAPP)
+    hooks = tmp_path / "hooks.log"
+    status = tmp_path / "st.sock"
+    log = tmp_path / "out.log"
+    cmd = [sys.executable if a == "{python}" else a for a in README_FORMS[form]]
+    cwd = folder if form == "python myapp.py" else tmp_path
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPS_")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--bind", "127.0.0.1:0", "--status-socket", str(status)], cwd=str(cwd),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**env, "MYAPP_HOOK_LOG": str(hooks)})
+    try:
+        port = listening_port(log)
+        assert echo(port).startswith(b"myapp ")
+        from mps.status import query
+        settings = wait_until(lambda: _settings_once_full(str(status)),
+                              what="three children")
+        assert (settings["start_servers"], settings["max_requests"],
+                settings["max_children"]) == (3, 77, 5)
+        lines = wait_until(lambda: hooks.read_text().splitlines() if hooks.exists() and
+                           hooks.read_text().count("post_fork") >= 3 else None,
+                           what="the post_fork hooks")
+        assert f"on_starting {proc.pid} True" in lines
+        assert query(str(status))["children"]["total"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+    assert "(backend " in log.read_text() and "WARNING" not in log.read_text()
+
+
+def _settings_once_full(path: str) -> dict[str, object] | None:
+    from mps.status import query
+    try:
+        doc = query(path)
+    except Exception:
+        return None
+    return doc["settings"] if doc["children"]["idle"] >= 3 else None  # type: ignore[no-any-return]
+
+
+def test_a_handler_shared_by_two_servers_is_served_alone_with_a_warning(tmp_path):
+    (tmp_path / "two.py").write_text(textwrap.dedent("""
+        import os
+        import mps
+
+        def handle(conn, addr):
+            conn.sendall(b"two %d: %s" % (os.getpid(), conn.recv(64)))
+
+        fast = mps.Server(handle, max_requests=5)
+        slow = mps.Server(handle, max_requests=500)
+    """))
+    status = tmp_path / "st.sock"
+    log = tmp_path / "out.log"
+    proc = serve(["serve", "two:handle", "--bind", "127.0.0.1:0", "--status-socket",
+                  str(status), *SMALL], log, cwd=str(tmp_path))
+    try:
+        port = listening_port(log)
+        assert echo(port).startswith(b"two ")
+        from mps.status import query
+        assert query(str(status))["settings"]["max_requests"] == 128   # neither Server's
+    finally:
+        stop(proc)
+    warning = [line for line in log.read_text().splitlines() if "WARNING" in line]
+    assert len(warning) == 1 and "fast, slow" in warning[0] and "two:fast" in warning[0], \
+        log.read_text()
+
+
+def test_server_run_without_a_handler_is_one_line_and_exit_4(tmp_path):
+    script = tmp_path / "nohandler.py"
+    script.write_text("import mps\nmps.Server(start_servers=1).run()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.count("\n") == 1 and "handler" in r.stderr and "Traceback" not in r.stderr

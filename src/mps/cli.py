@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__, config, daemon, logs
@@ -70,11 +70,14 @@ def settings_from_flags(namespace: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def serve_app(app: App, argv: list[str]) -> int:
+def serve_app(make_app: Callable[[], App], argv: list[str]) -> int:
     """``Server.run()``: settings from keywords, env and ``argv``; exit status."""
-    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "mps")
-    add_setting_flags(parser)
-    return _guard(lambda: _serve(app, settings_from_flags(parser.parse_args(argv))))
+    def serve() -> int:
+        app = make_app()
+        parser = _Parser(prog=os.path.basename(sys.argv[0]) or "mps")
+        add_setting_flags(parser)
+        return _serve(app, settings_from_flags(parser.parse_args(argv)))
+    return _guard(serve)
 
 
 def _serve(app: App, flags: dict[str, Any]) -> int:
@@ -87,6 +90,8 @@ def _serve(app: App, flags: dict[str, Any]) -> int:
         logs.configure(settings.log_level, settings.log_file)
     except OSError as exc:
         raise MpsError(f"cannot open log_file {settings.log_file}: {exc.strerror}") from None
+    for note in app.notes:
+        logs.log.warning("%s", note)
     if settings.single:
         from .worker import run_single
         return run_single(settings, app)

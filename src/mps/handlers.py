@@ -4,6 +4,9 @@
 callable may be a plain ``handle(conn, addr)`` function, a
 ``socketserver.BaseRequestHandler`` subclass (called the way socketserver
 calls it), or an :class:`mps.Server` whose ``@handler`` and hooks are used.
+Naming the handler of the module's one Server (``myapp:handle`` for
+``@app.handler def handle``) runs that Server, so every form the README shows
+gets the same settings and hooks.
 """
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ import socketserver
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AppError
+
+if TYPE_CHECKING:
+    from .server import Server
 
 Handler = Callable[[socket.socket, Any], object]
 Hook = Callable[..., object]
@@ -32,6 +38,8 @@ class App:
     hooks: dict[str, Hook] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     server: Any = None
+    #: Warnings about how APP was read, logged once logging is set up.
+    notes: list[str] = field(default_factory=list)
 
     def call_hook(self, name: str, *args: object) -> None:
         hook = self.hooks.get(name)
@@ -71,7 +79,27 @@ def load(spec: str) -> App:
         raise AppError(f"app {spec!r}: {target} has no attribute {attr!r}") from None
     if isinstance(obj, Server):
         return obj.app()
-    return App(handler=adapt(obj, spec=spec))
+    servers = _servers_serving(module, obj)
+    if len(servers) == 1:
+        return servers[0][1].app()
+    app = App(handler=adapt(obj, spec=spec))
+    if servers:
+        names = ", ".join(name for name, _ in servers)
+        app.notes.append(f"app {spec!r} is the handler of {len(servers)} Servers ({names}); "
+                         f"serving it without their settings and hooks (name one, as in "
+                         f"{target}:{servers[0][0]}, to run it)")
+    return app
+
+
+def _servers_serving(module: Any, obj: object) -> list[tuple[str, Server]]:
+    """The mps.Servers in ``module`` whose handler is ``obj``: (first name, Server)."""
+    from .server import Server
+
+    found: dict[int, tuple[str, Server]] = {}
+    for name, value in vars(module).items():
+        if isinstance(value, Server) and value.handles(obj):
+            found.setdefault(id(value), (name, value))
+    return list(found.values())
 
 
 def _import(spec: str, target: str) -> Any:

@@ -32,6 +32,10 @@ class Server:
         self._handler = fn
         return fn
 
+    def handles(self, obj: object) -> bool:
+        """Whether ``obj`` is this Server's handler, as it was given."""
+        return self._handler is not None and self._handler is obj
+
     def on_starting(self, fn: Hook) -> Hook:
         self.hooks["on_starting"] = fn
         return fn
@@ -58,7 +62,9 @@ class Server:
     def serve(self, argv: Sequence[str] | None = None) -> int:
         """Serve with settings from keywords, ``MPS_*`` and ``argv``; the exit status."""
         from .cli import serve_app
-        return serve_app(self.app(), sys.argv[1:] if argv is None else list(argv))
+        # self.app, not self.app(): a missing handler is one line and exit 4
+        # there, as with `mps serve`, rather than a traceback here.
+        return serve_app(self.app, sys.argv[1:] if argv is None else list(argv))
 
     def run(self, argv: Sequence[str] | None = None) -> NoReturn:
         """Serve until stopped, then exit the process with the status of SPEC §8."""
