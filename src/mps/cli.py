@@ -9,11 +9,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import __version__, config, daemon, logs
-from .errors import EXIT_USAGE, MpsError, UsageError
+from .errors import EXIT_OK, EXIT_USAGE, AppError, MpsError, UsageError
 from .handlers import App
 
 DEFAULT_APP = "mps.examples:echo"
@@ -26,12 +26,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per row of the settings table."""
+def add_setting_flags(parser: argparse.ArgumentParser,
+                      defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per row of the settings table; ``defaults`` (an app's Server
+    keywords) replace the table's in the help, as they do in the settings."""
     group = parser.add_argument_group("settings (also MPS_<NAME> environment variables)")
     for f in config.fields():
+        default = (defaults or {}).get(f.name, f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f.metadata["help"] + _default_text(f)}
+                                  "help": f.metadata["help"] + _default_text(default)}
         if f.metadata["kind"] == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -39,8 +42,14 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(config.flag(f.name), **kwargs)
 
 
-def _default_text(f: Any) -> str:
-    return "" if f.default in (None, False) else f" (default: {f.default})"
+def _default_text(value: object) -> str:
+    """The help's ' (default: X)'; nothing for an unset path.  (Not `value in
+    (None, False)`: 0 == False would hide the default of --timeout.)"""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f" (default: {value})".replace("%", "%%")    # argparse %-formats help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +83,10 @@ def serve_app(make_app: Callable[[], App], argv: list[str]) -> int:
     """``Server.run()``: settings from keywords, env and ``argv``; exit status."""
     def serve() -> int:
         app = make_app()
-        parser = _Parser(prog=os.path.basename(sys.argv[0]) or "mps")
-        add_setting_flags(parser)
+        parser = _Parser(prog=os.path.basename(sys.argv[0]) or "mps",
+                         description="Serve this app in an mps prefork pool. A default "
+                                     "shown is the app's own (its Server keywords) or mps's.")
+        add_setting_flags(parser, app.settings)
         return _serve(app, settings_from_flags(parser.parse_args(argv)))
     return _guard(serve)
 
@@ -94,9 +105,24 @@ def _serve(app: App, flags: dict[str, Any]) -> int:
         logs.log.warning("%s", note)
     if settings.single:
         from .worker import run_single
-        return run_single(settings, app)
+        try:
+            return run_single(settings, app)
+        except KeyboardInterrupt:
+            return EXIT_OK      # Ctrl-C (INT) stops the pool with 0 too: a fast stop
     from .arbiter import Arbiter
     return Arbiter(settings, app).run()
+
+
+def _load(spec: str, flags: Mapping[str, Any]) -> App:
+    """Import APP; at --log-level debug a failed import also shows its traceback."""
+    from .handlers import import_traceback, load
+    try:
+        return load(spec)
+    except AppError as exc:
+        level = flags.get("log_level", config.from_env(os.environ).get("log_level"))
+        if level == "debug":
+            print(import_traceback(exc), end="", file=sys.stderr)
+        raise
 
 
 def _status(path: str, as_json: bool) -> int:
@@ -120,12 +146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
 
     def dispatch() -> int:
-        ns = build_parser().parse_args(args)
+        ns, extra = build_parser().parse_known_args(args)
+        if extra:       # argparse would blame `mps`, even for a `serve` flag
+            where = f"mps {ns.command}" if ns.command else "mps"
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} "
+                             f"(see `{where} --help`)")
         if ns.command == "serve":
             flags = settings_from_flags(ns)
             config.from_env(os.environ)   # a bad MPS_* value: exit 2 before the import
-            from .handlers import load
-            return _serve(load(ns.app), flags)
+            return _serve(_load(ns.app, flags), flags)
         if ns.command == "status":
             return _status(ns.socket, ns.json)
         if ns.command == "bench":

@@ -17,6 +17,7 @@ import os
 import socket
 import socketserver
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,21 @@ def _servers_serving(module: Any, obj: object) -> list[tuple[str, Server]]:
     return list(found.values())
 
 
+def import_traceback(error: BaseException) -> str:
+    """The traceback of the user's code behind an AppError from the import,
+    without importlib's frames and ours; "" when there is none."""
+    cause = error.__cause__
+    if cause is None:
+        return ""
+    ours = tuple(os.path.dirname(os.path.abspath(path)) + os.sep
+                 for path in (__file__, importlib.__file__))
+    frames = [frame for frame in traceback.extract_tb(cause.__traceback__)
+              if not frame.filename.startswith(("<frozen importlib", *ours))]
+    return ("Traceback (most recent call last):\n"
+            + "".join(traceback.format_list(frames))
+            + "".join(traceback.format_exception_only(type(cause), cause)))
+
+
 def _import(spec: str, target: str) -> Any:
     try:
         if target.endswith(".py") or os.sep in target:
@@ -114,7 +130,9 @@ def _import(spec: str, target: str) -> Any:
     except BaseException as exc:   # noqa: BLE001 - any failure of the user's import
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise AppError(f"cannot import app {spec!r}: {type(exc).__name__}: {exc}") from None
+        # The cause is kept for --log-level debug (import_traceback); the
+        # error itself is one line.
+        raise AppError(f"cannot import app {spec!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _import_path(path: str) -> Any:
