@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, Master, run_mps, wait_until
+from conftest import TESTS, Master, children_of, pid_alive, recv_all, run_mps, wait_until
 
 SMALL = ["--start-servers", "2", "--min-spare", "1", "--max-spare", "2", "--max-children", "4"]
 SAFE = ("--bind", "127.0.0.1:0", "--start-servers", "0", "--min-spare", "0")
@@ -155,3 +155,86 @@ def test_ctrl_c_in_single_mode_exits_0_like_the_pool(busy: bool, backend: str,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert "Traceback" not in log.read_text()
+
+
+# ----------------------------------------------------------------- --daemon and inherited fds
+
+
+def _daemon(tmp_path: Path, bind: str, pass_fds: list[int]) -> tuple[int, Path]:
+    """Launch ``mps serve --daemon``; the daemon's pid and its log file."""
+    pid_file = tmp_path / "mps.pid"
+    log = tmp_path / "mps.log"
+    launcher = subprocess.run(
+        [sys.executable, "-m", "mps", "serve", "--daemon", "--bind", bind, "--pid-file",
+         str(pid_file), "--log-file", str(log), *SMALL],
+        pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, timeout=30, cwd=str(TESTS))
+    assert launcher.returncode == 0, launcher.stderr
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                         what="the pid file"))
+    return pid, log
+
+
+def _fd_targets(pid: int) -> set[str]:
+    out = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_daemon_closes_descriptors_inherited_from_the_launcher(tmp_path: Path) -> None:
+    # `out=$(mps serve --daemon ...)`, a CI step, `ssh host mps serve --daemon`:
+    # the launcher's pipe must reach EOF once the launcher exits, not when
+    # the daemon does.
+    read_end, write_end = os.pipe()
+    pipe = os.readlink(f"/proc/self/fd/{write_end}")
+    try:
+        pid, log = _daemon(tmp_path, "127.0.0.1:0", pass_fds=[write_end])
+        os.close(write_end)
+        write_end = -1
+        try:
+            os.set_blocking(read_end, False)
+
+            def eof() -> bool:
+                try:
+                    return os.read(read_end, 1) == b""
+                except BlockingIOError:
+                    return False
+            wait_until(eof, timeout=5, what="EOF on the launcher's pipe")
+            port = _listening_port(log)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"hi")
+                assert recv_all(s).endswith(b": hi")
+            for p in (pid, *children_of(pid)):
+                assert pipe not in _fd_targets(p), p
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_daemon_keeps_an_inherited_listener(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    try:
+        pid, log = _daemon(tmp_path, f"fd://{listener.fileno()}", [listener.fileno()])
+        try:
+            wait_until(lambda: "listening at" in log.read_text(), what="the daemon's log")
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(b"hi")
+                    reply = recv_all(s)
+                assert reply.endswith(b": hi") and int(reply.split(b":")[0]) != os.getpid()
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(pid), what="the daemon to stop")
+    finally:
+        listener.close()

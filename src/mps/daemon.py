@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import signal
+import socket
 import stat
+from collections.abc import Collection
 
 from .errors import MpsError
 
@@ -27,8 +30,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
-def daemonize() -> None:
-    """Detach: two forks and setsid(); stdio to /dev/null.  Sockets survive."""
+def daemonize(keep: Collection[int] | None = None) -> None:
+    """Detach: two forks and setsid(); stdio to /dev/null; inherited fds closed.
+
+    What daemon(3) callers do, minus its danger: descriptors the launching
+    shell left open (a CI runner's pipe, an ssh session's socket) would keep
+    that pipe or session open for as long as the daemon lives, so they are
+    closed.  Only *inherited* ones, though: they are exactly the descriptors
+    without close-on-exec, because everything Python opens is close-on-exec
+    (PEP 446).  A blind closerange() would also close descriptors that live
+    objects own -- the log file, the status socket, the scoreboard's memfd, a
+    file the app opened at import -- and the next open() would reuse the
+    number under them.  ``keep`` names inherited descriptors to keep (the
+    ``fd://N`` listener); when it is None, inherited *listening* sockets are
+    kept, so a caller that names nothing never loses its listener.
+    """
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
@@ -38,6 +54,43 @@ def daemonize() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    close_inherited_fds(keep)
+
+
+def close_inherited_fds(keep: Collection[int] | None = None) -> list[int]:
+    """Close descriptors 3 and up that lack close-on-exec, except ``keep``
+    (None: except listening sockets); the ones closed."""
+    closed = []
+    for fd in _open_fds():
+        if fd < 3 or (keep is not None and fd in keep):
+            continue
+        try:
+            if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                continue        # ours: Python opened it
+        except OSError:
+            continue            # the listing's own descriptor, gone already
+        if keep is None and _is_listening(fd):
+            continue
+        os.close(fd)
+        closed.append(fd)
+    return closed
+
+
+def _open_fds() -> list[int]:
+    return sorted(int(name) for name in os.listdir("/proc/self/fd"))
+
+
+def _is_listening(fd: int) -> bool:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False            # not a socket
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def check_pid_file(path: str) -> None:
