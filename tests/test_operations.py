@@ -348,7 +348,7 @@ def _settings_once_full(path: str) -> dict[str, object] | None:
     return doc["settings"] if doc["children"]["idle"] >= 3 else None  # type: ignore[no-any-return]
 
 
-def test_a_handler_shared_by_two_servers_is_served_alone_with_a_warning(tmp_path):
+def test_a_handler_shared_by_two_servers_is_served_alone_and_says_so_at_debug(tmp_path):
     (tmp_path / "two.py").write_text(textwrap.dedent("""
         import os
         import mps
@@ -362,7 +362,7 @@ def test_a_handler_shared_by_two_servers_is_served_alone_with_a_warning(tmp_path
     status = tmp_path / "st.sock"
     log = tmp_path / "out.log"
     proc = serve(["serve", "two:handle", "--bind", "127.0.0.1:0", "--status-socket",
-                  str(status), *SMALL], log, cwd=str(tmp_path))
+                  str(status), "--log-level", "debug", *SMALL], log, cwd=str(tmp_path))
     try:
         port = listening_port(log)
         assert echo(port).startswith(b"two ")
@@ -370,9 +370,9 @@ def test_a_handler_shared_by_two_servers_is_served_alone_with_a_warning(tmp_path
         assert query(str(status))["settings"]["max_requests"] == 128   # neither Server's
     finally:
         stop(proc)
-    warning = [line for line in log.read_text().splitlines() if "WARNING" in line]
-    assert len(warning) == 1 and "fast, slow" in warning[0] and "two:fast" in warning[0], \
-        log.read_text()
+    note = [line for line in log.read_text().splitlines() if "Servers (" in line]
+    assert len(note) == 1 and "DEBUG" in note[0], log.read_text()
+    assert "fast, slow" in note[0] and "two:fast" in note[0], note
 
 
 def test_server_run_without_a_handler_is_one_line_and_exit_4(tmp_path):

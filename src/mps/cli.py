@@ -102,7 +102,8 @@ def _serve(app: App, flags: dict[str, Any]) -> int:
     except OSError as exc:
         raise MpsError(f"cannot open log_file {settings.log_file}: {exc.strerror}") from None
     for note in app.notes:
-        logs.log.warning("%s", note)
+        # Debug, not a warning: a refusal that follows must stay one line.
+        logs.log.debug("%s", note)
     if settings.single:
         from .worker import run_single
         try:

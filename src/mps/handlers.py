@@ -39,7 +39,7 @@ class App:
     hooks: dict[str, Hook] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     server: Any = None
-    #: Warnings about how APP was read, logged once logging is set up.
+    #: How APP was read, logged (at debug level) once logging is set up.
     notes: list[str] = field(default_factory=list)
 
     def call_hook(self, name: str, *args: object) -> None:
