@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
 
     def dispatch() -> int:
+        if args[:1] == ["bench"]:   # bench parses its own arguments, --help included
+            from .bench import main as bench_main
+            return bench_main(args[1:])
         ns, extra = build_parser().parse_known_args(args)
         if extra:       # argparse would blame `mps`, even for a `serve` flag
             where = f"mps {ns.command}" if ns.command else "mps"
@@ -158,9 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(_load(ns.app, flags), flags)
         if ns.command == "status":
             return _status(ns.socket, ns.json)
-        if ns.command == "bench":
-            from .bench import main as bench_main
-            return bench_main(ns.bench_args)
         raise UsageError("a command is required: serve, status or bench (see `mps --help`)")
 
     return _guard(dispatch)
