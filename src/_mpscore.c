@@ -3,7 +3,7 @@
  * anonymous MAP_SHARED memory, guarded by a process-shared robust mutex.
  *
  * Compiled through cffi (build_ffi.py pastes this file into set_source) and
- * also #included by benchmarks/ for the C-only floor measurement, so it must
+ * also #included by mps/_bench/lockbench.c (the C-only floor), so it must
  * stay Python-free: PODs only, no pointers inside the shared mapping, every
  * function returns 0 (or a documented non-negative value) or -errno.
  *
@@ -12,8 +12,15 @@
  * because the slot state and the counter change inside the same critical
  * section.  A holder that dies inside it leaves the mutex EOWNERDEAD; the
  * next locker recounts the counter from the slots and marks it consistent.
+ *
+ * A holder that is stopped instead (SIGSTOP, a debugger, a cgroup freezer)
+ * never dies on its own, so the master's calls lock with a deadline
+ * (lock_timeout_ns) and return -ETIMEDOUT; the master then reads the holder
+ * (mps_lock_holder), kills it, and its retry takes the EOWNERDEAD path.
+ * Children's calls keep the plain blocking lock: their hot path is unchanged.
  */
 #include <errno.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -25,7 +32,17 @@
 #include <unistd.h>
 
 #define MPS_MAGIC   0x3153504dU     /* "MPS1" */
-#define MPS_VERSION 1
+#define MPS_VERSION 2     /* 2: lock_timeout_ns after the head */
+
+/* pthread_mutex_clocklock (glibc >= 2.30, declared under _GNU_SOURCE, which
+ * glibc turns into __USE_GNU) waits on CLOCK_MONOTONIC; the portable
+ * timedlock waits on CLOCK_REALTIME, which a clock step can stretch or cut
+ * short -- acceptable for a fallback. */
+#if defined(__USE_GNU) && defined(__GLIBC_PREREQ)
+#if __GLIBC_PREREQ(2, 30)
+#define MPS_CLOCKLOCK 1
+#endif
+#endif
 
 enum mps_state {
     MPS_EMPTY = 0,      /* free slot */
@@ -57,6 +74,7 @@ typedef struct mps_board {
     uint32_t version;
     size_t size;            /* bytes mapped, for munmap */
     struct mps_head head;
+    int64_t lock_timeout_ns;    /* the master's calls give up after this (0: never) */
     pthread_mutex_t lock;
     struct mps_slot slots[];
 } mps_board;
@@ -81,12 +99,33 @@ static int64_t mps_recount(mps_board *b)
     return idle;
 }
 
-/* Every transition locks through here.  EOWNERDEAD means a process died
- * holding the lock, possibly between a slot store and the counter store:
- * recount before anyone trusts the counter again. */
-static int mps_lock_(mps_board *b)
+/* Every transition locks through here; timeout_ns 0 blocks, else the wait
+ * ends with -ETIMEDOUT.  EOWNERDEAD means a process died holding the lock,
+ * possibly between a slot store and the counter store: recount before anyone
+ * trusts the counter again.  Inlined with a constant 0 for the children, so
+ * their path is the plain pthread_mutex_lock it always was. */
+static inline int mps_lock_within_(mps_board *b, int64_t timeout_ns)
 {
-    int rc = pthread_mutex_lock(&b->lock);
+    struct timespec at;
+    int rc;
+    if (timeout_ns <= 0) {
+        rc = pthread_mutex_lock(&b->lock);
+    } else {
+#ifdef MPS_CLOCKLOCK
+        clockid_t clock = CLOCK_MONOTONIC;
+#else
+        clockid_t clock = CLOCK_REALTIME;
+#endif
+        clock_gettime(clock, &at);
+        timeout_ns += at.tv_nsec;
+        at.tv_sec += (time_t)(timeout_ns / 1000000000);
+        at.tv_nsec = (long)(timeout_ns % 1000000000);
+#ifdef MPS_CLOCKLOCK
+        rc = pthread_mutex_clocklock(&b->lock, clock, &at);
+#else
+        rc = pthread_mutex_timedlock(&b->lock, &at);
+#endif
+    }
     if (rc == EOWNERDEAD) {
         mps_recount(b);
         b->head.repairs++;
@@ -96,18 +135,34 @@ static int mps_lock_(mps_board *b)
     return -rc;
 }
 
+/* Children: block until the lock is ours (a stopped holder stops them too;
+ * the master, which does not block, kills it). */
+static inline int mps_lock_(mps_board *b)
+{
+    return mps_lock_within_(b, 0);
+}
+
+/* Master: wait at most lock_timeout_ns, so a stopped holder cannot freeze
+ * the master (and, behind it, every child) forever. */
+static int mps_lock_master_(mps_board *b)
+{
+    return mps_lock_within_(b, b->lock_timeout_ns);
+}
+
 static void mps_unlock_(mps_board *b)
 {
     pthread_mutex_unlock(&b->lock);
 }
 
-/* Every per-slot transition starts here: check the index, take the lock. */
-static int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s)
+/* Every per-slot transition starts here: check the index, take the lock
+ * (timeout_ns as in mps_lock_within_: children pass 0). */
+static inline int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s,
+                                int64_t timeout_ns)
 {
     int rc;
     if (slot < 0 || slot >= b->head.nslots)
         return -EINVAL;
-    if ((rc = mps_lock_(b)) < 0)
+    if ((rc = mps_lock_within_(b, timeout_ns)) < 0)
         return rc;
     *s = &b->slots[slot];
     return 0;
@@ -161,12 +216,13 @@ static int mps_destroy(mps_board *b)
 }
 
 /* Master, before fork(): claim the first empty slot as STARTING.
- * Locks.  Returns the slot index, or -ENOSPC when every slot is taken. */
+ * Locks (master: -ETIMEDOUT past lock_timeout_ns, as every "Locks (master)"
+ * below).  Returns the slot index, or -ENOSPC when every slot is taken. */
 static int64_t mps_reserve(mps_board *b)
 {
     int64_t now = mps_now_ns();
     int64_t i;
-    int rc = mps_lock_(b);
+    int rc = mps_lock_master_(b);
     if (rc < 0)
         return rc;
     for (i = 0; i < b->head.nslots; i++) {
@@ -184,12 +240,12 @@ static int64_t mps_reserve(mps_board *b)
     return -ENOSPC;
 }
 
-/* Master, after fork() returned pid for this slot.  Locks. */
+/* Master, after fork() returned pid for this slot.  Locks (master). */
 static int mps_started(mps_board *b, int64_t slot, int64_t pid)
 {
     struct mps_slot *s;
     int rc;
-    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s, b->lock_timeout_ns)) < 0)
         return rc;
     s->pid = pid;
     mps_unlock_(b);
@@ -197,7 +253,7 @@ static int mps_started(mps_board *b, int64_t slot, int64_t pid)
 }
 
 /* Master, when it reaps the slot's pid or when fork() failed: free the slot
- * whatever state the child left it in (the seed leaked it).  Locks.
+ * whatever state the child left it in (the seed leaked it).  Locks (master).
  * Returns the state the slot was in. */
 static int mps_release(mps_board *b, int64_t slot)
 {
@@ -205,7 +261,7 @@ static int mps_release(mps_board *b, int64_t slot)
     struct mps_slot *s;
     int64_t was;
     int rc;
-    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s, b->lock_timeout_ns)) < 0)
         return rc;
     was = s->state;
     if (was == MPS_IDLE)
@@ -220,14 +276,14 @@ static int mps_release(mps_board *b, int64_t slot)
 /* Master: ask the slot's child to leave without dropping a connection.
  * An idle child becomes EXITING at once (it no longer counts as idle); a
  * starting or busy one is flagged and leaves at its next mps_idle().
- * Locks.  Returns the slot's state before the call. */
+ * Locks (master).  Returns the slot's state before the call. */
 static int mps_retire(mps_board *b, int64_t slot)
 {
     int64_t now = mps_now_ns();
     struct mps_slot *s;
     int64_t was;
     int rc;
-    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s, b->lock_timeout_ns)) < 0)
         return rc;
     was = s->state;
     if (was == MPS_IDLE) {
@@ -249,7 +305,7 @@ static int mps_busy(mps_board *b, int64_t slot)
     int64_t now = mps_now_ns();
     struct mps_slot *s;
     int rc, wake;
-    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
     if (s->state == MPS_IDLE) {
         b->head.idle--;
@@ -308,7 +364,7 @@ static int mps_idle(mps_board *b, int64_t slot)
     int64_t now = mps_now_ns();
     struct mps_slot *s;
     int rc;
-    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
     if (s->retire || s->state == MPS_EXITING) {
         mps_set_state(s, MPS_EXITING, now);
@@ -328,7 +384,7 @@ static int mps_done(mps_board *b, int64_t slot)
     int64_t now = mps_now_ns();
     struct mps_slot *s;
     int rc;
-    if ((rc = mps_lock_slot(b, slot, &s)) < 0)
+    if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
     if (s->state == MPS_IDLE)
         b->head.idle--;
@@ -337,10 +393,10 @@ static int mps_done(mps_board *b, int64_t slot)
     return 0;
 }
 
-/* Master or status: copy the header and every slot out.  Locks. */
+/* Master or status: copy the header and every slot out.  Locks (master). */
 static int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots)
 {
-    int rc = mps_lock_(b);
+    int rc = mps_lock_master_(b);
     if (rc < 0)
         return rc;
     *head = b->head;
@@ -350,10 +406,10 @@ static int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *sl
 }
 
 /* Master, every pass: recount idle slots; repair and count any drift,
- * stored in *drift (recount - counter).  Locks. */
+ * stored in *drift (recount - counter).  Locks (master). */
 static int mps_audit(mps_board *b, int64_t *drift)
 {
-    int rc = mps_lock_(b);
+    int rc = mps_lock_master_(b);
     if (rc < 0)
         return rc;
     *drift = mps_recount(b);
@@ -364,16 +420,45 @@ static int mps_audit(mps_board *b, int64_t *drift)
 }
 
 /* Master: publish the live min_spare and re-arm the children's wake-up
- * (on start, on TTIN/TTOU, and on each pass that can fork).  Locks. */
+ * (on start, on TTIN/TTOU, and on each pass that can fork).  Locks (master). */
 static int mps_set_min_spare(mps_board *b, int64_t min_spare)
 {
-    int rc = mps_lock_(b);
+    int rc = mps_lock_master_(b);
     if (rc < 0)
         return rc;
     b->head.min_spare = min_spare;
     b->head.wake_pending = 0;
     mps_unlock_(b);
     return 0;
+}
+
+/* Master: how long its calls wait for the lock before -ETIMEDOUT (0, the
+ * default, waits forever).  No lock: a plain store that only master-side
+ * calls read. */
+static int mps_set_lock_timeout(mps_board *b, int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return -EINVAL;
+    b->lock_timeout_ns = timeout_ns;
+    return 0;
+}
+
+/* Master, after -ETIMEDOUT: the pid holding the lock, or 0 when it is free,
+ * its holder died, or the C library is not glibc.  No lock (it must not
+ * wait on the lock it asks about), so the answer may already be stale.
+ * It reads the robust futex word, whose low bits are the holder's TID by
+ * kernel ABI (FUTEX_TID_MASK); the holders are single-threaded children,
+ * so TID == pid.  Nothing is stored on the children's hot path for this. */
+static int64_t mps_lock_holder(mps_board *b)
+{
+#ifdef __GLIBC__
+    unsigned int word = __atomic_load_n((unsigned int *)&b->lock.__data.__lock,
+                                        __ATOMIC_RELAXED);
+    return (int64_t)(word & FUTEX_TID_MASK);
+#else
+    (void)b;
+    return 0;
+#endif
 }
 
 /* Benchmarks only: an empty call with a transition's arguments -- the floor

@@ -771,3 +771,328 @@ def test_accept_that_times_out_leaves_the_slot_idle(board: Scoreboard) -> None:
     snap = board.snapshot()
     assert snap.slots[slot].state == State.IDLE
     assert snap.connections == 0 and snap.idle_counter == 1
+
+
+# ----------------------------------------------------------------- a stopped holder
+
+
+#: The master's lock deadline in these tests: short, to keep them quick.
+LOCK_TIMEOUT = 0.2
+#: "The pool serves again within a couple of seconds" (generous for a loaded CI box).
+RECOVERY = LOCK_TIMEOUT + 3.0
+
+
+class StoppedHolder:
+    """A forked process that takes the lock, leaves a half-done update (the
+    counter moved by -1, no slot did) and SIGSTOPs itself, lock in hand:
+    what a child looks like to a master when a debugger or freezer stops it."""
+
+    def __init__(self, board: Scoreboard) -> None:
+        self._ready_r, ready_w = os.pipe()
+
+        def hold() -> None:
+            os.close(self._ready_r)
+            board.hold_lock()
+            shift_idle_counter(board, -1)
+            os.write(ready_w, b"h")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            while True:
+                time.sleep(60)          # continued after all: keep the lock until killed
+
+        self.pid = fork_call(hold)
+        os.close(ready_w)
+        self.reaped = False
+
+    def wait_stopped(self) -> None:
+        try:
+            assert wait_byte(self._ready_r) == b"h"
+        finally:
+            os.close(self._ready_r)
+        wait_until(lambda: process_state(self.pid) == "T", DEADLINE,
+                   what=f"holder {self.pid} to stop")
+
+    def reap(self) -> int:
+        self.reaped = True              # reap() collects the pid even when it fails
+        return reap(self.pid)
+
+    def finish(self) -> None:
+        if not self.reaped:             # not reaped: the pid is still our child's
+            os.kill(self.pid, signal.SIGKILL)
+            self.reap()
+
+
+@pytest.fixture
+def stop_a_holder() -> Iterator[Callable[[Scoreboard], StoppedHolder]]:
+    """Factory: a stopped lock holder on the board; killed and reaped at teardown."""
+    made: list[StoppedHolder] = []
+
+    def make(board: Scoreboard) -> StoppedHolder:
+        holder = StoppedHolder(board)
+        made.append(holder)
+        holder.wait_stopped()
+        return holder
+
+    yield make
+    for holder in made:
+        holder.finish()
+
+
+def killer(holder_pid: int) -> Callable[[int], None]:
+    """The master's on_stuck, reduced to its decision: SIGKILL the reported
+    holder if it is the stopped one; refuse (raise) any other pid.  A later
+    call may still report the same pid, or 0, while the killed holder exits."""
+    killed: list[int] = []
+
+    def on_stuck(pid: int) -> None:
+        if pid == holder_pid:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        elif not (pid == 0 and killed):
+            raise AssertionError(f"on_stuck got pid {pid}; the stopped holder is {holder_pid}")
+
+    return on_stuck
+
+
+#: Every master-side call, on the board set up by stuck_board(): each takes
+#: the lock with a deadline.  Value: (call, what it returns once the lock is
+#: recovered, a check of its effect on the snapshot afterwards).
+MASTER_CALLS: dict[str, tuple[Callable[[Scoreboard, int], Any], Any,
+                              Callable[[Snapshot, int], bool]]] = {
+    "reserve": (lambda b, spare: b.reserve(), 3,
+                lambda snap, spare: snap.slots[3].state == State.STARTING),
+    "started": (lambda b, spare: b.started(spare, 4242), None,
+                lambda snap, spare: snap.slots[spare].pid == 4242),
+    "release": (lambda b, spare: int(b.release(spare)), State.STARTING,
+                lambda snap, spare: snap.slots[spare].state == State.EMPTY),
+    "retire": (lambda b, spare: int(b.retire(spare)), State.STARTING,
+               lambda snap, spare: snap.slots[spare].retire),
+    "snapshot": (lambda b, spare: snapshot_summary(b),
+                 {"idle_counter": 1, "idle": 1, "repairs": 1},
+                 lambda snap, spare: True),
+    "audit": (lambda b, spare: b.audit(), 0,     # recovering the lock already recounted
+              lambda snap, spare: True),
+    "set_min_spare": (lambda b, spare: b.set_min_spare(1), None,
+                      lambda snap, spare: snap.min_spare == 1),
+}
+
+
+def stuck_board(board: Scoreboard) -> tuple[int, int, int]:
+    """Slots 0 idle, 1 busy, 2 starting (the spare the calls act on)."""
+    idle_slot, busy_slot = child_slot(board), child_slot(board)
+    board.busy(busy_slot)
+    spare = board.reserve()
+    assert (idle_slot, busy_slot, spare) == (0, 1, 2)
+    board.lock_timeout = LOCK_TIMEOUT
+    return idle_slot, busy_slot, spare
+
+
+@pytest.mark.parametrize("call", sorted(MASTER_CALLS))
+def test_a_stopped_holder_is_killed_through_on_stuck_and_the_lock_recovered(
+        board: Scoreboard, stop_a_holder: Callable[[Scoreboard], StoppedHolder],
+        call: str) -> None:
+    """Issue 7 item 7: the master's call does not block forever; it reports
+    the holder, the callback kills it, and the retry recovers the lock (a
+    repair, the half-done counter recounted)."""
+    fn, expected, effect = MASTER_CALLS[call]
+    idle_slot, busy_slot, spare = stuck_board(board)
+    holder = stop_a_holder(board)
+    assert board.lock_holder() == holder.pid
+
+    def master() -> dict[str, Any]:
+        reported: list[int] = []
+        kill = killer(holder.pid)
+
+        def on_stuck(pid: int) -> None:
+            reported.append(pid)
+            kill(pid)
+
+        board.on_stuck = on_stuck
+        start = time.monotonic()
+        result = fn(board, spare)
+        return {"result": result, "reported": reported, "elapsed": time.monotonic() - start}
+
+    # The master's call runs in a checker: were it to block, the deadline fails the test.
+    seen = call_in_child(master)
+    assert seen["reported"][0] == holder.pid
+    assert set(seen["reported"]) <= {holder.pid, 0}
+    assert seen["result"] == expected
+    assert seen["elapsed"] < RECOVERY
+    assert holder.reap() == -signal.SIGKILL
+    snap = board.snapshot()
+    assert snap.repairs == 1
+    assert snap.idle_counter == 1 == snap.count(State.IDLE)     # the -1 was recounted away
+    assert snap.slots[idle_slot].state == State.IDLE
+    assert snap.slots[busy_slot].state == State.BUSY
+    assert effect(snap, spare)
+    assert board.lock_holder() == 0
+    assert board.audit() == 0 and board.snapshot().repairs == 1
+
+
+def test_on_stuck_is_asked_again_for_as_long_as_it_returns(
+        board: Scoreboard, stop_a_holder: Callable[[Scoreboard], StoppedHolder]) -> None:
+    stuck_board(board)
+    holder = stop_a_holder(board)
+
+    def master() -> list[int]:
+        reported: list[int] = []
+        kill = killer(holder.pid)
+
+        def on_stuck(pid: int) -> None:
+            reported.append(pid)
+            if len(reported) >= 3:      # the first two times, wait another lock_timeout
+                kill(pid)
+
+        board.on_stuck = on_stuck
+        board.snapshot()
+        return reported
+
+    reported = call_in_child(master)
+    assert reported[:3] == [holder.pid] * 3
+    assert set(reported[3:]) <= {holder.pid, 0}
+    assert holder.reap() == -signal.SIGKILL
+    assert board.snapshot().repairs == 1
+
+
+class GiveUp(Exception):
+    pass
+
+
+def test_on_stuck_raising_abandons_the_call_without_touching_the_board(
+        board: Scoreboard, stop_a_holder: Callable[[Scoreboard], StoppedHolder]) -> None:
+    _, _, spare = stuck_board(board)
+    holder = stop_a_holder(board)
+
+    def master() -> int:
+        def on_stuck(pid: int) -> None:
+            raise GiveUp(pid)
+
+        board.on_stuck = on_stuck
+        try:
+            board.release(spare)
+        except GiveUp as exc:
+            return int(exc.args[0])
+        return -1
+
+    assert call_in_child(master) == holder.pid
+    assert board.lock_holder() == holder.pid    # the lock was left alone
+    holder.finish()
+    snap = board.snapshot()
+    assert snap.slots[spare].state == State.STARTING   # release never ran
+    assert snap.repairs == 1 and consistent(snap)
+
+
+@pytest.mark.parametrize("call", ["snapshot", "reserve"])
+def test_without_on_stuck_a_master_call_gives_up_with_etimedout(
+        board: Scoreboard, stop_a_holder: Callable[[Scoreboard], StoppedHolder],
+        call: str) -> None:
+    fn = MASTER_CALLS[call][0]
+    _, _, spare = stuck_board(board)
+    holder = stop_a_holder(board)
+
+    def master() -> dict[str, Any]:
+        assert board.on_stuck is None
+        start = time.monotonic()
+        try:
+            fn(board, spare)
+        except OSError as exc:
+            return {"errno": exc.errno, "elapsed": time.monotonic() - start}
+        return {"errno": 0, "elapsed": time.monotonic() - start}
+
+    seen = call_in_child(master)
+    assert seen["errno"] == errno.ETIMEDOUT
+    assert LOCK_TIMEOUT * 0.9 <= seen["elapsed"] < RECOVERY
+    assert process_state(holder.pid) == "T"
+    assert board.lock_holder() == holder.pid    # giving up did not break the lock
+    holder.finish()
+    snap = board.snapshot()
+    assert snap.repairs == 1 and snap.idle_counter == 1 and consistent(snap)
+    assert snap.count(State.STARTING) == 1      # reserve never ran
+
+
+def test_children_blocked_behind_a_stopped_holder_serve_again_once_it_is_killed(
+        board: Scoreboard, stop_a_holder: Callable[[Scoreboard], StoppedHolder]) -> None:
+    """Children's calls have no deadline (their hot path is unchanged): they
+    wait behind the stopped holder until the master's on_stuck kills it."""
+    idle_slot, busy_slot, _ = stuck_board(board)
+    holder = stop_a_holder(board)
+    result_r, result_w = os.pipe()
+
+    def child() -> None:
+        os.write(result_w, b"w")        # about to block on the held lock
+        os.write(result_w, b"%d" % board.idle(busy_slot))
+
+    child_pid = fork_call(child)
+    child_reaped = False
+    os.close(result_w)
+    try:
+        assert wait_byte(result_r) == b"w"
+        wait_until(lambda: process_state(child_pid) == "S", DEADLINE,
+                   what="the child to block on the lock")
+        # Several lock_timeouts pass: the child keeps waiting, it never gives up.
+        assert not select.select([result_r], [], [], 3 * LOCK_TIMEOUT)[0]
+        assert process_state(child_pid) == "S"
+
+        def master() -> None:
+            board.on_stuck = killer(holder.pid)
+            board.audit()
+
+        call_in_child(master)
+        child_reaped = True
+        assert reap(child_pid) == 0
+        assert os.read(result_r, 16) == b"0"
+    finally:
+        os.close(result_r)
+        if not child_reaped:
+            os.kill(child_pid, signal.SIGKILL)
+            reap(child_pid)
+    assert holder.reap() == -signal.SIGKILL
+    snap = board.snapshot()
+    assert snap.repairs == 1
+    assert [snap.slots[s].state for s in (idle_slot, busy_slot)] == [State.IDLE, State.IDLE]
+    assert snap.idle_counter == 2 == snap.count(State.IDLE)
+
+
+def test_lock_holder_is_zero_when_the_lock_is_free(board: Scoreboard) -> None:
+    assert board.lock_holder() == 0
+    slot = child_slot(board)
+    board.busy(slot)
+    board.audit()
+    assert board.lock_holder() == 0
+    assert reap(fork_call(board.hold_lock)) == 0    # died holding it
+    assert board.lock_holder() == 0                 # a dead holder holds nothing
+    assert call_in_child(lambda: snapshot_summary(board))["repairs"] == 1
+    assert board.lock_holder() == 0
+
+
+def test_lock_holder_names_a_live_holder(board: Scoreboard) -> None:
+    ready_r, ready_w = os.pipe()
+
+    def holder() -> None:
+        board.hold_lock()
+        os.write(ready_w, b"h")
+        while True:
+            time.sleep(60)              # until the test kills us, lock in hand
+
+    pid = fork_call(holder)
+    try:
+        assert wait_byte(ready_r) == b"h"
+        assert board.lock_holder() == pid
+    finally:
+        os.close(ready_r)
+        os.close(ready_w)
+        os.kill(pid, signal.SIGKILL)
+        reap(pid)
+
+
+def test_lock_timeout_defaults_to_half_a_second(board: Scoreboard) -> None:
+    assert board.lock_timeout == 0.5
+    assert board.on_stuck is None
+    board.lock_timeout = 2
+    assert board.lock_timeout == 2.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), 1e9])
+def test_lock_timeout_must_be_positive_and_finite(board: Scoreboard, bad: float) -> None:
+    with pytest.raises(ValueError, match="lock_timeout"):
+        board.lock_timeout = bad
+    assert board.lock_timeout == 0.5

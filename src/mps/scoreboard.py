@@ -11,6 +11,15 @@ Two backends offer one interface (:class:`Scoreboard`):
   dies; a "dirty" word set while the lock is held tells the next locker that
   the holder died mid-update, and it recounts (the C core's EOWNERDEAD path).
 
+A holder that is *stopped* rather than dead (SIGSTOP, a debugger attaching,
+a cgroup freezer) is recovered by neither, so the master never waits on the
+lock without a deadline: each master-side call waits at most
+:attr:`Scoreboard.lock_timeout`, then asks the master's
+:attr:`Scoreboard.on_stuck` callback about the holder's pid, and retries.
+Once the callback has SIGKILLed the holder, the retry gets the lock through
+the dead-holder path above (and ``repairs`` counts it).  The children's calls
+keep blocking: a stopped holder stalls them until the master acts.
+
 Slot life: EMPTY -> STARTING (master, before fork) -> IDLE <-> BUSY (child)
 -> EXITING (child, or master retiring it) -> EMPTY (master, when it reaps).
 Invariant: ``idle counter == number of IDLE slots``.
@@ -23,9 +32,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import mmap
 import os
 import socket
+import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -85,16 +96,36 @@ class Snapshot:
         return sum(1 for s in self.slots if s.state == state)
 
 
+#: Longest lock_timeout accepted: beyond it the deadline protects nothing.
+LOCK_TIMEOUT_MAX = 3600.0
+
+
 class Scoreboard(ABC):
     """The interface both backends implement.  Who calls what:
 
-    master: reserve, started, release, retire, snapshot, audit, set_min_spare
+    master: reserve, started, release, retire, snapshot, audit, set_min_spare,
+            lock_holder
     child:  idle (also once after boot), accept (accept + busy), busy, done
+
+    The master's calls wait for the lock at most :attr:`lock_timeout` seconds
+    at a time.  Each time that expires they call :attr:`on_stuck` with the
+    holder's pid (0 when unknown or already gone) and try again, for as long
+    as the callback returns; the callback raises to give up.  Without a
+    callback they raise ``OSError(ETIMEDOUT)``.  The callback runs inside a
+    scoreboard call, so it must not call the scoreboard (it would wait on
+    its own caller's lock).  The children's calls block without a deadline:
+    their hot path pays nothing for this.
     """
 
     name: str
     #: Write end of the master's wake-up pipe (set by the master before fork).
     wake_fd: int = -1
+    #: Master: called with the lock holder's pid (0: unknown) each time a
+    #: master-side call has waited lock_timeout for the lock.  The master
+    #: decides: SIGKILL the holder (the retry then recovers the lock and
+    #: counts a repair), return to wait another lock_timeout, or raise.
+    on_stuck: Callable[[int], None] | None = None
+    _lock_timeout: float = 0.5
 
     # The child's per-connection calls.  They return the transition's code,
     # not an exception: non-zero means "act" (busy: wake the master; idle:
@@ -108,6 +139,35 @@ class Scoreboard(ABC):
 
     def __init__(self, nslots: int) -> None:
         self.nslots = nslots
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds a master-side call waits for the lock before on_stuck (0.5)."""
+        return self._lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        if not (math.isfinite(seconds) and 0 < seconds <= LOCK_TIMEOUT_MAX):
+            raise ValueError(f"lock_timeout must be in (0, {LOCK_TIMEOUT_MAX:g}] seconds, "
+                             f"not {seconds!r}")
+        self._lock_timeout = float(seconds)
+        self._publish_lock_timeout()
+
+    def _publish_lock_timeout(self) -> None:
+        """Hand lock_timeout to where the locking happens (the C board)."""
+
+    def _stuck(self) -> bool:
+        """A master-side call waited lock_timeout: ask on_stuck about the
+        holder.  True: try again; False: no callback, give up (ETIMEDOUT)."""
+        if self.on_stuck is None:
+            return False
+        self.on_stuck(self.lock_holder())
+        return True
+
+    @abstractmethod
+    def lock_holder(self) -> int:
+        """The pid holding the lock, or 0 when it is free (or the holder is
+        unknown).  Never waits for the lock, so the answer may be stale."""
 
     @abstractmethod
     def reserve(self) -> int:
@@ -200,19 +260,36 @@ class CScoreboard(Scoreboard):
         self.idle = partial(_lib.mps_idle, self._board)
         #: The floor busy/idle are measured against (benchmarks only).
         self.nop: Callable[[int], int] = partial(_lib.mps_nop, self._board)
+        self._publish_lock_timeout()
+
+    def _publish_lock_timeout(self) -> None:
+        if self._board is not None:     # not after close(): C would get NULL
+            _check(_lib.mps_set_lock_timeout(self._board, round(self._lock_timeout * 1e9)))
+
+    def _master(self, call: Callable[..., int], *args: Any) -> int:
+        """Make a master-side C call; while it times out on the lock, ask
+        on_stuck and call again (nothing was changed: C gave up before it
+        locked).  The one place the master's C calls meet ETIMEDOUT."""
+        rc = int(call(self._board, *args))
+        while rc == -errno.ETIMEDOUT and self._stuck():
+            rc = int(call(self._board, *args))
+        return rc
+
+    def lock_holder(self) -> int:
+        return int(_lib.mps_lock_holder(self._board))
 
     def reserve(self) -> int:
-        rc = int(_lib.mps_reserve(self._board))
+        rc = self._master(_lib.mps_reserve)
         return -1 if rc == -errno.ENOSPC else _check(rc)   # every slot taken
 
     def started(self, slot: int, pid: int) -> None:
-        _check(_lib.mps_started(self._board, slot, pid))
+        _check(self._master(_lib.mps_started, slot, pid))
 
     def release(self, slot: int) -> State:
-        return State(_check(_lib.mps_release(self._board, slot)))
+        return State(_check(self._master(_lib.mps_release, slot)))
 
     def retire(self, slot: int) -> State:
-        return State(_check(_lib.mps_retire(self._board, slot)))
+        return State(_check(self._master(_lib.mps_retire, slot)))
 
     def done(self, slot: int) -> None:
         _check(_lib.mps_done(self._board, slot))
@@ -233,7 +310,7 @@ class CScoreboard(Scoreboard):
                 peers.decode(self._addrlen[0]))
 
     def snapshot(self) -> Snapshot:
-        _check(_lib.mps_snapshot(self._board, self._head, self._slots))
+        _check(self._master(_lib.mps_snapshot, self._head, self._slots))
         h = self._head
         return Snapshot(
             idle_counter=h.idle, min_spare=h.min_spare, connections=h.connections,
@@ -243,11 +320,11 @@ class CScoreboard(Scoreboard):
                         for i, s in enumerate(self._slots)))
 
     def audit(self) -> int:
-        _check(_lib.mps_audit(self._board, self._drift))
+        _check(self._master(_lib.mps_audit, self._drift))
         return int(self._drift[0])
 
     def set_min_spare(self, value: int) -> None:
-        _check(_lib.mps_set_min_spare(self._board, value))
+        _check(self._master(_lib.mps_set_min_spare, value))
 
     def hold_lock(self) -> None:
         _check(_lib.mps_hold_lock(self._board))
@@ -263,6 +340,10 @@ _H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY, _H_WAKE = rang
 _HEADER = 8
 _PID, _STATE, _CONNS, _CHANGED, _RETIRE = range(5)
 _SLOT = 5
+#: struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = "hhqqi"
+#: Polling a held fcntl lock: first pause, longest pause (seconds).
+_POLL_FIRST, _POLL_MAX = 0.001, 0.01
 
 
 class PyScoreboard(Scoreboard):
@@ -289,17 +370,55 @@ class PyScoreboard(Scoreboard):
         self._lock_fd = os.memfd_create("mps-scoreboard-lock", os.MFD_CLOEXEC)
 
     def _lock(self) -> memoryview:
+        """Block until the lock is ours (children; the master via _lock_master)."""
         fcntl.lockf(self._lock_fd, fcntl.LOCK_EX)
         w = self._w
-        if w[_H_DIRTY]:     # the last holder died mid-update
+        if w[_H_DIRTY]:     # the last holder died (or was killed) mid-update
             self._recount(w)
             w[_H_REPAIRS] += 1
         w[_H_DIRTY] = 1
         return w
 
+    def _lock_master(self) -> memoryview:
+        """Master: lock, waiting at most lock_timeout at a time; between the
+        waits on_stuck decides (see Scoreboard).  fcntl has no timed wait, so
+        this polls; the pauses grow to _POLL_MAX, which bounds how late the
+        master notices that a killed holder's lock was dropped."""
+        while not self._try_lock(self._lock_timeout):
+            if not self._stuck():
+                _check(-errno.ETIMEDOUT)
+        # Already ours: POSIX locks belong to the process, so this re-lock
+        # returns at once; it runs the one dead-holder check, and keeps the
+        # children's _lock free of any extra call.
+        return self._lock()
+
+    def _try_lock(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        pause = _POLL_FIRST
+        while True:
+            try:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _POLL_MAX)
+
     def _unlock(self, w: memoryview) -> None:
         w[_H_DIRTY] = 0
         fcntl.lockf(self._lock_fd, fcntl.LOCK_UN)
+
+    def lock_holder(self) -> int:
+        # F_GETLK reports a lock that would block ours, with its owner's pid.
+        # Our own lock never conflicts with us: a master holding it sees 0.
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        got = fcntl.fcntl(self._lock_fd, fcntl.F_GETLK, probe)
+        l_type, _, _, _, pid = struct.unpack(_FLOCK, got)
+        return 0 if l_type == fcntl.F_UNLCK else int(pid)
 
     def _recount(self, w: memoryview) -> int:
         idle = sum(1 for i in range(self.nslots) if w[_HEADER + _SLOT * i + _STATE] == State.IDLE)
@@ -319,7 +438,7 @@ class PyScoreboard(Scoreboard):
 
     def reserve(self) -> int:
         now = time.monotonic_ns()     # read outside the lock, as in C
-        w = self._lock()
+        w = self._lock_master()
         try:
             for i in range(self.nslots):
                 base = _HEADER + _SLOT * i
@@ -335,7 +454,7 @@ class PyScoreboard(Scoreboard):
 
     def started(self, slot: int, pid: int) -> None:
         base = self._base(slot)
-        w = self._lock()
+        w = self._lock_master()
         try:
             w[base + _PID] = pid
         finally:
@@ -344,7 +463,7 @@ class PyScoreboard(Scoreboard):
     def release(self, slot: int) -> State:
         base = self._base(slot)
         now = time.monotonic_ns()     # read outside the lock, as in C
-        w = self._lock()
+        w = self._lock_master()
         try:
             was = w[base + _STATE]
             if was == State.IDLE:
@@ -359,7 +478,7 @@ class PyScoreboard(Scoreboard):
     def retire(self, slot: int) -> State:
         base = self._base(slot)
         now = time.monotonic_ns()     # read outside the lock, as in C
-        w = self._lock()
+        w = self._lock_master()
         try:
             was = w[base + _STATE]
             if was == State.IDLE:
@@ -421,7 +540,7 @@ class PyScoreboard(Scoreboard):
             self._unlock(w)
 
     def snapshot(self) -> Snapshot:
-        w = self._lock()
+        w = self._lock_master()
         try:
             words = w.tolist()
         finally:
@@ -438,7 +557,7 @@ class PyScoreboard(Scoreboard):
                 words[base + _CHANGED], bool(words[base + _RETIRE]))
 
     def audit(self) -> int:
-        w = self._lock()
+        w = self._lock_master()
         try:
             drift = self._recount(w)
             if drift:
@@ -448,7 +567,7 @@ class PyScoreboard(Scoreboard):
             self._unlock(w)
 
     def set_min_spare(self, value: int) -> None:
-        w = self._lock()
+        w = self._lock_master()
         try:
             w[_H_MIN_SPARE] = value
             w[_H_WAKE] = 0
