@@ -72,6 +72,8 @@ def test_wheel_carries_the_package_data_and_the_metadata(dists: dict[str, Path])
     assert {"mps/py.typed", "mps/_bench/_mpscore.c", "mps/_bench/loadgen.c",
             "mps/_bench/lockbench.c", "mps/_bench/ref_prefork.c"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    modules = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src/mps").rglob("*.py")}
+    assert modules <= names, f"left out of the wheel: {sorted(modules - names)}"
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
     assert meta["License-Expression"] == "MIT"
     assert "Typing :: Typed" in meta.get_all("Classifier")
