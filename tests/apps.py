@@ -124,6 +124,9 @@ def _faulty(conn: socket.socket, addr: Any) -> None:
     if what == b"lockdie":           # die holding the scoreboard lock
         _worker[0].board.hold_lock()
         os.kill(os.getpid(), 9)
+    if what == b"lockstop":          # stop holding it (SIGSTOP, a debugger, a freezer)
+        _worker[0].board.hold_lock()
+        os.kill(os.getpid(), 19)
     inject(what)
     if what == b"big":               # a reply far larger than the socket buffers
         conn.sendall(b"x" * (32 << 20))

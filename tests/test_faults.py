@@ -70,6 +70,27 @@ def test_child_killed_holding_the_lock_is_repaired_and_counted(start_master, bac
     assert doc["totals"]["crashed"] == 1
 
 
+def test_child_stopped_holding_the_lock_is_killed_and_the_pool_serves_on(start_master, backend):
+    m = start_master(app="apps.py:faulty", backend=backend, **POOL)
+    m.wait_ready()
+    with Load(m.port) as load:
+        stopped = m.connect()
+        stopped.sendall(b"lockstop\n")          # the child stops inside the lock
+        began = time.monotonic()
+        doc = wait_until(lambda: (d := m.try_status()) and d["totals"]["lock_holders_killed"] == 1
+                         and d, timeout=10, what="the stopped holder to be killed")
+        load.wait_for(50)                       # every child gets the lock again
+        recovered = time.monotonic() - began
+        assert recovered < 5, recovered
+        assert recv_all(stopped) == b""         # its own connection is the only cost
+        stopped.close()
+    doc = wait_until(lambda: (d := within_bounds(m)) and d["totals"]["counter_repairs"] >= 1
+                     and d, what="the repair to be counted")
+    assert load.failed == [], load.failed[:5]
+    assert doc["totals"]["crashed"] == 0
+    assert "has held the scoreboard lock" in m.output()
+
+
 def test_raising_exiting_segfaulting_and_hanging_handlers(start_master, backend):
     m = start_master(app="apps.py:faulty", backend=backend, timeout=1, **POOL)
     m.wait_ready()

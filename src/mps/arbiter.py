@@ -89,6 +89,7 @@ class Totals:
     retired: int = 0
     timed_out: int = 0
     max_children_reached: int = 0
+    lock_holders_killed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -168,6 +169,7 @@ class Arbiter:
             self.owned_paths.append(s.status_socket)
             self.status_sock.setblocking(False)
         self.board = open_scoreboard(s.backend, s.max_children)
+        self.board.on_stuck = self.lock_stuck
         self.board.set_min_spare(self.min_spare)
         if s.daemon:
             if not s.log_file:
@@ -670,6 +672,26 @@ class Arbiter:
             self.murder(self.board.snapshot())
             time.sleep(0.01)
             self.reap()
+
+    def lock_stuck(self, holder: int) -> None:
+        """A master call has waited lock_timeout for the scoreboard lock (the
+        scoreboard calls this, then retries).  A child that holds it that
+        long is stopped (SIGSTOP, a debugger, a freezer) or wedged: it is
+        killed, and the lock comes back through the dead-holder recovery
+        (EOWNERDEAD / the dirty word).  Never touch the board from here: the
+        call that asked is still waiting for its lock."""
+        child = self.children.get(holder)
+        if child is None:
+            log.warning("scoreboard lock held for over %gs by %s; waiting",
+                        self.board.lock_timeout if self.board else 0,
+                        f"pid {holder}, not a child" if holder else "a holder that just let go")
+            return
+        log.error("child %d (slot %d) has held the scoreboard lock for over %gs (stopped?); "
+                  "killing it so the pool can go on", child.pid, child.slot,
+                  self.board.lock_timeout if self.board else 0)
+        self.totals.lock_holders_killed += 1
+        child.timed_out = True      # counted here, not as a crash
+        self.kill(child, signal.SIGKILL)
 
     def kill(self, child: Child, sig: int) -> None:
         try:
