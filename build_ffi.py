@@ -18,6 +18,10 @@ struct mps_slot {
     int64_t connections;
     int64_t changed_ns;
     int64_t retire;
+    int64_t requests;
+    int64_t busy_since;
+    int64_t busy_ns;
+    char request[64];
 };
 struct mps_head {
     int64_t nslots;
@@ -26,6 +30,8 @@ struct mps_head {
     int64_t connections;
     int64_t repairs;
     int64_t wake_pending;
+    int64_t requests;
+    int64_t busy_ns_done;
 };
 typedef struct mps_board mps_board;
 
@@ -46,6 +52,8 @@ int mps_set_min_spare(mps_board *b, int64_t min_spare);
 int mps_set_lock_timeout(mps_board *b, int64_t timeout_ns);
 int64_t mps_lock_holder(mps_board *b);
 int mps_hold_lock(mps_board *b);
+int mps_begin_request(mps_board *b, int64_t slot, const char *line, size_t len);
+int64_t mps_idle_count(mps_board *b);
 int mps_nop(mps_board *b, int64_t slot);
 """
 

@@ -32,7 +32,8 @@
 #include <unistd.h>
 
 #define MPS_MAGIC   0x3153504dU     /* "MPS1" */
-#define MPS_VERSION 2     /* 2: lock_timeout_ns after the head */
+#define MPS_VERSION 3     /* 2: lock_timeout_ns after the head; 3: requests, busy time */
+#define MPS_REQUEST_LEN 64  /* bytes of a slot's request line, NUL-padded */
 
 /* pthread_mutex_clocklock (glibc >= 2.30, declared under _GNU_SOURCE, which
  * glibc turns into __USE_GNU) waits on CLOCK_MONOTONIC; the portable
@@ -58,6 +59,10 @@ struct mps_slot {
     int64_t connections;    /* connections this child accepted */
     int64_t changed_ns;     /* CLOCK_MONOTONIC time of the last state change */
     int64_t retire;         /* set by the master: leave after this connection */
+    int64_t requests;       /* requests begun on this child's connections (HTTP) */
+    int64_t busy_since;     /* when the current connection was accepted, 0 when idle */
+    int64_t busy_ns;        /* time spent serving connections, accumulated */
+    char request[MPS_REQUEST_LEN];  /* the request being served (method and path) */
 };
 
 struct mps_head {
@@ -67,6 +72,8 @@ struct mps_head {
     int64_t connections;    /* connections accepted by all children */
     int64_t repairs;        /* times the counter was recounted from the slots */
     int64_t wake_pending;   /* a child has woken the master; it re-arms when it can act */
+    int64_t requests;       /* requests begun by all children (HTTP) */
+    int64_t busy_ns_done;   /* busy time of the children already reaped */
 };
 
 typedef struct mps_board {
@@ -168,6 +175,15 @@ static inline int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s,
     return 0;
 }
 
+/* A connection ends (or its child dies): add its time to the slot's busy time. */
+static void mps_end_busy(struct mps_slot *s, int64_t now)
+{
+    if (s->busy_since) {
+        s->busy_ns += now - s->busy_since;
+        s->busy_since = 0;
+    }
+}
+
 /* `now` is read before locking: the clock stays out of the critical section. */
 static void mps_set_state(struct mps_slot *s, int64_t state, int64_t now)
 {
@@ -231,6 +247,10 @@ static int64_t mps_reserve(mps_board *b)
             s->pid = 0;
             s->connections = 0;
             s->retire = 0;
+            s->requests = 0;
+            s->busy_since = 0;
+            s->busy_ns = 0;
+            s->request[0] = 0;
             mps_set_state(s, MPS_STARTING, now);
             mps_unlock_(b);
             return i;
@@ -266,6 +286,9 @@ static int mps_release(mps_board *b, int64_t slot)
     was = s->state;
     if (was == MPS_IDLE)
         b->head.idle--;
+    mps_end_busy(s, now);
+    b->head.busy_ns_done += s->busy_ns;
+    s->busy_ns = 0;
     s->pid = 0;
     s->retire = 0;
     mps_set_state(s, MPS_EMPTY, now);
@@ -313,6 +336,8 @@ static int mps_busy(mps_board *b, int64_t slot)
     } else {
         s->changed_ns = now;    /* the timeout clock starts now */
     }
+    mps_end_busy(s, now);       /* (never set here; a guard against a lost idle) */
+    s->busy_since = now;
     s->connections++;
     b->head.connections++;
     /* Edge-triggered: one wake-up until the master re-arms, so a pool held
@@ -366,6 +391,7 @@ static int mps_idle(mps_board *b, int64_t slot)
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
+    mps_end_busy(s, now);
     if (s->retire || s->state == MPS_EXITING) {
         mps_set_state(s, MPS_EXITING, now);
         mps_unlock_(b);
@@ -388,9 +414,37 @@ static int mps_done(mps_board *b, int64_t slot)
         return rc;
     if (s->state == MPS_IDLE)
         b->head.idle--;
+    mps_end_busy(s, now);
     mps_set_state(s, MPS_EXITING, now);
     mps_unlock_(b);
     return 0;
+}
+
+/* Child, when a request starts on its connection (HTTP keep-alive serves
+ * many): restart the slot's timeout clock, count the request, show its line.
+ * No lock: only this child writes these fields, each 8-byte store is atomic,
+ * and a reader that races the line copy shows a mixed line, nothing worse. */
+static int mps_begin_request(mps_board *b, int64_t slot, const char *line, size_t len)
+{
+    struct mps_slot *s;
+    if (slot < 0 || slot >= b->head.nslots)
+        return -EINVAL;
+    s = &b->slots[slot];
+    if (len > MPS_REQUEST_LEN - 1)
+        len = MPS_REQUEST_LEN - 1;
+    memcpy(s->request, line, len);
+    memset(s->request + len, 0, MPS_REQUEST_LEN - len);
+    __atomic_store_n(&s->changed_ns, mps_now_ns(), __ATOMIC_RELAXED);
+    __atomic_store_n(&s->requests, s->requests + 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&b->head.requests, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* Child: the idle counter, read without the lock -- a hint ("is any child
+ * idle to take a waiting connection?"), stale by the time it is used. */
+static int64_t mps_idle_count(mps_board *b)
+{
+    return __atomic_load_n(&b->head.idle, __ATOMIC_RELAXED);
 }
 
 /* Master or status: copy the header and every slot out.  Locks (master). */

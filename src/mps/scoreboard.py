@@ -79,9 +79,18 @@ class Slot:
     connections: int
     changed_ns: int
     retire: bool
+    requests: int = 0
+    busy_since: int = 0         # ns, 0 when not serving a connection
+    busy_ns: int = 0            # accumulated over finished connections
+    request: bytes = b""        # the request being served (HTTP: method and path)
 
     def age_s(self, now_ns: int) -> float:
         return max(0, now_ns - self.changed_ns) / 1e9
+
+    def busy_s(self, now_ns: int) -> float:
+        """Time this child has spent serving, the current connection included."""
+        running = now_ns - self.busy_since if self.busy_since else 0
+        return (self.busy_ns + max(0, running)) / 1e9
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,15 @@ class Snapshot:
     connections: int
     repairs: int
     slots: tuple[Slot, ...]
+    requests: int = 0
+    busy_ns_done: int = 0       # busy time of children already reaped
 
     def count(self, state: State) -> int:
         return sum(1 for s in self.slots if s.state == state)
+
+    def busy_s(self, now_ns: int) -> float:
+        """Seconds all children have spent serving connections, ever."""
+        return self.busy_ns_done / 1e9 + sum(s.busy_s(now_ns) for s in self.slots)
 
 
 #: Longest lock_timeout accepted: beyond it the deadline protects nothing.
@@ -136,6 +151,15 @@ class Scoreboard(ABC):
     busy: Callable[[int], int]
     #: Child is ready for the next connection; non-zero when it must leave instead.
     idle: Callable[[int], int]
+    #: Child: the idle counter read without the lock (a hint, for "is any
+    #: child idle to take a waiting connection?").
+    idle_count: Callable[[], int]
+
+    @abstractmethod
+    def begin_request(self, slot: int, line: bytes) -> None:
+        """Child: a request starts on its connection -- restart the slot's
+        timeout clock, count it, show ``line`` (at most 63 bytes kept).  No
+        lock: only the child writes these fields."""
 
     def __init__(self, nslots: int) -> None:
         self.nslots = nslots
@@ -258,6 +282,7 @@ class CScoreboard(Scoreboard):
         self._peer_buf: Any = None
         self.busy = partial(_lib.mps_busy, self._board)
         self.idle = partial(_lib.mps_idle, self._board)
+        self.idle_count = partial(_lib.mps_idle_count, self._board)
         #: The floor busy/idle are measured against (benchmarks only).
         self.nop: Callable[[int], int] = partial(_lib.mps_nop, self._board)
         self._publish_lock_timeout()
@@ -314,10 +339,14 @@ class CScoreboard(Scoreboard):
         h = self._head
         return Snapshot(
             idle_counter=h.idle, min_spare=h.min_spare, connections=h.connections,
-            repairs=h.repairs,
+            repairs=h.repairs, requests=h.requests, busy_ns_done=h.busy_ns_done,
             slots=tuple(Slot(i, s.pid, State(s.state), s.connections, s.changed_ns,
-                             bool(s.retire))
+                             bool(s.retire), s.requests, s.busy_since, s.busy_ns,
+                             _ffi.string(s.request) if s.state == State.BUSY else b"")
                         for i, s in enumerate(self._slots)))
+
+    def begin_request(self, slot: int, line: bytes) -> None:
+        _lib.mps_begin_request(self._board, slot, line, len(line))
 
     def audit(self) -> int:
         _check(self._master(_lib.mps_audit, self._drift))
@@ -336,10 +365,12 @@ class CScoreboard(Scoreboard):
 
 
 # PyScoreboard layout: int64 words.  Header words, then 5 words per slot.
-_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY, _H_WAKE = range(7)
-_HEADER = 8
-_PID, _STATE, _CONNS, _CHANGED, _RETIRE = range(5)
-_SLOT = 5
+(_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY, _H_WAKE, _H_REQUESTS,
+ _H_BUSY_DONE) = range(9)
+_HEADER = 10
+_PID, _STATE, _CONNS, _CHANGED, _RETIRE, _REQUESTS, _BUSY_SINCE, _BUSY_NS, _REQUEST = range(9)
+_REQUEST_LEN = 64   # bytes: 8 words from _REQUEST on
+_SLOT = _REQUEST + _REQUEST_LEN // 8
 #: struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = "hhqqi"
 #: Polling a held fcntl lock: first pause, longest pause (seconds).
@@ -446,6 +477,10 @@ class PyScoreboard(Scoreboard):
                     w[base + _PID] = 0
                     w[base + _CONNS] = 0
                     w[base + _RETIRE] = 0
+                    w[base + _REQUESTS] = 0
+                    w[base + _BUSY_SINCE] = 0
+                    w[base + _BUSY_NS] = 0
+                    w[base + _REQUEST] = 0
                     self._set_state(w, base, State.STARTING, now)
                     return i
             return -1
@@ -468,6 +503,9 @@ class PyScoreboard(Scoreboard):
             was = w[base + _STATE]
             if was == State.IDLE:
                 w[_H_IDLE] -= 1
+            self._end_busy(w, base, now)
+            w[_H_BUSY_DONE] += w[base + _BUSY_NS]
+            w[base + _BUSY_NS] = 0
             w[base + _PID] = 0
             w[base + _RETIRE] = 0
             self._set_state(w, base, State.EMPTY, now)
@@ -502,6 +540,8 @@ class PyScoreboard(Scoreboard):
                 self._set_state(w, base, State.BUSY, now)
             else:
                 w[base + _CHANGED] = now
+            self._end_busy(w, base, now)
+            w[base + _BUSY_SINCE] = now
             w[base + _CONNS] += 1
             w[_H_CONNS] += 1
             wake_master = w[_H_IDLE] < w[_H_MIN_SPARE] and not w[_H_WAKE]  # edge, as in C
@@ -518,6 +558,7 @@ class PyScoreboard(Scoreboard):
         now = time.monotonic_ns()     # read outside the lock, as in C
         w = self._lock()
         try:
+            self._end_busy(w, base, now)
             if w[base + _RETIRE] or w[base + _STATE] == State.EXITING:
                 self._set_state(w, base, State.EXITING, now)
                 return 1
@@ -535,26 +576,57 @@ class PyScoreboard(Scoreboard):
         try:
             if w[base + _STATE] == State.IDLE:
                 w[_H_IDLE] -= 1
+            self._end_busy(w, base, now)
             self._set_state(w, base, State.EXITING, now)
         finally:
             self._unlock(w)
+
+    @staticmethod
+    def _end_busy(w: memoryview, base: int, now: int) -> None:
+        since = w[base + _BUSY_SINCE]
+        if since:
+            w[base + _BUSY_NS] += now - since
+            w[base + _BUSY_SINCE] = 0
+
+    def begin_request(self, slot: int, line: bytes) -> None:
+        base = self._base(slot)
+        start = 8 * (base + _REQUEST)
+        line = line[:_REQUEST_LEN - 1]
+        self._map[start:start + _REQUEST_LEN] = line + bytes(_REQUEST_LEN - len(line))
+        w = self._w
+        w[base + _CHANGED] = time.monotonic_ns()
+        w[base + _REQUESTS] += 1
+        # Not atomic across children: the total is a statistic, and a lost
+        # increment costs one count (the C core adds atomically).
+        w[_H_REQUESTS] += 1
+
+    def idle_count(self) -> int:
+        return int(self._w[_H_IDLE])
 
     def snapshot(self) -> Snapshot:
         w = self._lock_master()
         try:
             words = w.tolist()
+            raw = bytes(self._map)
         finally:
             self._unlock(w)
         return Snapshot(
             idle_counter=words[_H_IDLE], min_spare=words[_H_MIN_SPARE],
             connections=words[_H_CONNS], repairs=words[_H_REPAIRS],
-            slots=tuple(Slot(i, *self._slot_words(words, i)) for i in range(self.nslots)))
+            requests=words[_H_REQUESTS], busy_ns_done=words[_H_BUSY_DONE],
+            slots=tuple(self._slot(words, raw, i) for i in range(self.nslots)))
 
     @staticmethod
-    def _slot_words(words: list[int], i: int) -> tuple[int, State, int, int, bool]:
+    def _slot(words: list[int], raw: bytes, i: int) -> Slot:
         base = _HEADER + _SLOT * i
-        return (words[base + _PID], State(words[base + _STATE]), words[base + _CONNS],
-                words[base + _CHANGED], bool(words[base + _RETIRE]))
+        state = State(words[base + _STATE])
+        request = b""
+        if state == State.BUSY:
+            start = 8 * (base + _REQUEST)
+            request = raw[start:start + _REQUEST_LEN].split(b"\0", 1)[0]
+        return Slot(i, words[base + _PID], state, words[base + _CONNS], words[base + _CHANGED],
+                    bool(words[base + _RETIRE]), words[base + _REQUESTS],
+                    words[base + _BUSY_SINCE], words[base + _BUSY_NS], request)
 
     def audit(self) -> int:
         w = self._lock_master()
