@@ -101,9 +101,12 @@ def serve_once(py: str, tmp: Path, backend: str) -> str:
                                 stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp), env=ENV,
                                 start_new_session=True)
     try:
-        port = int(wait_until(lambda: (m := re.search(r"listening at [^ ]*:(\d+)",
-                                                       log.read_text())) and m.group(1),
-                              what="the installed server to listen"))
+        try:
+            port = int(wait_until(lambda: (m := re.search(r"listening at [^ ]*:(\d+)",
+                                                           log.read_text())) and m.group(1),
+                                  timeout=30, what="the installed server to listen"))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{log.read_text()[-3000:]}") from None
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"from the sdist")
             assert recv_all(s).endswith(b": from the sdist")
