@@ -34,7 +34,7 @@ def add_setting_flags(parser: argparse.ArgumentParser,
     for f in config.fields():
         default = (defaults or {}).get(f.name, f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f.metadata["help"] + _default_text(default)}
+                                  "help": f.metadata["help"].replace("%", "%%") + _default_text(default)}
         if f.metadata["kind"] == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mps {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="run APP in a prefork pool")
-    serve.add_argument("app", nargs="?", default=DEFAULT_APP, metavar="APP",
+    serve.add_argument("app", nargs="?", default=None, metavar="APP",
                        help=f"module:callable or path/file.py:callable (default: {DEFAULT_APP})")
+    serve.add_argument("--wsgi", metavar="TARGET", default=None,
+                       help="serve a WSGI application over HTTP instead: module:app, "
+                            "path/file.py:app or module:create_app()")
     add_setting_flags(serve)
     status = sub.add_parser("status", help="ask a running master for its status")
     status.add_argument("socket", metavar="PATH", help="the master's --status-socket")
@@ -93,6 +96,9 @@ def serve_app(make_app: Callable[[], App], argv: list[str]) -> int:
 
 def _serve(app: App, flags: dict[str, Any]) -> int:
     settings = config.resolve(keywords=app.settings, command_line=flags)
+    if app.wsgi is not None:
+        from .http.wsgi import WSGIHandler
+        app.handler = WSGIHandler.from_settings(app.wsgi, settings)
     if settings.pid_file and not settings.single:
         # Before anything binds: a second master must not take over a live
         # master's pid file (and delete it when it stops).
@@ -114,11 +120,11 @@ def _serve(app: App, flags: dict[str, Any]) -> int:
     return Arbiter(settings, app).run()
 
 
-def _load(spec: str, flags: Mapping[str, Any]) -> App:
+def _load(spec: str, flags: Mapping[str, Any], wsgi: bool = False) -> App:
     """Import APP; at --log-level debug a failed import also shows its traceback."""
-    from .handlers import import_traceback, load
+    from .handlers import import_traceback, load, load_wsgi
     try:
-        return load(spec)
+        return load_wsgi(spec) if wsgi else load(spec)
     except AppError as exc:
         level = flags.get("log_level", config.from_env(os.environ).get("log_level"))
         if level == "debug":
@@ -158,7 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "serve":
             flags = settings_from_flags(ns)
             config.from_env(os.environ)   # a bad MPS_* value: exit 2 before the import
-            return _serve(_load(ns.app, flags), flags)
+            if ns.app is not None and ns.wsgi is not None:
+                raise UsageError("give APP or --wsgi TARGET, not both (see `mps serve --help`)")
+            if ns.wsgi is not None:
+                return _serve(_load(ns.wsgi, flags, wsgi=True), flags)
+            return _serve(_load(ns.app or DEFAULT_APP, flags), flags)
         if ns.command == "status":
             return _status(ns.socket, ns.json)
         raise UsageError("a command is required: serve, status or bench (see `mps --help`)")

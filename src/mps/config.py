@@ -98,6 +98,49 @@ class Settings:
         False, kind="bool",
         help="Debug mode: serve in one process in the foreground, no fork "
              "(like Apache's -X).")
+    # --- HTTP (mps serve --wsgi) -------------------------------------------
+    limit_request_line: int = setting(
+        8190, kind="int", minimum=64, maximum=1 << 20,
+        help="WSGI: longest request target (bytes); longer is answered 414.")
+    limit_request_fields: int = setting(
+        100, kind="int", minimum=1, maximum=32768,
+        help="WSGI: most header fields in a request; more is answered 431.")
+    limit_request_field_size: int = setting(
+        8190, kind="int", minimum=64, maximum=1 << 20,
+        help="WSGI: longest header field, name and value (bytes); longer is answered 431.")
+    max_body: int = setting(
+        16 << 20, kind="int", minimum=0, maximum=2**62,
+        help="WSGI: largest request body (bytes); larger is answered 413 before it is "
+             "read. 0 = no limit.")
+    header_timeout: float = setting(
+        10.0, kind="float", minimum=0.1, maximum=3600,
+        help="WSGI: seconds a client has to send a whole request head (then 408); under "
+             "pool pressure a head still arriving after 1 s is dropped (slowloris).")
+    body_timeout: float = setting(
+        20.0, kind="float", minimum=0.1, maximum=3600,
+        help="WSGI: seconds a request body may take, plus one second per body_min_rate "
+             "bytes received (Apache's mod_reqtimeout); then 408.")
+    body_min_rate: int = setting(
+        500, kind="int", minimum=1, maximum=2**62,
+        help="WSGI: bytes a second that extend body_timeout.")
+    keepalive_timeout: float = setting(
+        5.0, kind="float", minimum=0, maximum=3600,
+        help="WSGI: seconds an idle keep-alive connection may wait for its next request; "
+             "0 = no keep-alive. Idle connections are also closed at once when a new "
+             "connection waits for a child.")
+    keepalive_requests: int = setting(
+        100, kind="int", minimum=1, maximum=2**62,
+        help="WSGI: requests served on one connection before it is closed.")
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1,::1", kind="str",
+        help="WSGI: comma-separated addresses or networks of proxies whose "
+             "X-Forwarded-For/-Proto set REMOTE_ADDR and wsgi.url_scheme; * = any.")
+    access_log: str | None = setting(
+        None, kind="path",
+        help="WSGI: append an access log line per request to this file (- = stdout).")
+    access_log_format: str = setting(
+        '%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-Agent}i"', kind="str",
+        help="WSGI: access log format, Apache's directives (%D: request time in µs).")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -108,6 +151,7 @@ class Settings:
         from .sockets import parse_bind  # sockets imports nothing from here
 
         parse_bind(self.bind)
+        self._check_http()
         if self.min_spare > self.max_spare:
             raise SettingError("min_spare", self.min_spare,
                                f"must not exceed max_spare ({self.max_spare})")
@@ -126,6 +170,25 @@ class Settings:
                 parent = os.path.dirname(os.path.abspath(path))
                 if not os.path.isdir(parent):
                     raise SettingError(name, path, f"directory {parent!r} does not exist")
+
+    def _check_http(self) -> None:
+        import ipaddress
+
+        for item in self.forwarded_allow_ips.split(","):
+            item = item.strip()
+            if item and item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise SettingError("forwarded_allow_ips", self.forwarded_allow_ips,
+                                       f"{item!r} is not an address or network") from None
+        if "%" in self.access_log_format:
+            from .http.accesslog import compile_format  # downward: http imports no config
+            try:
+                compile_format(self.access_log_format)
+            except ValueError as exc:
+                raise SettingError("access_log_format", self.access_log_format,
+                                   str(exc)) from None
 
     def identity(self) -> tuple[int, int] | None:
         """(uid, gid) children switch to, or None to stay as they are."""

@@ -41,6 +41,9 @@ class App:
     server: Any = None
     #: How APP was read, logged (at debug level) once logging is set up.
     notes: list[str] = field(default_factory=list)
+    #: A WSGI application (``--wsgi``): the handler is built around it once
+    #: the settings are known (see cli._serve).
+    wsgi: Any = None
 
     def call_hook(self, name: str, *args: object) -> None:
         hook = self.hooks.get(name)
@@ -90,6 +93,69 @@ def load(spec: str) -> App:
                          f"serving it without their settings and hooks (name one, as in "
                          f"{target}:{servers[0][0]}, to run it)")
     return app
+
+
+def load_wsgi(spec: str) -> App:
+    """``--wsgi module:app``, ``path/file.py:app`` or ``module:create_app(...)``
+    (a factory called with literal arguments, as gunicorn allows)."""
+    from .server import Server
+
+    target, sep, expr = spec.rpartition(":")
+    if not sep or not target or not expr:
+        raise AppError(f"wsgi app {spec!r}: expected module:app, path/file.py:app "
+                       "or module:create_app()")
+    name, args, kwargs = _parse_factory(spec, expr)
+    module = _import(spec, target)
+    try:
+        obj = getattr(module, name)
+    except AttributeError:
+        raise AppError(f"wsgi app {spec!r}: {target} has no attribute {name!r}") from None
+    if args is not None:
+        if not callable(obj):
+            raise AppError(f"wsgi app {spec!r}: {name} is not callable, so it is no factory")
+        try:
+            obj = obj(*args, **kwargs)
+        except Exception as exc:
+            raise AppError(f"wsgi app {spec!r}: the factory failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, Server):
+        return obj.app()
+    if not callable(obj):
+        raise AppError(f"wsgi app {spec!r} is not callable; point --wsgi at a WSGI "
+                       "application (environ, start_response)")
+    return App(handler=_wsgi_placeholder, wsgi=obj)
+
+
+def load_wsgi_app(wsgi: Any, server: Any) -> App:
+    """The App of a Server built around a WSGI application."""
+    return App(handler=_wsgi_placeholder, hooks=dict(server.hooks), settings=server.settings,
+               server=server, wsgi=wsgi)
+
+
+def _wsgi_placeholder(conn: socket.socket, addr: Any) -> None:
+    raise RuntimeError("the WSGI handler is built once the settings are known")
+
+
+def _parse_factory(spec: str, expr: str) -> tuple[str, list[Any] | None, dict[str, Any]]:
+    """``app`` -> (app, None, {}); ``create_app(1, debug=True)`` -> a call
+    with literal arguments only (never code from the command line)."""
+    import ast
+
+    try:
+        node = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        raise AppError(f"wsgi app {spec!r}: {expr!r} is neither a name nor a call") from None
+    if isinstance(node, ast.Name):
+        return node.id, None, {}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+        except ValueError:
+            raise AppError(f"wsgi app {spec!r}: a factory takes literal arguments only "
+                           "(strings, numbers, True/False/None, lists, dicts)") from None
+        return node.func.id, args, kwargs
+    raise AppError(f"wsgi app {spec!r}: {expr!r} is neither a name nor a call")
 
 
 def _servers_serving(module: Any, obj: object) -> list[tuple[str, Server]]:

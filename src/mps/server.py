@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 
 from . import config
 from .errors import AppError
-from .handlers import App, Handler, Hook, adapt
+from .handlers import App, Handler, Hook, adapt, load_wsgi_app
 
 
 class Server:
@@ -21,10 +21,12 @@ class Server:
     ``run()`` serves until stopped, then exits the process.
     """
 
-    def __init__(self, handler: Any = None, **settings: Any) -> None:
+    def __init__(self, handler: Any = None, *, wsgi: Any = None, **settings: Any) -> None:
         config.check_names(settings)
         self.settings = dict(settings)
         self._handler: Any = handler
+        #: A WSGI application served instead of a handler (``mps serve --wsgi``).
+        self.wsgi: Any = wsgi
         self.hooks: dict[str, Hook] = {}
 
     def handler(self, fn: Any) -> Any:
@@ -53,6 +55,13 @@ class Server:
         return fn
 
     def app(self) -> App:
+        if self.wsgi is not None:
+            if self._handler is not None:
+                raise AppError("the Server has both a handler and a wsgi app; give it one")
+            if not callable(self.wsgi):
+                raise AppError("the Server's wsgi app is not callable; pass a WSGI "
+                               "application (environ, start_response)")
+            return load_wsgi_app(self.wsgi, self)
         if self._handler is None:
             raise AppError("the Server has no handler; decorate a handle(conn, addr) "
                            "function with @server.handler")

@@ -25,6 +25,7 @@ from . import logs
 from .daemon import die_with_parent
 from .errors import EXIT_BOOT, EXIT_OK, EXIT_RUNTIME
 from .handlers import App
+from .pool import Alone
 from .config import Settings
 from .scoreboard import Scoreboard
 from .signals import reset_in_child
@@ -112,6 +113,9 @@ class Worker:
         except Exception:
             log.exception("post_fork hook failed; this child cannot boot")
             return False
+        bind = getattr(self.app.handler, "bind", None)
+        if bind is not None:    # a protocol layer that holds connections (HTTP keep-alive)
+            bind(ChildPool(self))
         return True
 
     def serve(self) -> int:
@@ -205,6 +209,40 @@ class Worker:
         os._exit(EXIT_RUNTIME)
 
 
+class ChildPool:
+    """What a protocol layer may ask of the pool (:class:`mps.pool.PoolView`),
+    answered for one child: is it leaving, and does a connection wait for a
+    child while none is idle?"""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.board = worker.board
+        self.slot = worker.child.slot
+        self.queue = select.poll()
+        self.queue.register(worker.listener, select.POLLIN)
+        # SIGTERM writes a byte here, so a handler parked on an idle
+        # connection (polling these fds beside it) wakes at once to leave.
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.fds = (worker.listener.fileno(), self.wake_r)
+
+    def leaving(self) -> bool:
+        try:
+            while os.read(self.wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+        return not self.worker.alive
+
+    def wanted(self) -> bool:
+        # The idle counter first (a plain read of shared memory): while a
+        # child is idle, it takes the waiting connection itself.
+        return self.board.idle_count() <= 0 and bool(self.queue.poll(0))
+
+    def begin_request(self, line: bytes) -> None:
+        self.board.begin_request(self.slot, line)
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """Become the --user/--group identity (the master, still root, bound first)."""
     if os.getuid() == uid and os.getgid() == gid:
@@ -257,6 +295,9 @@ def run_single(settings: Settings, app: App) -> int:
     try:
         app.call_hook("on_starting")
         app.call_hook("post_fork", worker)
+        bind = getattr(app.handler, "bind", None)
+        if bind is not None:
+            bind(Alone())       # nobody else to wait for a child
         board.idle(slot)
         return worker.serve()
     finally:

@@ -1,0 +1,117 @@
+"""``wsgi.input``: one request's body, read on demand and bounded to it.
+
+llhttp has already decoded the framing (Content-Length or chunked), so one
+reader serves both; reading past the body returns b"" (the environ says
+``wsgi.input_terminated``).  The first read of a request that asked for
+``Expect: 100-continue`` sends the interim response; a body that stops
+arriving (slower than ``body_min_rate`` bytes a second after a grace of
+``body_timeout``) ends the request with 408.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from .message import Reader, Request
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Most unread body bytes read and thrown away to keep a connection alive.
+_DISCARD_MAX = 64 * 1024
+
+
+class Input:
+    """The file-like ``wsgi.input`` (PEP 3333: read, readline, readlines, iter)."""
+
+    def __init__(self, reader: Reader, request: Request, send: Callable[[bytes], None]) -> None:
+        self._reader = reader
+        self._request = request
+        self._send = send
+        self._buffer = b""
+        self._continued = not request.expect_continue
+        self._started = 0.0
+
+    # What the reader still holds for us, then more from the socket.
+    def _more(self) -> bytes:
+        req = self._request
+        if not req.body:
+            if req.complete:
+                return b""
+            if not self._continued:
+                self._continued = True
+                self._send(CONTINUE)
+            limits = self._reader.limits
+            if not self._started:
+                self._started = time.monotonic()
+            deadline = self._started + limits.body_timeout + req.body_size / limits.body_min_rate
+            while not req.body and not req.complete:
+                self._reader.read_body(req, deadline)
+            if not req.body:
+                return b""
+        return req.body.popleft()
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = [self._buffer]
+            self._buffer = b""
+            while chunk := self._more():
+                parts.append(chunk)
+            return b"".join(parts)
+        while len(self._buffer) < size:
+            chunk = self._more()
+            if not chunk:
+                break
+            self._buffer += chunk
+        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                cut = end + 1
+                break
+            if 0 <= limit <= len(self._buffer):
+                cut = limit
+                break
+            chunk = self._more()
+            if not chunk:
+                cut = len(self._buffer)
+                break
+            self._buffer += chunk
+        if 0 <= limit < cut:
+            cut = limit
+        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return out
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines, total = [], 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def discard(self) -> bool:
+        """After the response: consume what is left of the body, so the next
+        request on the connection starts at its first byte.  False when the
+        connection cannot be reused: a 100-continue never sent (the client
+        may or may not send the body) or more left than is worth reading."""
+        self._buffer = b""
+        req = self._request
+        req.body.clear()
+        if req.complete:
+            return True
+        if not self._continued:
+            return False
+        if req.content_length - req.body_size > _DISCARD_MAX or \
+                (req.content_length < 0 and req.chunked):
+            return False
+        while self._more():
+            req.body.clear()
+        return True

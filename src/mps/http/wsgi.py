@@ -1,0 +1,590 @@
+"""WSGI (PEP 3333) over HTTP/1.1: the environ, the response, keep-alive.
+
+:class:`WSGIHandler` is a ``handle(conn, addr)`` like any other: the worker
+calls it once per accepted connection and it serves that connection's
+requests in order.  Keep-alive is explicit state, decided before each
+response is written (so a closing response says ``Connection: close``):
+
+* the client asked for it (HTTP/1.1 default, ``Connection: keep-alive`` on
+  1.0), fewer than ``keepalive_requests`` were served, the body can be
+  framed (a length, or chunked on 1.1), and
+* the pool can spare this child: it is not leaving, and if it has held the
+  child for KEEPALIVE_SLICE_S while a new connection waits with no idle
+  child, it lets go at this request boundary.  A connection parked idle
+  between requests lets go at once (see :meth:`.message.Reader.wait_for_request`).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import select
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import unquote_to_bytes
+
+from ..pool import Alone, PoolView
+from . import accesslog
+from .body import Input
+from .message import ClientGone, HTTPError, Limits, Reader, Request
+
+log = logging.getLogger("mps")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+#: Under pool pressure a busy keep-alive connection keeps its child this long
+#: before it lets go at a request boundary: long enough that a busy client's
+#: requests are not each a new connection, short enough that a client
+#: waiting in the listen queue gets a child within a few slices.
+KEEPALIVE_SLICE_S = 0.1
+#: Longest one response write may wait for a client that does not read.
+SEND_TIMEOUT_S = 30.0
+SERVER = b"mps"
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(r"[\r\n\0]")
+_STATUS = re.compile(r"[1-9][0-9][0-9] [^\r\n\0]*\Z")
+_NO_BODY = {204, 304}
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "te", "trailers", "transfer-encoding", "upgrade"})
+
+
+class HeaderError(Exception):
+    """The app handed start_response something that cannot be sent."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the HTTP layer takes from the settings."""
+
+    limits: Limits = field(default_factory=Limits)
+    keepalive_requests: int = 100
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    access_log: str | None = None
+    access_log_format: str = accesslog.COMBINED
+
+
+class Clock:
+    """The ``Date`` header, formatted at most once a second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.header = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.header = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self.header
+
+
+class Trusted:
+    """``forwarded_allow_ips``: addresses and networks whose X-Forwarded-*
+    headers are believed; ``*`` trusts everyone."""
+
+    def __init__(self, spec: Sequence[str]) -> None:
+        self.anyone = "*" in spec
+        self.networks = [ipaddress.ip_network(s.strip(), strict=False)
+                         for s in spec if s.strip() and s.strip() != "*"]
+        self.cache: dict[str, bool] = {}
+
+    def __contains__(self, host: str) -> bool:
+        if self.anyone:
+            return True
+        known = self.cache.get(host)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(host)
+                known = any(addr in net for net in self.networks)
+            except ValueError:
+                known = False
+            if len(self.cache) > 1024:
+                self.cache.clear()
+            self.cache[host] = known
+        return known
+
+
+class ErrorStream:
+    """``wsgi.errors``: what the app writes goes to the mps log, a line at a time."""
+
+    def __init__(self) -> None:
+        self.partial = ""
+
+    def write(self, text: str) -> None:
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            log.error("app: %s", line)
+
+    def writelines(self, seq: Iterable[str]) -> None:
+        for text in seq:
+            self.write(text)
+
+    def flush(self) -> None:
+        if self.partial:
+            log.error("app: %s", self.partial)
+            self.partial = ""
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: a file the server may send with ``os.sendfile``."""
+
+    def __init__(self, filelike: IO[bytes], blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        closer = getattr(filelike, "close", None)
+        if closer is not None:
+            self.close = closer
+
+    def __iter__(self) -> FileWrapper:
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return bytes(data)
+        raise StopIteration
+
+    def fileno(self) -> int | None:
+        try:
+            fd = self.filelike.fileno()
+            os.fstat(fd)
+            return fd
+        except (AttributeError, OSError, ValueError):
+            return None
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    """Send everything, never blocking longer than SEND_TIMEOUT_S on a
+    client that does not read (ClientGone then, as for a reset)."""
+    try:
+        sent = sock.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        raise ClientGone() from None
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    deadline = time.monotonic() + SEND_TIMEOUT_S
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise ClientGone()
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            continue
+        except OSError:
+            raise ClientGone() from None
+
+
+class Response:
+    """One response: ``start_response``, ``write``, and its framing."""
+
+    __slots__ = ("conn", "request", "clock", "keep", "status", "code", "headers", "head_sent",
+                 "chunked", "length", "sent", "body_allowed", "close_delimited")
+
+    def __init__(self, conn: socket.socket, request: Request, clock: Clock, keep: bool) -> None:
+        self.conn = conn
+        self.request = request
+        self.clock = clock
+        self.keep = keep
+        self.status: str | None = None
+        self.code = 0
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+        self.chunked = False
+        self.length = -1            # Content-Length the app declared, -1 none
+        self.sent = 0               # body bytes sent
+        self.body_allowed = True
+        self.close_delimited = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: ExcInfo | None = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None     # no cycle through the traceback
+        elif self.status is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        if not isinstance(status, str) or not _STATUS.match(status):
+            raise HeaderError(f"bad status line {status!r}")
+        if not isinstance(headers, list):
+            raise HeaderError("headers must be a list of (name, value) tuples")
+        for item in headers:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], str)):
+                raise HeaderError(f"bad header {item!r}: want a (str, str) tuple")
+            name, value = item
+            if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+                raise HeaderError(f"header {name!r} has a character that cannot be sent "
+                                  "(CR, LF, NUL, or a name that is not a token)")
+        self.status = status
+        self.code = int(status[:3])
+        self.headers = headers
+        return self.write
+
+    def head(self, known_length: int) -> bytes:
+        """The status line and headers, with the framing decided here."""
+        req = self.request
+        if self.status is None:
+            raise AssertionError("the app returned without calling start_response")
+        lines = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n"]
+        for name, value in self.headers:
+            low = name.lower()
+            if low == "content-length":
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    raise HeaderError(f"Content-Length {value!r} is not a number") from None
+            elif low in _HOP_BY_HOP:
+                if low == "connection" and "close" in value.lower():
+                    self.keep = False
+                continue    # the server frames the message itself
+            lines += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
+        self.body_allowed = not (self.code in _NO_BODY or self.code < 200 or req.method == b"HEAD")
+        if self.length < 0 and self.code not in _NO_BODY and self.code >= 200:
+            if known_length >= 0:
+                self.length = known_length
+                if req.method != b"HEAD" or known_length > 0:
+                    lines.append(b"Content-Length: %d\r\n" % known_length)
+            elif not self.body_allowed:
+                pass
+            elif req.version == "HTTP/1.1":
+                self.chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.close_delimited = True
+                self.keep = False
+        if not self.keep:
+            lines.append(b"Connection: close\r\n")
+        elif req.version == "HTTP/1.0":
+            lines.append(b"Connection: keep-alive\r\n")
+        lines += [self.clock.date(), b"Server: ", SERVER, b"\r\n\r\n"]
+        return b"".join(lines)
+
+    def write(self, data: bytes) -> None:
+        """The ``write()`` of start_response, and every chunk of the iterable."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the app wrote {type(data).__name__}, not bytes")
+        if not self.head_sent:
+            self.send_head(-1, bytes(data))
+            return
+        self.send_body(data)
+
+    def send_head(self, known_length: int, first: bytes = b"") -> None:
+        head = self.head(known_length)
+        self.head_sent = True
+        if first and self.body_allowed:
+            send_all(self.conn, head + self.frame(first))
+        else:
+            send_all(self.conn, head)
+
+    def frame(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Count ``data`` against the declared length, chunk it if chunked."""
+        size = len(data)
+        if self.length >= 0 and self.sent + size > self.length:
+            size = self.length - self.sent     # never more than was declared
+            data = data[:size]
+            self.keep = False
+        self.sent += size
+        if self.chunked:
+            return b"%x\r\n" % size + bytes(data) + b"\r\n" if size else b""
+        return bytes(data)
+
+    def send_body(self, data: bytes | bytearray | memoryview) -> None:
+        if not data or not self.body_allowed:
+            return
+        framed = self.frame(data)
+        if framed:
+            send_all(self.conn, framed)
+
+    def finish(self) -> None:
+        if not self.head_sent:
+            self.send_head(0 if self.body_allowed else -1)
+        if self.chunked:
+            send_all(self.conn, b"0\r\n\r\n")
+        elif self.body_allowed and 0 <= self.length != self.sent:
+            self.keep = False       # the app sent less than it declared: framing lost
+
+    def send_file(self, wrapper: FileWrapper, fd: int) -> bool:
+        """Send a file_wrapper's file with os.sendfile; False when it cannot be."""
+        if self.chunked or not self.body_allowed:
+            return False
+        try:
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+            size = os.fstat(fd).st_size - offset
+        except OSError:
+            return False
+        if not self.head_sent:
+            self.send_head(size)
+        left = size if self.length < 0 else min(size, self.length - self.sent)
+        conn = self.conn
+        conn.setblocking(False)
+        poller = select.poll()
+        poller.register(conn, select.POLLOUT)
+        try:
+            while left > 0:
+                try:
+                    n = os.sendfile(conn.fileno(), fd, offset, left)
+                except BlockingIOError:
+                    if not poller.poll(SEND_TIMEOUT_S * 1000):
+                        raise ClientGone() from None
+                    continue
+                except OSError:
+                    raise ClientGone() from None
+                if n == 0:
+                    break       # the file shrank under us
+                offset += n
+                left -= n
+                self.sent += n
+        finally:
+            conn.setblocking(True)
+        return True
+
+
+class WSGIHandler:
+    """Serves a WSGI app on each connection the worker hands it."""
+
+    def __init__(self, app: WSGIApp, options: Options | None = None) -> None:
+        self.app = app
+        self.options = options or Options()
+        self.limits = self.options.limits
+        self.trusted = Trusted(self.options.forwarded_allow_ips)
+        self.pool: PoolView = Alone()
+        self.clock = Clock()
+        self.errors = ErrorStream()
+        self.buf = memoryview(bytearray(65536))
+        self.keys: dict[bytes, str] = {}
+        self.server: tuple[str, str] | None = None
+        self.access: accesslog.AccessLog | None = None
+        self.base: dict[str, Any] = {
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": self.errors,
+            "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.input_terminated": True, "wsgi.file_wrapper": FileWrapper, "SCRIPT_NAME": "",
+        }
+
+    @classmethod
+    def from_settings(cls, app: WSGIApp, settings: Any) -> WSGIHandler:
+        """The handler for ``app`` with the HTTP settings of mps.config.Settings."""
+        limits = Limits(
+            request_line=settings.limit_request_line, fields=settings.limit_request_fields,
+            field_size=settings.limit_request_field_size,
+            max_body=settings.max_body or 2**62, header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate,
+            # A child parked on an idle connection is busy to the master: keep
+            # the park well inside `timeout`, which would kill it.
+            keepalive_timeout=min(settings.keepalive_timeout, settings.timeout / 2)
+            if settings.timeout > 0 else settings.keepalive_timeout)
+        options = Options(
+            limits=limits,
+            keepalive_requests=settings.keepalive_requests if settings.keepalive_timeout else 1,
+            forwarded_allow_ips=tuple(settings.forwarded_allow_ips.split(",")),
+            access_log=settings.access_log, access_log_format=settings.access_log_format)
+        return cls(app, options)
+
+    def bind(self, pool: PoolView) -> None:
+        """In the child, once, before it serves: the pool seam, the access log."""
+        self.pool = pool
+        if self.options.access_log:
+            self.access = accesslog.AccessLog(self.options.access_log,
+                                              self.options.access_log_format)
+
+    # ------------------------------------------------------ a connection
+
+    def __call__(self, conn: socket.socket, addr: Any) -> None:
+        reader = Reader(conn, self.limits, self.pool, self.buf)
+        began = time.monotonic()
+        served = 0
+        pool = self.pool
+        try:
+            while True:
+                req = reader.next_request(served == 0)
+                if req is None:
+                    return
+                served += 1
+                pool.begin_request(req.line())
+                keep = (req.keep_alive and not reader.upgraded
+                        and served < self.options.keepalive_requests and not pool.leaving())
+                if keep and time.monotonic() - began >= KEEPALIVE_SLICE_S and pool.wanted():
+                    keep = False
+                if not self.respond(conn, addr, reader, req, keep):
+                    return
+        except HTTPError as exc:
+            self.refuse(conn, addr, exc)
+        except ClientGone:
+            pass
+
+    def respond(self, conn: socket.socket, addr: Any, reader: Reader, req: Request,
+                keep: bool) -> bool:
+        """Run the app for one request; True when the connection goes on."""
+        started = time.monotonic()
+        resp = Response(conn, req, self.clock, keep)
+        body = Input(reader, req, lambda data: send_all(conn, data))
+        environ = self.environ(req, addr, body)
+        try:
+            self.run_app(environ, resp)
+        except (ClientGone, HTTPError):
+            self.log_access(environ, resp, started)
+            raise
+        except Exception:
+            log.exception("app failed on %s %s", req.method.decode("latin-1"),
+                          environ.get("PATH_INFO", "")[:200])
+            if resp.head_sent:
+                return False            # half a response: only closing can tell
+            resp = Response(conn, req, self.clock, False)
+            resp.start_response("500 Internal Server Error",
+                                [("Content-Type", "text/plain"), ("Content-Length", "26")])
+            resp.write(b"500 Internal Server Error\n")
+        self.log_access(environ, resp, started)
+        return resp.keep and body.discard()
+
+    def run_app(self, environ: dict[str, Any], resp: Response) -> None:
+        result = self.app(environ, resp.start_response)
+        try:
+            if isinstance(result, FileWrapper):
+                fd = result.fileno()
+                if fd is not None and resp.status is not None and resp.send_file(result, fd):
+                    resp.finish()
+                    return
+            if isinstance(result, (list, tuple)) and not resp.head_sent:
+                self.send_whole(resp, result)
+                return
+            for chunk in result:
+                if chunk:
+                    resp.write(chunk)
+                elif not resp.head_sent and resp.status is not None:
+                    pass    # an empty chunk before the first: keep waiting
+            resp.finish()
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    def send_whole(self, resp: Response, parts: Sequence[bytes]) -> None:
+        """A list body (the common case): its length is known, so it gets a
+        Content-Length and goes out with the head in one send."""
+        for part in parts:
+            if not isinstance(part, (bytes, bytearray)):
+                raise TypeError(f"the app returned {type(part).__name__}, not bytes")
+        size = sum(len(p) for p in parts)
+        head = resp.head(size)
+        resp.head_sent = True
+        if not resp.body_allowed or not size:
+            send_all(resp.conn, head)
+        else:
+            send_all(resp.conn, head + resp.frame(b"".join(parts)))
+        resp.finish()
+
+    def refuse(self, conn: socket.socket, addr: Any, exc: HTTPError) -> None:
+        """Bad input: its status, a one-line body, and the connection closed."""
+        body = b"%d %s\n" % (exc.status, exc.reason.encode())
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n" % (exc.status, exc.reason.encode(), len(body)))
+        try:
+            send_all(conn, head + self.clock.date() + b"Server: " + SERVER + b"\r\n\r\n" + body)
+            conn.shutdown(socket.SHUT_WR)
+        except (ClientGone, OSError):
+            pass
+        log.debug("refused a request from %s: %d %s", addr, exc.status, exc.reason)
+
+    # ------------------------------------------------------ the environ
+
+    def environ(self, req: Request, addr: Any, body: Input) -> dict[str, Any]:
+        env = self.base.copy()
+        url = req.url
+        if url[:1] != b"/" and url != b"*":
+            url = _origin_form(url)
+        path, _, query = url.partition(b"?")
+        if b"#" in query:
+            query = query.partition(b"#")[0]
+        env["REQUEST_METHOD"] = req.method.decode("latin-1")
+        env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        env["QUERY_STRING"] = query.decode("latin-1")
+        env["SERVER_PROTOCOL"] = req.version
+        env["wsgi.input"] = body
+        if isinstance(addr, tuple):
+            env["REMOTE_ADDR"] = addr[0]
+            env["REMOTE_PORT"] = str(addr[1])
+        else:
+            env["REMOTE_ADDR"] = ""
+        keys = self.keys
+        for name, value in req.headers:
+            key = keys.get(name)
+            if key is None:
+                key = _environ_key(name)
+                if len(keys) < 512:
+                    keys[name] = key
+            text = value.decode("latin-1")
+            if key in env:
+                if key[:5] == "HTTP_":
+                    env[key] += "," + text
+            else:
+                env[key] = text
+        if self.server is None:
+            self.server = _server_name(body)
+        env["SERVER_NAME"], env["SERVER_PORT"] = self.server
+        if "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env:
+            self.forwarded(env)
+        return env
+
+    def forwarded(self, env: dict[str, Any]) -> None:
+        """X-Forwarded-For/-Proto, believed only from forwarded_allow_ips."""
+        if env["REMOTE_ADDR"] not in self.trusted:
+            return
+        chain = [h.strip() for h in env.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+        # The right-most address not of a trusted proxy is the client's.
+        while chain:
+            host = chain.pop()
+            if host not in self.trusted or not chain:
+                env["REMOTE_ADDR"] = host
+                break
+        proto = env.get("HTTP_X_FORWARDED_PROTO", "").split(",")[-1].strip().lower()
+        if proto in ("http", "https"):
+            env["wsgi.url_scheme"] = proto
+
+    def log_access(self, environ: dict[str, Any], resp: Response, started: float) -> None:
+        if self.access is not None:
+            self.access.write(environ, resp.code, resp.sent, resp.headers,
+                              time.monotonic() - started)
+
+
+def _environ_key(name: bytes) -> str:
+    key = name.decode("latin-1").upper().replace("-", "_")
+    if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        return key
+    return "HTTP_" + key
+
+
+def _origin_form(url: bytes) -> bytes:
+    """The path of an absolute-form target (``GET http://host/p?q``)."""
+    scheme_end = url.find(b"://")
+    if scheme_end < 0:
+        return url
+    slash = url.find(b"/", scheme_end + 3)
+    return url[slash:] if slash >= 0 else b"/"
+
+
+def _server_name(body: Input) -> tuple[str, str]:
+    sock = body._reader.sock
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return ("localhost", "0")
+    if isinstance(name, tuple):
+        return (str(name[0]), str(name[1]))
+    return ("localhost", "0")
+
