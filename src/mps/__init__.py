@@ -7,7 +7,7 @@ rotated gracefully on signals.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import (AppError, BindError, BootError, MpsError, SettingError,  # noqa: E402
                      UsageError)

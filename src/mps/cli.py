@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from . import __version__, config, daemon, logs
+from . import config, daemon, logs
+from ._version import __version__
 from .errors import EXIT_OK, EXIT_USAGE, AppError, MpsError, UsageError
 from .handlers import App
 

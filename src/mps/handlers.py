@@ -20,12 +20,10 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from abc import ABC, abstractmethod
+from typing import Any
 
 from .errors import AppError
-
-if TYPE_CHECKING:
-    from .server import Server
 
 Handler = Callable[[socket.socket, Any], object]
 Hook = Callable[..., object]
@@ -51,6 +49,20 @@ class App:
             hook(self.server, *args)
 
 
+class AppMaker(ABC):
+    """What ``APP`` may name besides a handler: an object that makes the App
+    (mps.Server is one).  Declared here so that finding the app never
+    imports the layer above."""
+
+    @abstractmethod
+    def app(self) -> App:
+        """The handler, hooks and settings to run."""
+
+    @abstractmethod
+    def handles(self, obj: object) -> bool:
+        """Whether ``obj`` is this maker's handler, as it was given."""
+
+
 def adapt(obj: object, server: object = None, spec: str = "") -> Handler:
     """Turn what the user gave into ``handle(conn, addr)``."""
     if inspect.isclass(obj) and issubclass(obj, socketserver.BaseRequestHandler):
@@ -71,8 +83,6 @@ def adapt(obj: object, server: object = None, spec: str = "") -> Handler:
 
 def load(spec: str) -> App:
     """Import ``spec`` in the master; AppError (exit 4) with one line if it fails."""
-    from .server import Server
-
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise AppError(f"app {spec!r}: expected module:callable or path/file.py:callable")
@@ -81,7 +91,7 @@ def load(spec: str) -> App:
         obj = getattr(module, attr)
     except AttributeError:
         raise AppError(f"app {spec!r}: {target} has no attribute {attr!r}") from None
-    if isinstance(obj, Server):
+    if isinstance(obj, AppMaker):
         return obj.app()
     servers = _servers_serving(module, obj)
     if len(servers) == 1:
@@ -98,8 +108,6 @@ def load(spec: str) -> App:
 def load_wsgi(spec: str) -> App:
     """``--wsgi module:app``, ``path/file.py:app`` or ``module:create_app(...)``
     (a factory called with literal arguments, as gunicorn allows)."""
-    from .server import Server
-
     target, sep, expr = spec.rpartition(":")
     if not sep or not target or not expr:
         raise AppError(f"wsgi app {spec!r}: expected module:app, path/file.py:app "
@@ -118,7 +126,7 @@ def load_wsgi(spec: str) -> App:
         except Exception as exc:
             raise AppError(f"wsgi app {spec!r}: the factory failed: "
                            f"{type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, Server):
+    if isinstance(obj, AppMaker):
         return obj.app()
     if not callable(obj):
         raise AppError(f"wsgi app {spec!r} is not callable; point --wsgi at a WSGI "
@@ -158,13 +166,11 @@ def _parse_factory(spec: str, expr: str) -> tuple[str, list[Any] | None, dict[st
     raise AppError(f"wsgi app {spec!r}: {expr!r} is neither a name nor a call")
 
 
-def _servers_serving(module: Any, obj: object) -> list[tuple[str, Server]]:
+def _servers_serving(module: Any, obj: object) -> list[tuple[str, AppMaker]]:
     """The mps.Servers in ``module`` whose handler is ``obj``: (first name, Server)."""
-    from .server import Server
-
-    found: dict[int, tuple[str, Server]] = {}
+    found: dict[int, tuple[str, AppMaker]] = {}
     for name, value in vars(module).items():
-        if isinstance(value, Server) and value.handles(obj):
+        if isinstance(value, AppMaker) and value.handles(obj):
             found.setdefault(id(value), (name, value))
     return list(found.values())
 

@@ -7,10 +7,10 @@ from typing import Any, NoReturn
 
 from . import config
 from .errors import AppError
-from .handlers import App, Handler, Hook, adapt, load_wsgi_app
+from .handlers import App, AppMaker, Handler, Hook, adapt, load_wsgi_app
 
 
-class Server:
+class Server(AppMaker):
     """A prefork server around one handler.
 
     ``Server(**settings)`` takes the settings of ``mps serve --help`` as

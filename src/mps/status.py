@@ -9,19 +9,37 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+import socket
+from typing import Any, Protocol
 
 from .errors import MpsError
-from .scoreboard import STATE_CHARS, State
+from .logs import printable
+from .scoreboard import STATE_CHARS, Scoreboard, State
 from .sockets import describe
 
-if TYPE_CHECKING:
-    from .arbiter import Arbiter
+
+class Source(Protocol):
+    """What the document is made from: the master's state, read-only (the
+    arbiter is one; this module never imports it)."""
+
+    pid: int
+    board: Scoreboard | None
+    listener: socket.socket | None
+    settings: Any
+    min_spare: int
+    max_spare: int
+    started_at: float
+    stopping: str
+    generation: int
+
+    @property
+    def totals(self) -> Any:
+        """An object with ``as_dict() -> dict[str, int]``."""
 
 STATES = [s.name.lower() for s in State if s != State.EMPTY]
 
 
-def document(arbiter: Arbiter) -> dict[str, Any]:
+def document(arbiter: Source) -> dict[str, Any]:
     """The JSON document for the master's current state."""
     assert arbiter.board is not None and arbiter.listener is not None
     snap = arbiter.board.snapshot()
@@ -31,8 +49,8 @@ def document(arbiter: Arbiter) -> dict[str, Any]:
     children.update({name: snap.count(State[name.upper()]) for name in STATES})
     settings = arbiter.settings.public()
     settings.update(min_spare=arbiter.min_spare, max_spare=arbiter.max_spare)
-    totals = {"connections": snap.connections, **arbiter.totals.as_dict(),
-              "counter_repairs": snap.repairs}
+    totals = {"connections": snap.connections, "requests": snap.requests,
+              **arbiter.totals.as_dict(), "counter_repairs": snap.repairs}
     return {
         "pid": arbiter.pid,
         "backend": arbiter.board.name,
@@ -44,11 +62,22 @@ def document(arbiter: Arbiter) -> dict[str, Any]:
         "children": children,
         "idle_counter": snap.idle_counter,
         "totals": totals,
-        "slots": [{"slot": s.index, "pid": s.pid, "state": s.state.name.lower(),
-                   "connections": s.connections, "state_age_s": round(s.age_s(now_ns), 3)}
-                  for s in live],
+        "busy_s": round(snap.busy_s(now_ns), 3),
+        "slots": [_slot(s, now_ns) for s in live],
         "scoreboard": "".join(STATE_CHARS[s.state] for s in snap.slots),
     }
+
+
+def _slot(s: Any, now_ns: int) -> dict[str, Any]:
+    out = {"slot": s.index, "pid": s.pid, "state": s.state.name.lower(),
+           "connections": s.connections, "state_age_s": round(s.age_s(now_ns), 3)}
+    if s.requests:
+        out["requests"] = s.requests
+    if s.request:
+        # What a busy child serves and for how long (mod_status): the timeout
+        # clock restarts with each request, so state_age_s is its age.
+        out["request"] = s.request.decode("latin-1")
+    return out
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -95,8 +124,9 @@ def render(doc: dict[str, Any]) -> str:
         f"scoreboard  {doc['scoreboard']}",
         "            _ idle  W busy  S starting  G exiting  . free",
         "",
-        f"{'slot':>5} {'pid':>8} {'state':<9} {'conns':>7} {'age_s':>9}",
+        f"{'slot':>5} {'pid':>8} {'state':<9} {'conns':>7} {'age_s':>9}  request",
     ]
     lines += [f"{s['slot']:>5} {s['pid']:>8} {s['state']:<9} {s['connections']:>7} "
-              f"{s['state_age_s']:>9.2f}" for s in doc["slots"]]
+              f"{s['state_age_s']:>9.2f}  {printable(s.get('request', ''), 64)}".rstrip()
+              for s in doc["slots"]]
     return "\n".join(lines)
