@@ -36,6 +36,8 @@ struct mps_head {
 typedef struct mps_board mps_board;
 
 int mps_create(int64_t nslots, mps_board **out);
+int mps_create_fd(int64_t nslots, int fd, mps_board **out);
+int mps_attach(int fd, mps_board **out);
 int mps_destroy(mps_board *b);
 int64_t mps_reserve(mps_board *b);
 int mps_started(mps_board *b, int64_t slot, int64_t pid);

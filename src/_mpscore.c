@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -191,8 +192,10 @@ static void mps_set_state(struct mps_slot *s, int64_t state, int64_t now)
     s->changed_ns = now;
 }
 
-/* Master, before any fork: map and initialise a board of nslots slots. */
-static int mps_create(int64_t nslots, mps_board **out)
+/* Master, before any fork: map and initialise a board of nslots slots, in
+ * the memory of fd (a memfd, so that a re-executed master can map the same
+ * board again: mps_attach) or, with fd -1, in anonymous shared memory. */
+static int mps_create_fd(int64_t nslots, int fd, mps_board **out)
 {
     pthread_mutexattr_t attr;
     mps_board *b;
@@ -202,7 +205,10 @@ static int mps_create(int64_t nslots, mps_board **out)
     if (nslots < 1 || nslots > 1 << 20)
         return -EINVAL;
     size = sizeof(mps_board) + (size_t)nslots * sizeof(struct mps_slot);
-    b = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (fd >= 0 && ftruncate(fd, (off_t)size) != 0)
+        return -errno;
+    b = mmap(NULL, size, PROT_READ | PROT_WRITE,
+             fd >= 0 ? MAP_SHARED : MAP_SHARED | MAP_ANONYMOUS, fd, 0);
     if (b == MAP_FAILED)
         return -errno;
     memset(b, 0, size);     /* anonymous maps are zeroed; say so anyway */
@@ -226,6 +232,35 @@ static int mps_create(int64_t nslots, mps_board **out)
 }
 
 /* Master, at exit (each child's copy dies with the child).  No lock. */
+static int mps_create(int64_t nslots, mps_board **out)
+{
+    return mps_create_fd(nslots, -1, out);
+}
+
+/* Master, re-executed (an upgrade): map the board its old image created in
+ * fd, where its running children still keep their slots.  No lock: the
+ * mutex and the slots are as the children left them.  -EPROTO when fd does
+ * not hold a board of this version. */
+static int mps_attach(int fd, mps_board **out)
+{
+    struct stat st;
+    mps_board *b;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    if ((size_t)st.st_size < sizeof(mps_board))
+        return -EPROTO;
+    b = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (b == MAP_FAILED)
+        return -errno;
+    if (b->magic != MPS_MAGIC || b->version != MPS_VERSION || b->size != (size_t)st.st_size ||
+        b->size != sizeof(mps_board) + (size_t)b->head.nslots * sizeof(struct mps_slot)) {
+        munmap(b, (size_t)st.st_size);
+        return -EPROTO;
+    }
+    *out = b;
+    return 0;
+}
+
 static int mps_destroy(mps_board *b)
 {
     return munmap(b, b->size) == 0 ? 0 : -errno;

@@ -31,10 +31,13 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, fields
 
 from . import daemon, logs, signals, sockets, status
+from .notify import Notifier
+from .upgrade import Check, Handoff, OldGeneration, Progress, reexec
 from .config import Settings
 from .errors import EXIT_BOOT, EXIT_OK, BootError
 from .handlers import App
@@ -75,6 +78,8 @@ DRAIN_POLL_S = 0.02
 STATUS_SEND_S = 5.0
 #: Status clients served at once; more wait in the status socket's backlog.
 STATUS_CLIENTS = 64
+#: How often systemd's STATUS= line is refreshed.
+NOTIFY_STATUS_S = 5.0
 
 
 @dataclass
@@ -127,6 +132,13 @@ class Arbiter:
         self.identity: tuple[int, int] | None = None
         self.inherited: sockets.Inherited | None = None    # fd://N: to hand back as it came
         self.status_out: dict[socket.socket, tuple[memoryview, float]] = {}
+        self.progress = Progress()              # upgrades (USR2), for reload and status
+        self.check: Check | None = None         # the new release's check, while it runs
+        self.old: OldGeneration | None = None   # children of the image before an upgrade
+        self.notifier = Notifier()
+        self.ready_sent = False
+        self.notify_next = 0.0
+        self.rate_mark = (time.monotonic(), 0)  # (when, connections) for STATUS= rates
         self.last_boot_failure = 0.0
 
     # ----------------------------------------------------------- life cycle
@@ -137,7 +149,8 @@ class Arbiter:
             while True:
                 self.handle_signals()
                 self.reap()
-                if self.stopping in ("graceful", "fast") and not self.children:
+                if self.stopping in ("graceful", "fast") and not self.children \
+                        and not (self.old and self.old.children):
                     return EXIT_OK
                 self.keep_wake_up_timer()
                 snap = self.audit()
@@ -155,23 +168,16 @@ class Arbiter:
     def start(self) -> None:
         s = self.settings
         self.identity = s.identity()     # resolved once, never in a child
-        address = sockets.parse_bind(s.bind)
-        self.listener = sockets.listen(address, s.backlog)
-        if address.fd >= 0:     # shared with its owner: hand it back as it came
-            self.inherited = sockets.Inherited.of(self.listener, ACCEPT_TIMEOUT_S)
-        if address.family == socket.AF_UNIX:
-            self.owned_paths.append(address.path)
-        # Idle children wake from accept() every second (EAGAIN) to notice a
-        # dead master or a lost retire signal.
-        sockets.set_receive_timeout(self.listener, ACCEPT_TIMEOUT_S)
-        if s.status_socket:
-            self.status_sock = sockets.listen_unix_private(s.status_socket)
-            self.owned_paths.append(s.status_socket)
-            self.status_sock.setblocking(False)
+        handoff = Handoff.take()
+        if handoff is not None:
+            self.adopt(handoff)
+        else:
+            self.bind()
+        assert self.listener is not None
         self.board = open_scoreboard(s.backend, s.max_children)
         self.board.on_stuck = self.lock_stuck
         self.board.set_min_spare(self.min_spare)
-        if s.daemon:
+        if s.daemon and handoff is None:
             if not s.log_file:
                 log.warning("daemon without log_file: log lines are discarded")
             daemon.daemonize()
@@ -181,6 +187,8 @@ class Arbiter:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.board.wake_fd = self.wake_w
         self.signals.install(self.wake_w)
+        # An upgrade's exec kept every recorded signal blocked until now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RECORDED)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         if self.status_sock is not None:
@@ -192,6 +200,59 @@ class Arbiter:
         self.started = True
         gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
         self.spawn_many(s.start_servers)
+
+    def bind(self) -> None:
+        """The listening socket: systemd's (socket activation), or bind's."""
+        s = self.settings
+        address = sockets.parse_bind(s.bind)
+        fds, names = sockets.activated(os.environ)
+        if fds:
+            address = sockets.Address(-1, fd=fds[0])
+            log.info("socket activation: serving the socket systemd passed (fd %d%s)",
+                     fds[0], f", {names[0]!r}" if names[0] else "")
+            if len(fds) > 1:
+                log.warning("socket activation passed %d sockets; serving the first only",
+                            len(fds))
+        self.listener = sockets.listen(address, s.backlog, s.reuse_port)
+        if address.fd >= 0:     # shared with its owner: hand it back as it came
+            self.inherited = sockets.Inherited.of(self.listener, ACCEPT_TIMEOUT_S)
+        if address.family == socket.AF_UNIX:
+            self.owned_paths.append(address.path)
+        # Idle children wake from accept() every second (EAGAIN) to notice a
+        # dead master or a lost retire signal.
+        sockets.set_receive_timeout(self.listener, ACCEPT_TIMEOUT_S)
+        if s.status_socket:
+            self.status_sock = sockets.listen_unix_private(s.status_socket)
+            self.owned_paths.append(s.status_socket)
+            self.status_sock.setblocking(False)
+
+    def adopt(self, handoff: Handoff) -> None:
+        """The new image after an upgrade's exec: the old image's sockets,
+        and its children on their own board, to be retired once ours serve."""
+        self.listener = socket.socket(fileno=handoff.listener_fd)
+        self.listener.set_inheritable(False)
+        if handoff.inherited_rcvtimeo is not None:
+            self.inherited = sockets.Inherited(bytes.fromhex(handoff.inherited_rcvtimeo))
+        if handoff.status_fd >= 0:
+            self.status_sock = socket.socket(fileno=handoff.status_fd)
+            self.status_sock.set_inheritable(False)
+            self.status_sock.setblocking(False)
+        self.owned_paths = list(handoff.owned_paths)
+        self.old = OldGeneration(handoff)
+        os.set_inheritable(self.old.board.memory_fd, False)
+        self.generation = handoff.generation + 1
+        self.progress = Progress(**handoff.progress)
+        self.progress.state = "starting"
+        self.progress.loaded_at = time.time()
+        for name, value in handoff.totals.items():
+            setattr(self.totals, name, value)
+        self.started_at = time.monotonic() - (time.time() - handoff.started_at_wall)
+        if self.settings.bind != handoff.bind_setting:
+            log.warning("bind changed to %s in the new release; an upgrade keeps the listening "
+                        "socket: restart the service to move it", self.settings.bind)
+        log.info("upgrade: new image of master %d, generation %d; adopted %d children of "
+                 "generation %d", self.pid, self.generation, len(self.old.children),
+                 handoff.generation)
 
     def cleanup(self) -> None:
         if self.pid != os.getpid():
@@ -217,6 +278,11 @@ class Arbiter:
             daemon.remove_pid_file(self.settings.pid_file)
         if self.board is not None:
             self.board.close()
+        if self.old is not None:
+            self.old.close()
+        if self.check is not None:
+            self.check.close()
+        self.notifier.close()
         if self.wake_w >= 0:
             signal.set_wakeup_fd(-1)
             os.close(self.wake_r)
@@ -236,6 +302,7 @@ class Arbiter:
             else:
                 self.drain_wake_pipe()
         self.expire_status_clients()
+        self.notify_systemd()
 
     def deadlines(self) -> float:
         """Seconds until the next thing the loop must do (at most 1)."""
@@ -251,6 +318,13 @@ class Arbiter:
             due.append(DRAIN_POLL_S)
         if self.status_out:
             due.append(min(d for _, d in self.status_out.values()) - now)
+        if self.notifier.enabled:
+            due.append(self.notifier.watchdog_due(now))
+            due.append(self.notify_next - now)
+        if self.check is not None:
+            due.append(self.check.deadline - now)
+        if self.old is not None:
+            due.append(self.old.next_deadline() - now)
         due.extend(c.kill_at - now for c in self.children.values() if c.kill_at > now)
         # Past deadlines were acted on in the last pass: never spin on them.
         return max(0.001, min(due))
@@ -279,9 +353,16 @@ class Arbiter:
                 break
             if pid == 0:
                 break
+            code = os.waitstatus_to_exitcode(wait_status)
+            if self.check is not None and pid == self.check.pid:
+                self.check_done(code)
+                continue
+            if self.old is not None and self.old.reaped(pid):
+                self.totals.reaped += 1
+                continue
             child = self.children.pop(pid, None)
             if child is not None:       # else not ours (a hook's subprocess)
-                exited.append((child, os.waitstatus_to_exitcode(wait_status)))
+                exited.append((child, code))
         if not exited:
             return
         assert self.board is not None
@@ -339,6 +420,16 @@ class Arbiter:
             if child.kill_at and now >= child.kill_at:
                 self.kill(child, signal.SIGKILL)
                 child.kill_at = now + 3600   # once; the reap follows
+        if self.old is not None:
+            self.old.murder(now)
+        if self.check is not None and now >= self.check.deadline:
+            log.error("USR2: the new release's check has not finished in %gs; killing it",
+                      self.check.deadline - now + 60)
+            try:
+                os.kill(self.check.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.check.deadline = now + 3600
 
     def kill_stuck(self, snap: Snapshot, now: float) -> None:
         timeout = self.settings.timeout
@@ -375,6 +466,28 @@ class Arbiter:
         self.retire_surplus(snap)
         if self.stopping == "draining" and self.drained():
             self.retire_all()
+        if not self.stopping:
+            self.note_ready(snap)
+        if self.old is not None and not self.old.children:
+            log.info("upgrade: the last child of the old generation has left")
+            self.old.close()
+            self.old = None
+
+    def note_ready(self, snap: Snapshot) -> None:
+        """The pool serves: start_servers children idle (READY=1).  After an
+        upgrade that is when the old generation is retired."""
+        if self.ready_sent:
+            return
+        want = max(1, min(self.settings.start_servers, self.settings.max_children))
+        if snap.count(State.IDLE) < want:
+            return
+        self.ready_sent = True
+        if self.old is not None and not self.old.retired:
+            self.old.retire_all(self.settings.graceful_timeout)
+            self.progress.state = "done"
+            log.info("upgrade: generation %d serves; retiring %d children of the old code",
+                     self.generation, len(self.old.children))
+        self.notifier.ready(self.status_line(snap))
 
     def note_boots(self, snap: Snapshot) -> None:
         """A child born after the last boot failure has booted: the streak is over."""
@@ -547,6 +660,9 @@ class Arbiter:
             return
         log.info("TERM: graceful stop; serving what is queued, then waiting up to %gs in all "
                  "for busy children", self.settings.graceful_timeout)
+        self.notifier.stopping()
+        if self.old is not None and not self.old.retired:
+            self.old.retire_all(self.settings.graceful_timeout)
         self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
         if self.stop_accepting():
             self.stopping = "draining"      # maintain() retires the pool once drained
@@ -608,7 +724,63 @@ class Arbiter:
         self.rotate("USR1: log reopened")
 
     def handle_usr2(self) -> None:
-        log.warning("USR2 received; ignored (mps gives it no meaning yet)")
+        """Upgrade: check the new release, then re-execute into it."""
+        if self.stopping:
+            log.warning("USR2: stopping; no upgrade")
+            return
+        if self.check is not None or self.old is not None:
+            log.warning("USR2: an upgrade is already under way (%s); this one is ignored",
+                        self.progress.state)
+            return
+        self.progress.serial += 1
+        self.progress.state = "checking"
+        self.progress.reason = ""
+        self.notifier.reloading()
+        try:
+            self.check = Check()
+        except OSError as exc:
+            self.upgrade_failed(1, f"cannot start the check: {exc.strerror}")
+            return
+        log.info("USR2: checking the new release (pid %d)", self.check.pid)
+
+    def check_done(self, code: int) -> None:
+        check, self.check = self.check, None
+        assert check is not None
+        if code != 0:
+            reason = check.reason(code)
+            check.close()
+            self.upgrade_failed(code if code > 0 else 1, reason)
+            return
+        check.close()
+        log.info("USR2: the new release passed its check; re-executing master %d", self.pid)
+        self.reexec()
+
+    def upgrade_failed(self, code: int, reason: str) -> None:
+        self.progress.state = "failed"
+        self.progress.code = code
+        self.progress.reason = reason
+        log.error("USR2: upgrade refused, still serving generation %d: %s", self.generation,
+                  reason)
+        self.notifier.ready(f"upgrade refused: {reason}"[:200])
+
+    def reexec(self) -> None:
+        assert self.board is not None and self.listener is not None
+        self.progress.state = "starting"
+        handoff = Handoff(
+            listener_fd=self.listener.fileno(),
+            status_fd=self.status_sock.fileno() if self.status_sock is not None else -1,
+            board=self.board.handoff(),
+            children=[(c.pid, c.slot, c.generation) for c in self.children.values()],
+            generation=self.generation, owned_paths=self.owned_paths,
+            inherited_rcvtimeo=self.inherited.rcvtimeo.hex() if self.inherited else None,
+            progress=self.progress.as_dict(), totals=self.totals.as_dict(),
+            started_at_wall=time.time() - (time.monotonic() - self.started_at),
+            bind_setting=self.settings.bind)
+        for conn in list(self.status_out):
+            self.end_status_client(conn)
+        keep = [fd for fd in (handoff.listener_fd, handoff.status_fd) if fd >= 0]
+        error = reexec(handoff, keep, RECORDED)
+        self.upgrade_failed(1, f"cannot re-execute {sys.executable}: {error.strerror}")
 
     def reopen_log(self, why: str) -> None:
         try:
@@ -657,6 +829,10 @@ class Arbiter:
 
     def stop_now(self) -> None:
         """Fast stop: children die at once (SIGINT is SIG_DFL in them)."""
+        if self.stopping != "fast":
+            self.notifier.stopping()
+        if self.old is not None:
+            self.old.stop_now()
         self.stopping = "fast"
         self.surplus_since = 0.0
         deadline = time.monotonic() + KILL_GRACE_S
@@ -673,6 +849,27 @@ class Arbiter:
             time.sleep(0.01)
             self.reap()
 
+    # ----------------------------------------------------------- systemd
+
+    def notify_systemd(self) -> None:
+        """WATCHDOG=1 when due (the loop runs), and a STATUS= line every few seconds."""
+        if not self.notifier.enabled:
+            return
+        now = time.monotonic()
+        self.notifier.pet(now)
+        if now >= self.notify_next and self.board is not None:
+            self.notify_next = now + NOTIFY_STATUS_S
+            self.notifier.status(self.status_line(self.board.snapshot()))
+
+    def status_line(self, snap: Snapshot) -> str:
+        now = time.monotonic()
+        then, conns = self.rate_mark
+        rate = (snap.connections - conns) / (now - then) if now > then else 0.0
+        self.rate_mark = (now, snap.connections)
+        live = sum(1 for s in snap.slots if s.state != State.EMPTY)
+        return (f"{snap.count(State.IDLE)} idle, {snap.count(State.BUSY)} busy, {live} children "
+                f"(generation {self.generation}); {rate:.1f} connections/s")
+
     def lock_stuck(self, holder: int) -> None:
         """A master call has waited lock_timeout for the scoreboard lock (the
         scoreboard calls this, then retries).  A child that holds it that
@@ -681,6 +878,12 @@ class Arbiter:
         (EOWNERDEAD / the dirty word).  Never touch the board from here: the
         call that asked is still waiting for its lock."""
         child = self.children.get(holder)
+        if child is None and self.old is not None and holder in self.old.children:
+            log.error("old child %d has held its scoreboard lock for over %gs; killing it",
+                      holder, self.board.lock_timeout if self.board else 0)
+            self.totals.lock_holders_killed += 1
+            os.kill(holder, signal.SIGKILL)
+            return
         if child is None:
             log.warning("scoreboard lock held for over %gs by %s; waiting",
                         self.board.lock_timeout if self.board else 0,

@@ -100,6 +100,9 @@ def _serve(app: App, flags: dict[str, Any]) -> int:
     if app.wsgi is not None:
         from .http.wsgi import WSGIHandler
         app.handler = WSGIHandler.from_settings(app.wsgi, settings)
+    from .upgrade import checking
+    if checking():      # USR2's check of a new release: it imports and parses, that is all
+        return EXIT_OK
     if settings.pid_file and not settings.single:
         # Before anything binds: a second master must not take over a live
         # master's pid file (and delete it when it stops).

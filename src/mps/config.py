@@ -43,6 +43,10 @@ class Settings:
         "127.0.0.1:8000", kind="str", seed="PORT 8000",
         help="Address to listen on: HOST:PORT, [V6ADDR]:PORT, unix:PATH or fd://N "
              "(an inherited listening socket). Port 0 picks a free port.")
+    reuse_port: bool = setting(
+        False, kind="bool",
+        help="SO_REUSEPORT: several masters may listen on one port (blue/green, one per "
+             "NUMA node); the kernel spreads connections, a stopping master drains its own.")
     backlog: int = setting(
         1024, kind="int", minimum=1, maximum=65535, seed="MAXLISTEN",
         help="Length of the kernel's queue of connections waiting for a child.")

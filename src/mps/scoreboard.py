@@ -135,6 +135,9 @@ class Scoreboard(ABC):
     name: str
     #: Write end of the master's wake-up pipe (set by the master before fork).
     wake_fd: int = -1
+    #: The memfd holding the board (children inherit it through fork; an
+    #: upgraded master through exec, see handoff()).
+    memory_fd: int = -1
     #: Master: called with the lock holder's pid (0: unknown) each time a
     #: master-side call has waited lock_timeout for the lock.  The master
     #: decides: SIGKILL the holder (the retry then recovers the lock and
@@ -234,6 +237,11 @@ class Scoreboard(ABC):
     def close(self) -> None:
         """Unmap (master at exit)."""
 
+    @abstractmethod
+    def handoff(self) -> dict[str, Any]:
+        """Master, before it re-executes itself (an upgrade): make the board's
+        descriptors survive exec and describe them for :func:`attach`."""
+
     def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
         """Child: block for a connection, mark busy, wake the master if needed."""
         conn, addr = listener.accept()
@@ -266,13 +274,24 @@ class CScoreboard(Scoreboard):
 
     name = "c"
 
-    def __init__(self, nslots: int) -> None:
+    def __init__(self, nslots: int, attach_fd: int = -1) -> None:
         if _lib is None:
             raise BackendError("backend 'c' is not available: the C core was not built "
                                "(install a C compiler and reinstall, or use --backend python)")
         super().__init__(nslots)
         out = _ffi.new("mps_board **")
-        _check(_lib.mps_create(nslots, out))
+        if attach_fd >= 0:      # a re-executed master, back on its children's board
+            _check(_lib.mps_attach(attach_fd, out))
+            self.memory_fd = attach_fd
+        else:
+            # A memfd, not anonymous memory: an upgrade re-executes the master,
+            # and its new image maps the same board again (nothing in /tmp).
+            self.memory_fd = os.memfd_create("mps-scoreboard", os.MFD_CLOEXEC)
+            try:
+                _check(_lib.mps_create_fd(nslots, self.memory_fd, out))
+            except OSError:
+                os.close(self.memory_fd)
+                raise
         self._board = out[0]
         self._head = _ffi.new("struct mps_head *")
         self._slots = _ffi.new("struct mps_slot[]", nslots)
@@ -362,6 +381,11 @@ class CScoreboard(Scoreboard):
         if self._board is not None:
             _lib.mps_destroy(self._board)
             self._board = None
+            os.close(self.memory_fd)
+
+    def handoff(self) -> dict[str, Any]:
+        os.set_inheritable(self.memory_fd, True)
+        return {"backend": self.name, "nslots": self.nslots, "memory_fd": self.memory_fd}
 
 
 # PyScoreboard layout: int64 words.  Header words, then 5 words per slot.
@@ -387,18 +411,30 @@ class PyScoreboard(Scoreboard):
 
     name = "python"
 
-    def __init__(self, nslots: int) -> None:
+    def __init__(self, nslots: int, attach_fd: int = -1, lock_fd: int = -1) -> None:
         super().__init__(nslots)
         if nslots < 1:
             raise OSError(22, "nslots must be positive")
-        self._map = mmap.mmap(-1, 8 * (_HEADER + _SLOT * nslots),
-                              flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        size = 8 * (_HEADER + _SLOT * nslots)
+        if attach_fd >= 0:      # a re-executed master, back on its children's board
+            if os.fstat(attach_fd).st_size != size:
+                raise OSError(errno.EPROTO, "not a scoreboard of this size")
+            self.memory_fd = attach_fd
+        else:
+            # A memfd (see CScoreboard): an upgraded master maps it again.
+            self.memory_fd = os.memfd_create("mps-scoreboard", os.MFD_CLOEXEC)
+            os.ftruncate(self.memory_fd, size)
+        self._map = mmap.mmap(self.memory_fd, size, flags=mmap.MAP_SHARED)
         self._w = memoryview(self._map).cast("q")
-        self._w[_H_NSLOTS] = nslots
+        if attach_fd < 0:
+            self._w[_H_NSLOTS] = nslots
+        elif self._w[_H_NSLOTS] != nslots:
+            raise OSError(errno.EPROTO, "not a scoreboard of this size")
         # An anonymous in-memory file: nothing in /tmp.  POSIX (lockf) locks
         # belong to the process, so each child locks for itself; never dup or
         # close this fd in a child: closing *any* fd of the file drops the lock.
-        self._lock_fd = os.memfd_create("mps-scoreboard-lock", os.MFD_CLOEXEC)
+        self._lock_fd = lock_fd if lock_fd >= 0 else \
+            os.memfd_create("mps-scoreboard-lock", os.MFD_CLOEXEC)
 
     def _lock(self) -> memoryview:
         """Block until the lock is ours (children; the master via _lock_master)."""
@@ -654,7 +690,14 @@ class PyScoreboard(Scoreboard):
             self._w.release()
             self._map.close()
             os.close(self._lock_fd)
+            os.close(self.memory_fd)
             self._lock_fd = -1
+
+    def handoff(self) -> dict[str, Any]:
+        os.set_inheritable(self.memory_fd, True)
+        os.set_inheritable(self._lock_fd, True)
+        return {"backend": self.name, "nslots": self.nslots, "memory_fd": self.memory_fd,
+                "lock_fd": self._lock_fd}
 
 
 BACKENDS: dict[str, type[Scoreboard]] = {"c": CScoreboard, "python": PyScoreboard}
@@ -662,6 +705,14 @@ BACKENDS: dict[str, type[Scoreboard]] = {"c": CScoreboard, "python": PyScoreboar
 
 def c_available() -> bool:
     return _lib is not None
+
+
+def attach(info: dict[str, Any]) -> Scoreboard:
+    """The board an earlier image of this master handed off (see handoff())."""
+    if info["backend"] == "c":
+        return CScoreboard(int(info["nslots"]), attach_fd=int(info["memory_fd"]))
+    return PyScoreboard(int(info["nslots"]), attach_fd=int(info["memory_fd"]),
+                        lock_fd=int(info["lock_fd"]))
 
 
 def open_scoreboard(backend: str, nslots: int) -> Scoreboard:

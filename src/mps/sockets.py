@@ -13,6 +13,7 @@ import select
 import socket
 import stat
 import struct
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from .errors import BindError, SettingError
@@ -90,8 +91,9 @@ def parse_bind(text: str) -> Address:
     return Address(family, host=host, port=number)
 
 
-def listen(address: Address, backlog: int) -> socket.socket:
-    """Create the listening socket; BindError (exit 1) with one clear line."""
+def listen(address: Address, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """Create the listening socket; BindError (exit 1) with one clear line.
+    ``reuse_port``: SO_REUSEPORT, so that several masters serve one port."""
     if address.fd >= 0:
         return _adopt(address.fd)
     sock = socket.socket(address.family, socket.SOCK_STREAM)
@@ -101,6 +103,8 @@ def listen(address: Address, backlog: int) -> socket.socket:
             sock.bind(address.path)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if address.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((address.host, address.port))
@@ -137,6 +141,25 @@ def _adopt(fd: int) -> socket.socket:
     # Shared with its owner (systemd, another master): its backlog and
     # filters are left alone (see Inherited).
     return sock
+
+
+#: systemd passes activated sockets from this descriptor on (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
+_ACTIVATION = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def activated(environ: MutableMapping[str, str]) -> tuple[list[int], list[str]]:
+    """systemd socket activation: the descriptors (and names) passed to this
+    process.  The variables are checked (LISTEN_PID must be ours) and then
+    removed, so that children and sub-processes never take them for theirs."""
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    names = environ.get("LISTEN_FDNAMES", "")
+    for var in _ACTIVATION:
+        environ.pop(var, None)
+    if pid != str(os.getpid()) or not count.isdigit() or int(count) < 1:
+        return [], []
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+    return fds, (names.split(":") if names else [""] * len(fds))
 
 
 def clear_stale_socket(path: str, what: str) -> None:

@@ -31,6 +31,8 @@ class Source(Protocol):
     started_at: float
     stopping: str
     generation: int
+    progress: Any       # upgrade progress: as_dict()
+    old: Any            # the old generation during an upgrade, or None: slots()
 
     @property
     def totals(self) -> Any:
@@ -63,6 +65,8 @@ def document(arbiter: Source) -> dict[str, Any]:
         "idle_counter": snap.idle_counter,
         "totals": totals,
         "busy_s": round(snap.busy_s(now_ns), 3),
+        "upgrade": arbiter.progress.as_dict(),
+        "old_generation": arbiter.old.slots() if arbiter.old is not None else [],
         "slots": [_slot(s, now_ns) for s in live],
         "scoreboard": "".join(STATE_CHARS[s.state] for s in snap.slots),
     }
@@ -121,12 +125,28 @@ def render(doc: dict[str, Any]) -> str:
         f"children  total {c['total']}  idle {c['idle']}  busy {c['busy']}  "
         f"starting {c['starting']}  exiting {c['exiting']}  (idle counter {doc['idle_counter']})",
         "totals    " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in t.items()),
+        _upgrade_line(doc),
         f"scoreboard  {doc['scoreboard']}",
         "            _ idle  W busy  S starting  G exiting  . free",
         "",
         f"{'slot':>5} {'pid':>8} {'state':<9} {'conns':>7} {'age_s':>9}  request",
     ]
+    old = doc.get("old_generation") or []
+    if old:
+        lines.insert(5, f"old generation (leaving): {len(old)} children, pids "
+                        + " ".join(str(s["pid"]) for s in old))
     lines += [f"{s['slot']:>5} {s['pid']:>8} {s['state']:<9} {s['connections']:>7} "
               f"{s['state_age_s']:>9.2f}  {printable(s.get('request', ''), 64)}".rstrip()
               for s in doc["slots"]]
     return "\n".join(lines)
+
+
+def _upgrade_line(doc: dict[str, Any]) -> str:
+    up = doc.get("upgrade") or {}
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(up.get("loaded_at", 0)))
+    line = f"code      generation {doc['generation']}  loaded {loaded}"
+    if up.get("state"):
+        line += f"  last upgrade #{up['serial']}: {up['state']}"
+        if up.get("reason"):
+            line += f" ({printable(up['reason'], 120)})"
+    return line
