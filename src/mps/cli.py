@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="ask a running master for its status")
     status.add_argument("socket", metavar="PATH", help="the master's --status-socket")
     status.add_argument("--json", action="store_true", help="print the JSON document")
+    for name, what, default in (("reload", "upgrade a running master to the code on disk "
+                                            "(USR2) and wait until it serves", 60.0),
+                                ("stop", "stop a running master gracefully (TERM) and wait "
+                                         "until it is gone", 90.0)):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("--pid-file", metavar="PATH", help="the master's --pid-file")
+        cmd.add_argument("--status-socket", metavar="PATH", help="the master's --status-socket")
+        cmd.add_argument("--timeout", metavar="SECONDS", type=float, default=default,
+                         help=f"give up after this long (default: {default:g})")
+        if name == "stop":
+            cmd.add_argument("--fast", action="store_true",
+                             help="fast stop (INT): children are ended at once")
     bench = sub.add_parser("bench", help="benchmarks (see benchmarks/RESULTS.md)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
@@ -175,7 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(_load(ns.app or DEFAULT_APP, flags), flags)
         if ns.command == "status":
             return _status(ns.socket, ns.json)
-        raise UsageError("a command is required: serve, status or bench (see `mps --help`)")
+        if ns.command in ("reload", "stop"):
+            from . import control
+            target = control.Target(ns.pid_file, ns.status_socket)
+            if ns.command == "reload":
+                return control.reload(target, ns.timeout)
+            return control.stop(target, ns.timeout, ns.fast)
+        raise UsageError("a command is required: serve, status, reload, stop or bench "
+                         "(see `mps --help`)")
 
     return _guard(dispatch)
 
