@@ -15,6 +15,7 @@ import grp
 import math
 import os
 import pwd
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,23 @@ class Settings:
         False, kind="bool",
         help="Debug mode: serve in one process in the foreground, no fork "
              "(like Apache's -X).")
+    # --- behind a load balancer --------------------------------------------
+    proxy_protocol: bool = setting(
+        False, kind="bool",
+        help="Read a PROXY protocol header (v1 or v2, HAProxy's send-proxy) before each "
+             "connection's handler runs; the handler sees the real client address.")
+    proxy_allow_ips: str = setting(
+        "127.0.0.1,::1", kind="str",
+        help="Comma-separated addresses or networks allowed to send a PROXY header; "
+             "a connection from anyone else is closed. * = any.")
+    metrics_bind: str | None = setting(
+        None, kind="path",
+        help="HOST:PORT where the master serves /metrics (Prometheus), /ready and /live; "
+             "off by default.")
+    drain_delay: float = setting(
+        0.0, kind="float", minimum=0, maximum=3600,
+        help="On TERM, first report not-ready on /ready for this long while still serving "
+             "(the balancer takes the instance out), then stop as usual.")
     # --- HTTP (mps serve --wsgi) -------------------------------------------
     limit_request_line: int = setting(
         8190, kind="int", minimum=64, maximum=1 << 20,
@@ -178,14 +196,25 @@ class Settings:
     def _check_http(self) -> None:
         import ipaddress
 
-        for item in self.forwarded_allow_ips.split(","):
-            item = item.strip()
-            if item and item != "*":
-                try:
-                    ipaddress.ip_network(item, strict=False)
-                except ValueError:
-                    raise SettingError("forwarded_allow_ips", self.forwarded_allow_ips,
-                                       f"{item!r} is not an address or network") from None
+        for name in ("forwarded_allow_ips", "proxy_allow_ips"):
+            value = getattr(self, name)
+            for item in value.split(","):
+                item = item.strip()
+                if item and item != "*":
+                    try:
+                        ipaddress.ip_network(item, strict=False)
+                    except ValueError:
+                        raise SettingError(name, value,
+                                           f"{item!r} is not an address or network") from None
+        if self.metrics_bind is not None:
+            from .sockets import parse_bind
+            try:
+                address = parse_bind(self.metrics_bind)
+            except SettingError as exc:
+                raise SettingError("metrics_bind", self.metrics_bind, exc.rule) from None
+            if address.family not in (socket.AF_INET, socket.AF_INET6):
+                raise SettingError("metrics_bind", self.metrics_bind,
+                                   "expected HOST:PORT or [V6ADDR]:PORT")
         if "%" in self.access_log_format:
             from .http.accesslog import compile_format  # downward: http imports no config
             try:
