@@ -111,7 +111,8 @@ class Arbiter:
         self.children: dict[int, Child] = {}
         self.totals = Totals()
         self.generation = 0
-        self.stopping = ""              # "", "draining", "graceful" or "fast"
+        self.stopping = ""              # "", "delaying", "draining", "graceful" or "fast"
+        self.delay_until = 0.0          # drain_delay: not ready, still serving, until then
         self.stop_deadline = 0.0
         self.spawn_after = 0.0          # back-off: no fork before this time
         self.boot_failures = 0          # consecutive children dead before booting
@@ -316,6 +317,8 @@ class Arbiter:
             due.append(self.stop_deadline - now)
         if self.stopping == "draining":
             due.append(DRAIN_POLL_S)
+        if self.stopping == "delaying":
+            due.append(self.delay_until - now)
         if self.status_out:
             due.append(min(d for _, d in self.status_out.values()) - now)
         if self.notifier.enabled:
@@ -459,7 +462,9 @@ class Arbiter:
             self.kill(child, signal.SIGABRT)
 
     def maintain(self, snap: Snapshot) -> None:
-        if self.stopping not in ("", "draining"):
+        if self.stopping == "delaying" and time.monotonic() >= self.delay_until:
+            self.graceful_stop()
+        if self.stopping not in ("", "delaying", "draining"):
             return
         self.note_boots(snap)
         self.spawn_deficit(snap)
@@ -472,6 +477,10 @@ class Arbiter:
             log.info("upgrade: the last child of the old generation has left")
             self.old.close()
             self.old = None
+
+    def is_ready(self) -> bool:
+        """/ready: the pool serves and no stop (or drain delay) has begun."""
+        return self.ready_sent and not self.stopping
 
     def note_ready(self, snap: Snapshot) -> None:
         """The pool serves: start_servers children idle (READY=1).  After an
@@ -656,8 +665,25 @@ class Arbiter:
     # ----------------------------------------------------------- signals
 
     def handle_term(self) -> None:
+        if self.stopping == "delaying":
+            log.info("TERM again: the drain delay is cut short")
+            self.graceful_stop()
+            return
         if self.stopping:
             return
+        delay = self.settings.drain_delay
+        if delay > 0:
+            # The balancer's health checks see /ready turn 503 and take this
+            # instance out of rotation while it still serves what they send.
+            log.info("TERM: not ready from now on; still serving for drain_delay (%gs), "
+                     "then a graceful stop", delay)
+            self.notifier.stopping()
+            self.stopping = "delaying"
+            self.delay_until = time.monotonic() + delay
+            return
+        self.graceful_stop()
+
+    def graceful_stop(self) -> None:
         log.info("TERM: graceful stop; serving what is queued, then waiting up to %gs in all "
                  "for busy children", self.settings.graceful_timeout)
         self.notifier.stopping()
