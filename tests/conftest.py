@@ -71,10 +71,11 @@ class Master:
 
     def __init__(self, tmp: Path, app: str, backend: str, settings: dict[str, Any],
                  env: dict[str, str] | None = None, extra_args: list[str] | None = None,
-                 bind: str | None = None) -> None:
+                 bind: str | None = None, wsgi: str | None = None) -> None:
         """``bind=None``: the test binds the listener and passes it as fd://N
         (the master treats it as shared and never changes it); otherwise the
-        master binds ``bind`` itself (say 127.0.0.1:0) and owns the socket."""
+        master binds ``bind`` itself (say 127.0.0.1:0) and owns the socket.
+        ``wsgi``: serve ``mps serve --wsgi TARGET`` instead of APP."""
         tag = f"{os.getpid()}-{next(_serial)}"
         self.status_path = str(tmp / f"status-{tag}.sock")
         self.log_path = tmp / f"master-{tag}.log"
@@ -88,7 +89,8 @@ class Master:
             bind = f"fd://{listener.fileno()}"
         elif bind.startswith("fd://"):     # a listener the test keeps (a hand-off)
             pass_fds = [int(bind[5:])]
-        args = [sys.executable, "-m", "mps", "serve", app, "--bind", bind,
+        target = ["--wsgi", wsgi] if wsgi is not None else [app]
+        args = [sys.executable, "-m", "mps", "serve", *target, "--bind", bind,
                 "--backend", backend, "--status-socket", self.status_path]
         for name, value in settings.items():
             flag = "--" + name.replace("_", "-")
@@ -307,14 +309,15 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def start_master(tmp_path: Path) -> Iterator[Callable[..., Master]]:
-    """Factory: start_master(app, backend, **settings) -> a running Master."""
+    """Factory: start_master(app, backend, **settings) -> a running Master;
+    ``wsgi="module:app"`` serves ``mps serve --wsgi module:app`` instead of APP."""
     masters: list[Master] = []
 
     def start(app: str = "mps.examples:echo", backend: str = "auto",
               env: dict[str, str] | None = None, extra_args: list[str] | None = None,
-              **settings: Any) -> Master:
+              wsgi: str | None = None, **settings: Any) -> Master:
         bind = settings.pop("bind", None)   # None: an fd:// listener the test made
-        m = Master(tmp_path, app, backend, settings, env, extra_args, bind)
+        m = Master(tmp_path, app, backend, settings, env, extra_args, bind, wsgi)
         masters.append(m)
         return m
 
