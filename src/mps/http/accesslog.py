@@ -19,6 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 COMBINED = '%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-Agent}i"'
+#: The key of the request target as the client sent it, in the environ
+#: handed to :meth:`AccessLog.write` (never in the app's): ``%r`` shows it.
+TARGET = "mps.request_target"
 
 Part = Callable[[dict[str, Any], int, int, list[tuple[str, str]], float], str]
 _DIRECTIVE = re.compile(r"%(>?)(\{([^}]*)\})?([a-zA-Z%])")
@@ -40,8 +43,11 @@ def _escape(text: str) -> str:
 
 
 def _request_line(env: dict[str, Any]) -> str:
-    query = env.get("QUERY_STRING")
-    path = env.get("PATH_INFO", "") + ("?" + query if query else "")
+    """Apache's %r: the request line as it came (not the decoded path)."""
+    path = env.get(TARGET)
+    if path is None:
+        query = env.get("QUERY_STRING")
+        path = env.get("PATH_INFO", "") + ("?" + query if query else "")
     return _escape(f"{env.get('REQUEST_METHOD', '')} {path} {env.get('SERVER_PROTOCOL', '')}")
 
 

@@ -3,7 +3,8 @@
 llhttp has already decoded the framing (Content-Length or chunked), so one
 reader serves both; reading past the body returns b"" (the environ says
 ``wsgi.input_terminated``).  The first read of a request that asked for
-``Expect: 100-continue`` sends the interim response; a body that stops
+``Expect: 100-continue`` sends the interim response -- unless the final
+response has begun, where a 100 would land inside it; a body that stops
 arriving (slower than ``body_min_rate`` bytes a second after a grace of
 ``body_timeout``) ends the request with 408.
 """
@@ -27,7 +28,8 @@ class Input:
         self._request = request
         self._send = send
         self._buffer = b""
-        self._continued = not request.expect_continue
+        self._expecting = request.expect_continue     # a 100 Continue is owed
+        self._withheld = False      # the final response began first: no 100 ever
         self._started = 0.0
 
     # What the reader still holds for us, then more from the socket.
@@ -36,8 +38,8 @@ class Input:
         if not req.body:
             if req.complete:
                 return b""
-            if not self._continued:
-                self._continued = True
+            if self._expecting:
+                self._expecting = False
                 self._send(CONTINUE)
             limits = self._reader.limits
             if not self._started:
@@ -97,17 +99,36 @@ class Input:
         while line := self.readline():
             yield line
 
+    def response_begins(self) -> bool:
+        """The final response's head is about to be sent: from now on no 100
+        Continue may be (it would land inside the response).  True when the
+        connection can still outlive the response, so the head need not say
+        ``Connection: close``: the body is all read, or what is left of it
+        will be read and thrown away by :meth:`discard`.  (RFC 9110 §10.1.1:
+        a server that answers before reading the body says whether it
+        closes; a client told nothing may send the body or not.)"""
+        req = self._request
+        if self._expecting:
+            self._expecting = False
+            self._withheld = not req.complete
+        if req.complete:
+            return True
+        if self._withheld or req.chunked:
+            return False
+        return req.content_length - req.body_size <= _DISCARD_MAX
+
     def discard(self) -> bool:
         """After the response: consume what is left of the body, so the next
         request on the connection starts at its first byte.  False when the
-        connection cannot be reused: a 100-continue never sent (the client
-        may or may not send the body) or more left than is worth reading."""
+        connection cannot be reused: a 100 Continue owed or withheld (the
+        client may or may not send the body) or more left than is worth
+        reading."""
         self._buffer = b""
         req = self._request
         req.body.clear()
         if req.complete:
             return True
-        if not self._continued:
+        if self._expecting or self._withheld:
             return False
         if req.content_length - req.body_size > _DISCARD_MAX or \
                 (req.content_length < 0 and req.chunked):

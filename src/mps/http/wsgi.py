@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
 
+from ..logs import printable
 from ..pool import Alone, PoolView
 from . import accesslog
 from .body import Input
@@ -192,12 +193,14 @@ def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
 class Response:
     """One response: ``start_response``, ``write``, and its framing."""
 
-    __slots__ = ("conn", "request", "clock", "keep", "status", "code", "headers", "head_sent",
-                 "chunked", "length", "sent", "body_allowed", "close_delimited")
+    __slots__ = ("conn", "request", "input", "clock", "keep", "status", "code", "headers",
+                 "head_sent", "chunked", "length", "sent", "body_allowed", "close_delimited")
 
-    def __init__(self, conn: socket.socket, request: Request, clock: Clock, keep: bool) -> None:
+    def __init__(self, conn: socket.socket, request: Request, body: Input, clock: Clock,
+                 keep: bool) -> None:
         self.conn = conn
         self.request = request
+        self.input = body
         self.clock = clock
         self.keep = keep
         self.status: str | None = None
@@ -242,6 +245,8 @@ class Response:
         req = self.request
         if self.status is None:
             raise AssertionError("the app returned without calling start_response")
+        if not self.input.response_begins():
+            self.keep = False       # the body is not read and will not be: say so
         lines = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n"]
         for name, value in self.headers:
             low = name.lower()
@@ -331,6 +336,8 @@ class Response:
             return False
         if not self.head_sent:
             self.send_head(size)
+        if not self.body_allowed:
+            return True     # HEAD, 204, 304: the head (with the file's length) is all
         left = size if self.length < 0 else min(size, self.length - self.sent)
         conn = self.conn
         conn.setblocking(False)
@@ -432,25 +439,42 @@ class WSGIHandler:
                 keep: bool) -> bool:
         """Run the app for one request; True when the connection goes on."""
         started = time.monotonic()
-        resp = Response(conn, req, self.clock, keep)
         body = Input(reader, req, lambda data: send_all(conn, data))
+        resp = Response(conn, req, body, self.clock, keep)
         environ = self.environ(req, addr, body)
+        # The access log shows the request as it came, not as the app left
+        # the environ (a mount moves PATH_INFO to SCRIPT_NAME, ProxyFix
+        # rewrites REMOTE_ADDR): a copy, made only when there is a log.
+        logged = environ
+        if self.access is not None:
+            logged = environ.copy()
+            logged[accesslog.TARGET] = req.url.decode("latin-1")
         try:
             self.run_app(environ, resp)
-        except (ClientGone, HTTPError):
-            self.log_access(environ, resp, started)
+        except ClientGone:
+            self.log_access(logged, resp, started)
+            raise
+        except HTTPError:
+            # Bad input met while the app read the body.
+            self.log_access(logged, resp, started)
+            if resp.head_sent:
+                return False    # its status line would land inside this response
             raise
         except Exception:
-            log.exception("app failed on %s %s", req.method.decode("latin-1"),
-                          environ.get("PATH_INFO", "")[:200])
+            # The request line from the parser, escaped: the environ may have
+            # been changed by the app, and a decoded path may hold newlines.
+            log.exception("app failed on %s", printable(req.line().decode("latin-1")))
             if resp.head_sent:
                 return False            # half a response: only closing can tell
-            resp = Response(conn, req, self.clock, False)
+            resp = Response(conn, req, body, self.clock, False)
             resp.start_response("500 Internal Server Error",
                                 [("Content-Type", "text/plain"), ("Content-Length", "26")])
             resp.write(b"500 Internal Server Error\n")
-        self.log_access(environ, resp, started)
-        return resp.keep and body.discard()
+        self.log_access(logged, resp, started)
+        try:
+            return resp.keep and body.discard()
+        except HTTPError:
+            return False    # the rest of the body is bad: this response was the last
 
     def run_app(self, environ: dict[str, Any], resp: Response) -> None:
         result = self.app(environ, resp.start_response)
