@@ -7,9 +7,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ Bench = Callable[..., "subprocess.CompletedProcess[str]"]
 FLAGS = {
     "locks": ["--procs", "--seconds", "--reps", "--json"],
     "serve": ["--clients", "--seconds", "--reps", "--kinds", "--json"],
+    "http": ["--clients", "--seconds", "--reps", "--servers", "--shapes", "--uwsgi", "--json"],
     "spike": ["--clients", "--backend", "--plot", "--settings", "--json"],
 }
 HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -171,14 +174,238 @@ def test_bench_spike_accepts_the_whole_burst(bench: Bench) -> None:
 
 
 @pytest.mark.parametrize("args, words", [
-    (["nonsense"], ["locks", "serve", "spike"]),
-    ([], ["locks", "serve", "spike"]),
+    (["nonsense"], ["locks", "serve", "http", "spike"]),
+    ([], ["locks", "serve", "http", "spike"]),
     (["locks", "--procs", "0"], ["--procs"]),
     (["locks", "--seconds", "nan"], ["--seconds"]),
     (["serve", "--kinds", "c-ref,apache"], ["--kinds", "apache"]),
     (["spike", "--backend", "rust"], ["--backend"]),
+    (["http", "--servers", "mps,apache"], ["--servers", "apache"]),
+    (["http", "--shapes", "close,close"], ["--shapes"]),
 ])
 def test_bench_usage_error_is_one_line(bench: Bench, args: list[str], words: list[str]) -> None:
     r = bench(*args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert all(word in r.stderr for word in words), r.stderr
+
+
+# --------------------------------------------------------------- http
+
+HTTP_ROW_KEYS = {"kind", "server", "shape", "rep", "requests", "requests_per_s", "errors",
+                 "cpu_us_per_req", "p50_us", "p99_us", "connections", "retries", "unfinished",
+                 "per_client", "min_per_client", "zero_clients", "max_gap_us", "uss_kib",
+                 "pss_kib", "workers"}
+
+
+@needs_cc
+def test_bench_http_mps_alone_json(bench: Bench) -> None:
+    r = bench("http", "--servers", "mps", "--clients", "4", "--seconds", "0.5", "--reps", "1",
+              "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"results", "targets", "settings", "machine"}
+    assert doc["settings"]["servers"] == ["mps"]
+    rows = doc["results"]
+    assert sorted(row["shape"] for row in rows) == ["close", "keepalive"]
+    for row in rows:
+        assert HTTP_ROW_KEYS <= set(row), HTTP_ROW_KEYS - set(row)
+        assert row["kind"] == "mps" and row["rep"] == 0
+        assert row["requests"] > 0 and row["errors"] == 0, row
+        assert row["cpu_us_per_req"] > 0 and row["p50_us"] <= row["p99_us"]
+        counts = row["per_client"]
+        assert len(counts) == 4 and sum(counts) <= row["requests"]
+        assert row["min_per_client"] == min(counts)
+        assert row["zero_clients"] == counts.count(0)
+        assert row["workers"] == 4 and 0 < row["uss_kib"] <= row["pss_kib"] * 4
+    close = next(row for row in rows if row["shape"] == "close")
+    assert close["connections"] == close["requests"]    # one connection per request
+    statuses = {(t["target"], t["shape"]): t["status"] for t in doc["targets"]}
+    assert set(statuses.values()) <= {"PASS", "MISS", "SKIP"}
+    # Ratios to servers that did not run are skipped, not invented.
+    for (target, _), status in statuses.items():
+        if "gunicorn" in target or "uwsgi" in target:
+            assert status == "SKIP", (target, status)
+        else:
+            assert status in ("PASS", "MISS"), (target, status)
+
+
+@needs_cc
+def test_bench_http_report_and_a_missing_uwsgi_in_one_line(bench: Bench, tmp_path: Path) -> None:
+    r = bench("http", "--servers", "mps,uwsgi", "--uwsgi", str(tmp_path / "no-uwsgi"),
+              "--shapes", "close", "--clients", "2", "--seconds", "0.3", "--reps", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("\n") == 1 and "uWSGI skipped" in r.stderr, r.stderr
+    assert "no-uwsgi" in r.stderr
+    assert "\n| mps |" in r.stdout and "\n| uwsgi" not in r.stdout
+    table = r.stdout[r.stdout.index("### targets"):].splitlines()
+    rows = [line.split("|")[1:-1] for line in table if line.startswith("| ")][1:]
+    assert rows, r.stdout
+    for cells in rows:
+        assert len(cells) == 5 and cells[-1].strip() in ("PASS", "MISS", "SKIP"), cells
+    statuses = {cells[0].strip(): cells[-1].strip() for cells in rows}
+    assert statuses["mps USS per idle worker, MiB"] in ("PASS", "MISS")
+
+
+# --------------------------------------------------------------- the load generator's HTTP modes
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+REPLIES = {
+    "ok": OK,
+    "not-found": b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    "garbage": b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "short": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok",
+    "extra": OK + b"surprise",
+    "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    "until-close": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nok",
+}
+
+
+def read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+class TinyServer:
+    """A threaded HTTP stand-in whose replies and keep-alive behaviour a test picks:
+    ``reply`` for each request, then close, except after OK; on a kept-alive
+    connection, after ``answer`` responses, close without answering (0: never)."""
+
+    def __init__(self, reply: bytes, answer: int = 0) -> None:
+        self.reply, self.answer = reply, answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        served = 0
+        try:
+            while request := read_head(conn):
+                if self.answer and served == self.answer:
+                    break       # an idle keep-alive connection closed under the request
+                conn.sendall(self.reply)
+                served += 1
+                if self.reply != OK or b"connection: close" in request.lower():
+                    break       # keep-alive only for the good reply
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def loadgen(bench_cache: Path) -> str:
+    if not HAVE_CC:
+        pytest.skip("the load generator needs a C compiler")
+    env = {**os.environ, "MPS_BENCH_CACHE": str(bench_cache)}
+    out = subprocess.run([sys.executable, "-c", "from mps.bench import build; "
+                          "print(build('loadgen'))"], capture_output=True, text=True, env=env,
+                         check=True, timeout=120)
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def tiny() -> Iterator[Callable[..., TinyServer]]:
+    servers: list[TinyServer] = []
+
+    def start(reply: bytes, answer: int = 0) -> TinyServer:
+        servers.append(TinyServer(reply, answer))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def run_loadgen(program: str, port: int, mode: str, *extra: str) -> dict[str, object]:
+    out = subprocess.run([program, "--port", str(port), "--http", mode, "--clients", "2",
+                          "--seconds", "0.2", "--timeout", "2", *extra],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, object] = json.loads(out.stdout)
+    return doc
+
+
+@pytest.mark.parametrize("reply, cause", [
+    ("not-found", "status"), ("garbage", "bad_reply"), ("chunked", "bad_reply"),
+    ("short", "closed"), ("extra", "bad_reply"), ("two-lengths", "bad_reply"),
+])
+@pytest.mark.parametrize("mode", ["close", "keepalive"])
+def test_loadgen_counts_a_bad_response_as_an_error(
+        loadgen: str, tiny: Callable[..., TinyServer], reply: str, cause: str,
+        mode: str) -> None:
+    doc = run_loadgen(loadgen, tiny(REPLIES[reply]).port, mode)
+    causes = doc["causes"]
+    assert isinstance(causes, dict)
+    assert doc["requests"] == 0 and doc["errors"] == causes[cause] > 0, doc
+
+
+@pytest.mark.parametrize("reply", ["ok", "until-close"])
+def test_loadgen_http_close_one_connection_per_response(
+        loadgen: str, tiny: Callable[..., TinyServer], reply: str) -> None:
+    doc = run_loadgen(loadgen, tiny(REPLIES[reply]).port, "close")
+    assert doc["mode"] == "close" and doc["errors"] == 0, doc
+    assert doc["requests"] == doc["connections"] > 0
+    per_client = doc["per_client"]
+    assert isinstance(per_client, list) and len(per_client) == 2
+
+
+def test_loadgen_keepalive_reuses_the_connection(
+        loadgen: str, tiny: Callable[..., TinyServer]) -> None:
+    doc = run_loadgen(loadgen, tiny(OK).port, "keepalive")
+    assert doc["errors"] == 0 and doc["retries"] == 0, doc
+    assert doc["connections"] == 2 and doc["requests"] > 2
+    assert doc["zero_clients"] == 0
+
+
+def test_loadgen_keepalive_reconnects_and_resends_when_the_server_closes(
+        loadgen: str, tiny: Callable[..., TinyServer]) -> None:
+    # The server answers once per connection, then closes under the next
+    # request: the client resends on a new connection (a retry, not an error).
+    doc = run_loadgen(loadgen, tiny(OK, answer=1).port, "keepalive")
+    assert doc["errors"] == 0, doc
+    requests, retries = doc["requests"], doc["retries"]
+    assert isinstance(requests, int) and isinstance(retries, int) and requests > 0
+    assert doc["connections"] >= requests and retries >= requests - 2  # 2 clients in flight
+
+
+def test_loadgen_counts_a_starved_client(loadgen: str) -> None:
+    # One connection at a time is served, for as long as it stays open, as a
+    # prefork server without a keep-alive policy does: the other client waits
+    # the whole run, and shows as a client with no response, not an error.
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def serve_one() -> None:
+        conn, _ = sock.accept()
+        with conn:
+            while read_head(conn):
+                conn.sendall(OK)
+    threading.Thread(target=serve_one, daemon=True).start()
+    try:
+        doc = run_loadgen(loadgen, port, "keepalive")
+    finally:
+        sock.close()
+    assert doc["errors"] == 0, doc
+    assert doc["zero_clients"] == 1 and doc["min_per_client"] == 0
+    assert doc["unfinished"] == 1
+    assert isinstance(doc["max_gap_us"], int) and doc["max_gap_us"] >= 190_000

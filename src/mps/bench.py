@@ -2,6 +2,8 @@
 
     mps bench locks [--procs 1,2,4] [--seconds S] [--reps N] [--json]
     mps bench serve [--clients 16,64] [--seconds S] [--reps N] [--kinds K,...] [--json]
+    mps bench http [--clients 16] [--seconds S] [--reps N] [--servers mps,gunicorn,uwsgi]
+                   [--shapes close,keepalive] [--uwsgi PATH] [--json]
     mps bench spike [--clients 64] [--backend B] [--plot FILE] [--settings ...] [--json]
 
 The C programs they use (an epoll load generator, a C prefork echo reference,
@@ -12,8 +14,10 @@ sources, compiler and flags: ``$MPS_BENCH_CACHE``, else
 ``$XDG_CACHE_HOME/mps/bench``, else ``~/.cache/mps/bench`` -- never into the
 installed package, so ``mps bench`` works from any directory after ``pip
 install``.  ``locks`` needs no compiler (without one it skips only its
-C-only floor); ``serve`` does (its load generator is C) and says so in one
-line; ``spike`` runs mps alone.  Results are ratios taken in one run: these
+C-only floor); ``serve`` and ``http`` do (their load generator is C) and say
+so in one line; ``http`` runs gunicorn and uWSGI beside mps when they are
+installed (``pip install 'mps[bench]'``) and says in one line which is not;
+``spike`` runs mps alone.  Results are ratios taken in one run: these
 machines are shared and noisy, absolute numbers are not comparable across
 runs.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -36,9 +41,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from .errors import MpsError, UsageError
 from .scoreboard import BACKENDS, Scoreboard, State, c_available
@@ -369,37 +375,62 @@ def naive_prefork(sock: socket.socket, children: int = 4) -> None:
 
 
 @contextmanager
-def server(kind: str, extra: Sequence[str] = (), app: str = "mps.examples:echo",
-           status: str | None = None) -> Iterator[tuple[int, int]]:
-    """Start one server on 127.0.0.1:0; yield (port, pid); stop it by its pid."""
+def launched(command: Callable[[int], list[str]],
+             stderr: IO[bytes] | None = None) -> Iterator[tuple[int, int]]:
+    """Run ``command(fd)`` in a session of its own, handing it a socket that
+    listens on 127.0.0.1 (a free port); yield (port, pid); end it by its pid
+    and its process group, whatever happens meanwhile."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    port = sock.getsockname()[1]
-    fd = sock.fileno()
-    if kind == "c-ref":
-        cmd = [build("ref_prefork"), "--fd", str(fd), "4"]
-    elif kind == "py-naive":
-        cmd = [sys.executable, "-c", "import socket, sys; from mps.bench import naive_prefork; "
-               f"naive_prefork(socket.socket(fileno={fd}))"]
-    else:
-        cmd = [sys.executable, "-m", "mps", "serve", app, "--bind", f"fd://{fd}",
-               "--backend", kind.split("-", 1)[1], *extra]
-        if status:
-            cmd += ["--status-socket", status]
-    proc = subprocess.Popen(cmd, pass_fds=[fd], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, start_new_session=True)
-    sock.close()
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        port = sock.getsockname()[1]
+        fd = sock.fileno()
+        proc = subprocess.Popen(command(fd), pass_fds=[fd], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                start_new_session=True)
+    finally:
+        sock.close()
     try:
         yield port, proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        end_group(proc)
+
+
+def end_group(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """TERM the server's first process, give it ``grace`` seconds, then
+    SIGKILL its whole process group (a straggler, or all of it).  The first
+    process is left unreaped until then (WNOWAIT), so its pid -- the group's
+    id -- cannot have been reused by someone else when the group is killed."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            break
+        time.sleep(0.02)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def server(kind: str, extra: Sequence[str] = (), app: str = "mps.examples:echo",
+           status: str | None = None) -> AbstractContextManager[tuple[int, int]]:
+    """Start one echo server kind on 127.0.0.1:0; yield (port, pid); stop it by its pid."""
+    def command(fd: int) -> list[str]:
+        if kind == "c-ref":
+            return [build("ref_prefork"), "--fd", str(fd), "4"]
+        if kind == "py-naive":
+            return [sys.executable, "-c", "import socket, sys; from mps.bench import "
+                    f"naive_prefork; naive_prefork(socket.socket(fileno={fd}))"]
+        cmd = [sys.executable, "-m", "mps", "serve", app, "--bind", f"fd://{fd}",
+               "--backend", kind.split("-", 1)[1], *extra]
+        return cmd + (["--status-socket", status] if status else [])
+    return launched(command)
 
 
 def wait_serving(port: int, timeout: float = 15.0) -> None:
@@ -491,6 +522,377 @@ def serve_report(rows: list[dict[str, Any]], kinds: list[str], clients_list: lis
                 f"| {summary(cpu_ratio) if cpu_ratio else '-'} "
                 f"| {summary(cps_ratio) if cps_ratio else '-'} "
                 f"| {sum(r['errors'] for r in rs)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------- http
+
+#: The app all servers run, written to a temporary file by the bench: nothing
+#: to import, so each server's memory is its own.
+HELLO_APP = '''\
+"""mps bench http: the hello-world WSGI app every server runs."""
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "13")])
+    return [b"Hello, world!"]
+'''
+HTTP_SERVERS = ("mps", "gunicorn", "uwsgi")
+HTTP_SHAPES = ("close", "keepalive")
+SHAPE_TITLE = {"close": "one connection per request", "keepalive": "keep-alive"}
+UWSGI_SOCKET = {"close": "--http-socket", "keepalive": "--http11-socket"}
+WORKERS = 4
+MIB = 1024.0        # KiB per MiB: /proc reports KiB
+
+
+def server_label(kind: str, shape: str) -> str:
+    return f"uwsgi {UWSGI_SOCKET[shape]}" if kind == "uwsgi" else \
+        "gunicorn sync" if kind == "gunicorn" else kind
+
+
+@dataclass(frozen=True)
+class HttpRun:
+    """What one `mps bench http` run compares, and how."""
+
+    servers: tuple[str, ...]
+    shapes: tuple[str, ...]
+    clients: int
+    seconds: float
+    reps: int
+    app_file: Path
+    uwsgi: str | None
+    backend: str
+
+
+def http_command(run: HttpRun, kind: str, shape: str, fd: int) -> list[str]:
+    """The command line of one server, WORKERS processes on inherited fd."""
+    app_dir, module = str(run.app_file.parent), run.app_file.stem
+    if kind == "mps":
+        return [sys.executable, "-m", "mps", "serve", "--wsgi", f"{run.app_file}:app",
+                "--bind", f"fd://{fd}", "--backend", run.backend, *FIXED_POOL]
+    if kind == "gunicorn":
+        return [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS),
+                "--worker-class", "sync", "--bind", f"fd://{fd}", "--pythonpath", app_dir,
+                "--log-level", "warning", f"{module}:app"]
+    assert run.uwsgi is not None
+    # --die-on-term: TERM stops uWSGI 2.0 instead of reloading it; its
+    # per-request log is off, as mps's and gunicorn's access logs are.
+    return [run.uwsgi, "--master", "--processes", str(WORKERS), UWSGI_SOCKET[shape],
+            f"fd://{fd}", "--wsgi-file", str(run.app_file), "--callable", "app",
+            "--disable-logging", "--die-on-term", "--need-app"]
+
+
+def find_uwsgi(given: str) -> str | None:
+    """The uwsgi program: --uwsgi, else beside this Python (a venv), else on PATH."""
+    if given:
+        return given if os.path.isfile(given) and os.access(given, os.X_OK) else None
+    beside = Path(sys.executable).parent / "uwsgi"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("uwsgi")
+
+
+def http_servers(wanted: Sequence[str], uwsgi_flag: str) -> tuple[list[str], str | None]:
+    """The servers that can run here, and the uwsgi program; one line on
+    stderr for each one that cannot."""
+    servers, uwsgi = [], None
+    for kind in wanted:
+        if kind == "gunicorn" and importlib.util.find_spec("gunicorn") is None:
+            print("mps bench http: gunicorn skipped: not installed in this Python "
+                  "(pip install 'mps[bench]')", file=sys.stderr)
+            continue
+        if kind == "uwsgi":
+            uwsgi = find_uwsgi(uwsgi_flag)
+            if uwsgi is None:
+                where = f"{uwsgi_flag} is not an executable file" if uwsgi_flag else \
+                    "no uwsgi program beside this Python or on PATH"
+                print(f"mps bench http: uWSGI skipped: {where} (pip install 'mps[bench]', "
+                      "or --uwsgi PATH)", file=sys.stderr)
+                continue
+        servers.append(kind)
+    return servers, uwsgi
+
+
+def get_ok(port: int) -> bool:
+    """One GET with Connection: close; True on a whole 200 response.  Read
+    until its Content-Length is in, not until the close: uWSGI's
+    --http11-socket ignores a client's Connection: close."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+                head, sep, body = reply.partition(b"\r\n\r\n")
+                length = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:")]
+                if sep and length and len(body) >= int(length[0]):
+                    break
+    except (OSError, ValueError):
+        return False
+    return reply.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 "))
+
+
+def exited(pid: int) -> bool:
+    """Has pid (our unreaped child) exited?  It is left unreaped."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def wait_http(port: int, pid: int, log_path: Path, timeout: float = 30.0) -> None:
+    """Until the server answers a GET with 200; else MpsError with its log's tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not exited(pid):
+        if get_ok(port):
+            return
+        time.sleep(0.05)
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+    why = "exited" if exited(pid) else f"did not answer a GET with 200 within {timeout:.0f} s"
+    raise MpsError(f"the server on port {port} {why}; its last log lines: "
+                   + (" | ".join(tail) or "(none)"))
+
+
+def load_http(port: int, shape: str, clients: int, seconds: float) -> dict[str, Any]:
+    # Keep-alive: a request that waits the whole run is starvation (counted
+    # in per_client), not a timeout error.
+    timeout = max(5.0, seconds + 2) if shape == "keepalive" else 5.0
+    out = subprocess.run([build("loadgen"), "--port", str(port), "--clients", str(clients),
+                          "--seconds", str(seconds), "--http", shape,
+                          "--timeout", str(timeout)],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise MpsError(f"loadgen failed: {out.stderr.strip()[-200:]}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def smaps_rollup(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of pid in KiB: Private_Clean + Private_Dirty, and Pss."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
+
+
+def worker_memory(master: int) -> list[tuple[int, int]]:
+    """(USS, PSS) in KiB of each child of the server's first process."""
+    try:
+        with open(f"/proc/{master}/task/{master}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+    memory = []
+    for kid in kids:
+        try:
+            memory.append(smaps_rollup(kid))
+        except (OSError, KeyError, ValueError):
+            pass        # gone meanwhile, or a kernel without smaps_rollup
+    return memory
+
+
+def measure_http(run: HttpRun, kind: str, shape: str, rep: int) -> dict[str, Any]:
+    """Start one server, warm it up, load it, read its CPU and its idle
+    workers' memory, stop it."""
+    log_path = run.app_file.parent / f"{kind}-{shape}-{rep}.log"
+    with open(log_path, "wb") as log, \
+            launched(lambda fd: http_command(run, kind, shape, fd), stderr=log) as (port, pid):
+        wait_http(port, pid, log_path)
+        load_http(port, shape, run.clients, min(0.5, run.seconds))     # warm up
+        cpu0 = tree_cpu(pid)
+        result = load_http(port, shape, run.clients, run.seconds)
+        cpu = tree_cpu(pid) - cpu0
+        time.sleep(0.3)     # the workers back to idle
+        memory = worker_memory(pid)
+    requests = result["requests"]
+    result.update(
+        kind=kind, server=server_label(kind, shape), shape=shape, rep=rep,
+        cpu_us_per_req=round(1e6 * cpu / max(1, requests), 2),
+        conns_per_req=round(result["connections"] / max(1, requests), 3),
+        workers=len(memory),
+        uss_kib=statistics.median(m[0] for m in memory) if memory else None,
+        uss_kib_max=max(m[0] for m in memory) if memory else None,
+        pss_kib=statistics.median(m[1] for m in memory) if memory else None)
+    return result
+
+
+def bench_http(args: argparse.Namespace) -> int:
+    servers, uwsgi = http_servers(args.servers, args.uwsgi)
+    if not servers:
+        raise UsageError("nothing to run: none of " + ", ".join(args.servers)
+                         + " can run here")
+    backend = "c" if c_available() else "python"
+    if "mps" in servers and backend != "c":
+        print("mps bench http: mps runs on the python backend: the C scoreboard is not built",
+              file=sys.stderr)
+    try:
+        build("loadgen")    # before any server starts: no compiler is one line up front
+    except CannotBuild as exc:
+        raise CannotBuild(f"mps bench http cannot build its loadgen program: {exc}") from None
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mps-bench-http-") as tmp:
+        app_file = Path(tmp, "hello_wsgi.py")
+        app_file.write_text(HELLO_APP)
+        run = HttpRun(servers=tuple(servers), shapes=tuple(args.shapes), clients=args.clients,
+                      seconds=args.seconds, reps=args.reps, app_file=app_file, uwsgi=uwsgi,
+                      backend=backend)
+        if not args.json:
+            print(f"hello-world WSGI app, {WORKERS} worker processes each, {run.clients} "
+                  f"clients, {run.seconds:g} s per run after a 0.5 s warm-up, {run.reps} "
+                  "reps, servers interleaved", flush=True)
+        for rep in range(run.reps):
+            for shape in run.shapes:
+                # A rotating order: a noisy neighbour hits every server alike.
+                order = servers[rep % len(servers):] + servers[:rep % len(servers)]
+                for kind in order:
+                    row = measure_http(run, kind, shape, rep)
+                    rows.append(row)
+                    if not args.json:
+                        print(progress_line(row), flush=True)
+    targets = http_targets(rows)
+    settings = {"servers": servers, "shapes": list(run.shapes), "clients": run.clients,
+                "seconds": run.seconds, "reps": run.reps, "workers": WORKERS,
+                "mps_backend": backend}
+    if args.json:
+        print(json.dumps({"results": rows, "targets": targets, "settings": settings,
+                          "machine": machine()}))
+        return 0
+    print(http_report(rows, run))
+    print(targets_table(targets))
+    return 0
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    uss = "-" if row["uss_kib"] is None else f"{row['uss_kib'] / MIB:.2f}"
+    return (f"  rep={row['rep']} {row['shape']:<9} {row['server']:<22} "
+            f"{row['requests_per_s']:>8.0f} req/s  cpu {row['cpu_us_per_req']:6.1f} us/req  "
+            f"p50 {row['p50_us']:>6} us  errors {row['errors']}  "
+            f"clients min {row['min_per_client']} zero {row['zero_clients']}  "
+            f"uss {uss} MiB")
+
+
+def rep_ratios(rows: list[dict[str, Any]], shape: str, a: str, b: str,
+               key: str) -> list[float]:
+    """a/b of ``key``, server against server within each rep of ``shape``."""
+    by = {(r["kind"], r["rep"]): r for r in rows if r["shape"] == shape}
+    return [by[a, rep][key] / by[b, rep][key] for (kind, rep) in sorted(by)
+            if kind == a and (b, rep) in by and by[b, rep][key] > 0]
+
+
+def http_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 8's targets, each the median over reps of a same-rep ratio."""
+    targets: list[dict[str, Any]] = []
+
+    def ratio(name: str, shape: str, a: str, b: str, key: str, op: str, goal: float) -> None:
+        values = rep_ratios(rows, shape, a, b, key)
+        measured = statistics.median(values) if values else None
+        targets.append({"target": name, "shape": shape, "measured": measured, "goal": goal,
+                        "op": op, "status": verdict(measured, op, goal)})
+
+    for shape in HTTP_SHAPES:
+        ratio("req/s mps / gunicorn sync", shape, "mps", "gunicorn", "requests_per_s",
+              ">=", 4.5)
+        ratio("CPU per request mps / gunicorn sync", shape, "mps", "gunicorn",
+              "cpu_us_per_req", "<=", 0.15)
+    for shape in HTTP_SHAPES:
+        ratio(f"CPU per request mps / uwsgi {UWSGI_SOCKET[shape]}", shape, "mps", "uwsgi",
+              "cpu_us_per_req", "<=", 1.2)
+    ratio("req/s mps / uwsgi --http11-socket", "keepalive", "mps", "uwsgi",
+          "requests_per_s", ">=", 0.9)
+    mine = [r for r in rows if r["kind"] == "mps" and r["shape"] == "keepalive"]
+    starved = max((r["zero_clients"] for r in mine), default=None)
+    targets.append({"target": "mps keep-alive clients with no response (worst rep)",
+                    "shape": "keepalive", "measured": starved, "goal": 0, "op": "<=",
+                    "status": verdict(starved, "<=", 0)})
+    uss = [r["uss_kib"] / MIB for r in rows if r["kind"] == "mps" and r["uss_kib"] is not None]
+    measured = statistics.median(uss) if uss else None
+    targets.append({"target": "mps USS per idle worker, MiB", "shape": "", "measured": measured,
+                    "goal": 1.5, "op": "<=", "status": verdict(measured, "<=", 1.5)})
+    errors = sum(r["errors"] for r in rows if r["kind"] == "mps") if any(
+        r["kind"] == "mps" for r in rows) else None
+    targets.append({"target": "mps errors (every run; a check, not an issue-8 target)",
+                    "shape": "", "measured": errors, "goal": 0, "op": "<=",
+                    "status": verdict(errors, "<=", 0)})
+    return targets
+
+
+def verdict(measured: float | None, op: str, goal: float) -> str:
+    if measured is None:
+        return "SKIP"
+    return "PASS" if (measured >= goal if op == ">=" else measured <= goal) else "MISS"
+
+
+def num(value: float) -> str:
+    """A table number: 20.3k, 512, 53.5, 0.315."""
+    if abs(value) >= 10000:
+        return f"{value / 1000:.1f}k"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def span(values: Sequence[float]) -> str:
+    """min / median / max, or one number when the run had one rep."""
+    if len(values) == 1:
+        return num(values[0])
+    return f"{num(min(values))} / **{num(statistics.median(values))}** / {num(max(values))}"
+
+
+def http_report(rows: list[dict[str, Any]], run: HttpRun) -> str:
+    """Markdown: one table per shape, the memory table, the ratios."""
+    lines = []
+    for shape in run.shapes:
+        mine = [r for r in rows if r["shape"] == shape]
+        lines += [f"\n### {SHAPE_TITLE[shape]}, {run.clients} clients "
+                  "(min / median / max over reps)\n",
+                  "| server | req/s | CPU µs/req | p50 µs | p99 µs | connections/req "
+                  "| errors | retries | fewest responses of a client | clients with none "
+                  "| longest wait, ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for kind in run.servers:
+            rs = [r for r in mine if r["kind"] == kind]
+            if not rs:
+                continue
+            lines.append(
+                f"| {server_label(kind, shape)} | {span([r['requests_per_s'] for r in rs])} "
+                f"| {span([r['cpu_us_per_req'] for r in rs])} "
+                f"| {statistics.median(r['p50_us'] for r in rs):.0f} "
+                f"| {statistics.median(r['p99_us'] for r in rs):.0f} "
+                f"| {statistics.median(r['conns_per_req'] for r in rs):.2f} "
+                f"| {sum(r['errors'] for r in rs)} | {sum(r['retries'] for r in rs)} "
+                f"| {min(r['min_per_client'] for r in rs)} "
+                f"| {max(r['zero_clients'] for r in rs)} "
+                f"| {max(r['max_gap_us'] for r in rs) / 1000:.0f} |")
+    lines += ["\n### private memory per idle worker (after the load; median over workers "
+              "and runs)\n", "| server | USS MiB | USS MiB, largest | PSS MiB |",
+              "|---|---|---|---|"]
+    for kind in run.servers:
+        rs = [r for r in rows if r["kind"] == kind and r["uss_kib"] is not None]
+        if rs:
+            lines.append(f"| {kind} | {statistics.median(r['uss_kib'] for r in rs) / MIB:.2f} "
+                         f"| {max(r['uss_kib_max'] for r in rs) / MIB:.2f} "
+                         f"| {statistics.median(r['pss_kib'] for r in rs) / MIB:.2f} |")
+    lines += ["\n### ratios within each rep (min / median / max)\n",
+              "| ratio | " + " | ".join(SHAPE_TITLE[s] for s in run.shapes) + " |",
+              "|---|" + "---|" * len(run.shapes)]
+    for label, other, key in (("req/s mps / gunicorn", "gunicorn", "requests_per_s"),
+                              ("CPU/req mps / gunicorn", "gunicorn", "cpu_us_per_req"),
+                              ("req/s mps / uwsgi", "uwsgi", "requests_per_s"),
+                              ("CPU/req mps / uwsgi", "uwsgi", "cpu_us_per_req")):
+        cells = []
+        for shape in run.shapes:
+            values = rep_ratios(rows, shape, "mps", other, key)
+            cells.append(span(values) if values else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    lines = ["\n### targets (issue 8; medians of same-rep ratios)\n",
+             "| target | shape | measured | goal | |", "|---|---|---|---|---|"]
+    for t in targets:
+        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+        lines.append(f"| {t['target']} | {SHAPE_TITLE.get(t['shape'], '')} | {measured} "
+                     f"| {t['op']} {t['goal']} | {t['status']} |")
     return "\n".join(lines)
 
 
@@ -641,11 +1043,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "locks": bench_locks, "serve": bench_serve, "spike": bench_spike}
+    "locks": bench_locks, "serve": bench_serve, "http": bench_http, "spike": bench_spike}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`mps bench` and its three subcommands; every flag has a help line."""
+    """`mps bench` and its subcommands; every flag has a help line."""
     parser = _Parser(
         prog="mps bench",
         description="Measure the pool's own work against C and Python references, in one run "
@@ -688,6 +1090,32 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{', '.join(SERVER_KINDS)} (default: all)")
     serve.add_argument("--json", action="store_true", help=json_help)
 
+    http = sub.add_parser(
+        "http", help="a hello-world WSGI app on mps, gunicorn and uWSGI: req/s, CPU, memory",
+        description="Requests/s, server CPU per request (user+sys of each server's process "
+                    "tree) and private memory per idle worker, 4 worker processes each, in "
+                    "two shapes: one connection per request, and keep-alive (per-client "
+                    "response counts show starvation).  gunicorn and uWSGI run when "
+                    "installed (pip install 'mps[bench]'); needs a C compiler.")
+    http.add_argument("--clients", default=16, type=positive_int, metavar="N",
+                      help="concurrent clients in each shape (default: %(default)s)")
+    http.add_argument("--seconds", default=3.0, type=positive_float, metavar="S",
+                      help="load time per measurement, after a 0.5 s warm-up "
+                           "(default: %(default)s)")
+    http.add_argument("--reps", default=5, type=positive_int, metavar="N",
+                      help="repetitions, the servers interleaved in a rotating order; "
+                           "medians are reported (default: %(default)s)")
+    http.add_argument("--servers", default=list(HTTP_SERVERS),
+                      type=choices_list("server", HTTP_SERVERS), metavar="S[,S...]",
+                      help=f"servers to compare, from {', '.join(HTTP_SERVERS)} "
+                           "(default: all; those not installed are skipped, said in one line)")
+    http.add_argument("--shapes", default=list(HTTP_SHAPES),
+                      type=choices_list("shape", HTTP_SHAPES), metavar="S[,S...]",
+                      help=f"load shapes, from {', '.join(HTTP_SHAPES)} (default: both)")
+    http.add_argument("--uwsgi", default="", metavar="PATH",
+                      help="the uwsgi program (default: uwsgi beside this Python, else on PATH)")
+    http.add_argument("--json", action="store_true", help=json_help)
+
     spike = sub.add_parser(
         "spike", help="a burst of held connections against the default pool",
         description="Time until every connection of a burst has a child, and the children "
@@ -714,6 +1142,19 @@ def server_kinds(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown server kind {', '.join(unknown) or text!r}; "
                                          f"choose from {', '.join(SERVER_KINDS)}")
     return kinds
+
+
+def choices_list(what: str, allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names from ``allowed``, no repeats."""
+    def parse(text: str) -> list[str]:
+        names = [k for k in text.split(",") if k]
+        unknown = sorted(set(names) - set(allowed))
+        if not names or unknown or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(
+                f"unknown or repeated {what} {', '.join(unknown) or text!r}; "
+                f"choose from {', '.join(allowed)}")
+        return names
+    return parse
 
 
 def main(argv: Sequence[str]) -> int:
