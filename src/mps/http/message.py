@@ -52,6 +52,19 @@ class NotImplementedCoding(HTTPError):
     status, reason = 501, "Not Implemented"
 
 
+class NotImplementedMethod(HTTPError):
+    """CONNECT: mps is an origin server, and WSGI cannot tunnel."""
+
+    status, reason = 501, "Not Implemented"
+
+
+class VersionNotSupported(HTTPError):
+    """Neither HTTP/1.0 nor HTTP/1.1 (llhttp also reads 0.9 and 2.0 request
+    lines; a 0.9 client could not even read our status line)."""
+
+    status, reason = 505, "HTTP Version Not Supported"
+
+
 class ClientGone(Exception):
     """The client closed or reset the connection: nobody to answer."""
 
@@ -84,6 +97,15 @@ _LISTENER_QUIET_S = 0.01
 #: Under pool pressure, a connection that has not sent a whole request head
 #: this long after it started is answered 408 and closed (slowloris).
 SHED_AFTER_S = 1.0
+#: A busy keep-alive client sends its next request as soon as it has read a
+#: response.  The connection counts as idle (and may be closed for a waiting
+#: connection or a leaving child) only after this long without it: closing
+#: at once would race that request, and the client would meet a reset on
+#: nearly every request boundary while the pool is short.
+TURNAROUND_S = 0.01
+#: Bytes of chunked framing (size line, CRLFs, a short extension) allowed per
+#: chunk, beside one head's worth (head_bytes) for trailer fields.
+_FRAMING_PER_CHUNK = 64
 
 
 class Request:
@@ -91,7 +113,7 @@ class Request:
 
     __slots__ = ("method", "url", "headers", "version", "keep_alive", "content_length",
                  "chunked", "expect_continue", "upgrade", "body", "body_size", "complete",
-                 "started", "fields", "field_bytes")
+                 "started", "fields", "field_bytes", "host", "chunks", "framing")
 
     def __init__(self, started: float) -> None:
         self.method = b""
@@ -106,9 +128,12 @@ class Request:
         self.body: collections.deque[bytes] = collections.deque()
         self.body_size = 0              # decoded body bytes received so far
         self.complete = False           # the whole message has been parsed
-        self.started = started          # time.monotonic() of its first byte
-        self.fields = 0
+        self.started = started          # its first byte (the first request: the connection)
+        self.fields = 0                 # header fields, then trailer fields
         self.field_bytes = 0
+        self.host = False               # a Host field was seen
+        self.chunks = 0
+        self.framing = 0                # bytes read beside the decoded body
 
     def line(self) -> bytes:
         """Method and path, bounded: what the status shows for a busy child."""
@@ -133,11 +158,16 @@ class Reader:
         self.serving: Request | None = None     # handed to the app, body maybe arriving
         self.eof = False
         self.upgraded = False
+        #: The first head's clock starts when the connection does: a client
+        #: that connects and sends nothing (or only CRLFs, which begin no
+        #: message) holds its child no longer than one that trickles.
+        self.opened = time.monotonic()
 
     # ------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
-        self.parsing = self.last = Request(time.monotonic())
+        started = time.monotonic() if self.last is not None else self.opened
+        self.parsing = self.last = Request(started)
         self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
@@ -148,20 +178,29 @@ class Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.parsing
-        assert req is not None
+        trailer = req is None       # a trailer field, after a chunked body
+        if req is None:
+            req = self.last
+            assert req is not None
         req.fields += 1
         if req.fields > self.limits.fields:
             raise HeadersTooLarge()
         if len(name) + len(value) > self.limits.field_size:
             raise HeadersTooLarge()
-        if b"_" in name:
-            return      # would alias "-" in HTTP_* (a spoofing route): dropped
+        if trailer or b"_" in name:
+            # Trailers: WSGI has no place for them.  "_": would alias "-"
+            # in HTTP_* (a spoofing route).  Both dropped.
+            return
         low = name.lower()
         if low == b"transfer-encoding":
             codings = [c.strip().lower() for c in value.split(b",")]
             if any(c != b"chunked" for c in codings):
                 raise NotImplementedCoding()
             req.chunked = True
+        elif low == b"host":
+            if req.host:        # which one would the app believe? (RFC 9112 3.2)
+                raise BadRequest()
+            req.host = True
         elif low == b"expect" and value.strip().lower() == b"100-continue":
             req.expect_continue = True
         req.headers.append((name, value))
@@ -171,7 +210,14 @@ class Reader:
         assert req is not None
         parser = self.parser
         req.method = parser.get_method()
-        req.version = "HTTP/" + parser.get_http_version()
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise VersionNotSupported()
+        if req.method == b"CONNECT":
+            raise NotImplementedMethod()
+        req.version = "HTTP/" + version
+        if version == "1.0":
+            req.expect_continue = False     # no 1xx to a 1.0 client (RFC 9110 10.1.1)
         req.keep_alive = parser.should_keep_alive()
         req.upgrade = parser.should_upgrade()
         for name, value in req.headers:
@@ -195,12 +241,20 @@ class Reader:
         assert self.last is not None
         self.last.complete = True
 
+    def on_chunk_header(self) -> None:
+        assert self.last is not None
+        self.last.chunks += 1
+
     # ------------------------------------------------ reading
 
     def next_request(self, first: bool) -> Request | None:
         """The next request whose head is complete; None when the connection
         should end quietly (closed by the client, idle past keepalive_timeout,
         or given up for a connection that waits for a child)."""
+        # One keep-alive wait per request: bytes that begin no message (CRLFs)
+        # do not restart it.
+        idle_deadline = time.monotonic() + self.limits.keepalive_timeout
+        turnaround = not first
         while not self.ready:
             if self.error is not None:
                 raise self.error
@@ -208,25 +262,39 @@ class Reader:
                 if self.parsing is not None:
                     raise ClientGone()      # half a head, then EOF: nobody to answer
                 return None
-            if self.parsing is None and not self.wait_for_request(first):
-                return None
+            if self.parsing is None and not first:
+                if not self.wait_for_request(idle_deadline, turnaround):
+                    return None
+                turnaround = False
             self.fill(self.head_deadline())
         self.serving = self.ready.popleft()
         return self.serving
 
-    def head_deadline(self) -> float:
-        started = self.parsing.started if self.parsing is not None else time.monotonic()
-        return started + self.limits.header_timeout
+    def head_started(self) -> float | None:
+        """When the head being waited for started: its first byte, or for a
+        connection's first head the connection itself.  None between
+        requests (keep-alive has its own wait) and while a body arrives."""
+        if self.parsing is not None:
+            return self.parsing.started
+        return self.opened if self.last is None else None
 
-    def wait_for_request(self, first: bool) -> bool:
-        """Before a request's first byte.  A new connection gets
-        header_timeout (its data is usually there already); a kept-alive one
-        is parked for up to keepalive_timeout, and let go at once when the
-        pool needs its child.  False: end the connection quietly."""
-        if first:
-            return True
+    def head_deadline(self) -> float:
+        started = self.head_started()
+        return (time.monotonic() if started is None else started) + self.limits.header_timeout
+
+    def wait_for_request(self, deadline: float, turnaround: bool) -> bool:
+        """Between requests on a kept-alive connection, before the next
+        one's first byte: parked until ``deadline`` (keepalive_timeout), and
+        let go when the pool needs its child or it is leaving -- after
+        TURNAROUND_S (``turnaround``: right after a response), at once
+        later.  False: end the connection quietly."""
         fd = self.sock.fileno()
-        deadline = time.monotonic() + self.limits.keepalive_timeout
+        if turnaround:
+            alone = select.poll()
+            alone.register(fd, select.POLLIN)
+            wait = min(TURNAROUND_S, deadline - time.monotonic())
+            if alone.poll(max(wait, 0.0) * 1000):
+                return True
         watch = self.pool.fds
         quiet_until = 0.0
         poller = select.poll()
@@ -257,8 +325,19 @@ class Reader:
         if n == 0:
             self.eof = True
             return
+        last = self.last
+        in_body = self.parsing is None and last is not None and not last.complete
+        decoded = last.body_size if last is not None else 0
         self.feed(self.buf[:n])
-        if self.parsing is not None:
+        if in_body:
+            assert last is not None
+            # httptools keeps a trailer field whole until it ends, so an
+            # endless one would grow without bound: framing is limited.
+            last.framing += n - (last.body_size - decoded)
+            if not last.complete and \
+                    last.framing > self.limits.head_bytes + _FRAMING_PER_CHUNK * last.chunks:
+                self.fail(HeadersTooLarge())
+        elif self.parsing is not None:
             self.head_bytes += n
             if self.head_bytes > self.limits.head_bytes:
                 self.fail(HeadersTooLarge())
@@ -281,13 +360,14 @@ class Reader:
             now = time.monotonic()
             if now >= deadline:
                 raise RequestTimeout()
-            # Under pool pressure a head that has been trickling in for
-            # SHED_AFTER_S is given up (slowloris): the child serves others.
-            if self.parsing is not None and now - self.parsing.started >= SHED_AFTER_S \
-                    and self.pool.wanted():
+            # Under pool pressure a head that has been trickling in (or not
+            # begun) for SHED_AFTER_S is given up (slowloris): the child
+            # serves others.
+            started = self.head_started()
+            if started is not None and now - started >= SHED_AFTER_S and self.pool.wanted():
                 raise RequestTimeout()
             wait = deadline - now
-            if self.parsing is not None:
+            if started is not None:
                 wait = min(wait, 0.1)   # look at the pool again soon
             if poller.poll(wait * 1000):
                 return
@@ -308,11 +388,14 @@ class Reader:
     def fail(self, exc: HTTPError) -> None:
         """Bad input stops parsing.  It concerns the request being served
         only if that one's body was still arriving: then it is raised now;
-        else it is raised in turn, once every earlier request is answered."""
-        self.error = exc
+        else it is raised in turn, once every earlier request is answered.
+        The first error is the one answered (a 413 found in a head is not
+        turned into a 431 by the body bytes that came in the same read)."""
+        if self.error is None:
+            self.error = exc
         serving = self.serving
         if serving is not None and not serving.complete and self.last is serving:
-            raise exc
+            raise self.error
 
     # ------------------------------------------------ the body
 
