@@ -2,11 +2,15 @@
 (so any PEP 3333 violation by the server fails the request) unless noted."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.util import shift_path_info
 from wsgiref.validate import validator
 
 Environ = dict[str, Any]
@@ -75,10 +79,11 @@ def slow(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
 
 
 def faults(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-    """Not validated (it breaks the rules on purpose): /raise, /crlf, /nul,
-    /write, /late, /short, /gen-raise, /file, /noclose."""
+    """Not validated (it breaks the rules on purpose): /raise..., /crlf, /nul,
+    /write, /short, /gen-raise, /file, /head204, /204-body, /304-body, /badname,
+    /bigfile, /file-offset, /wrap-bytesio."""
     path = environ["PATH_INFO"]
-    if path == "/raise":
+    if path.startswith("/raise"):
         raise RuntimeError("app failure on purpose")
     if path == "/crlf":
         start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: owned=1")])
@@ -106,28 +111,151 @@ def faults(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     if path == "/head204":
         start_response("204 No Content", [])
         return [b""]
+    if path in ("/204-body", "/304-body"):
+        status = "204 No Content" if path == "/204-body" else "304 Not Modified"
+        start_response(status, [("ETag", '"v1"')])
+        return [b"a body where none may be"]
+    if path == "/badname":
+        start_response("200 OK", [("X Bad", "space in the name")])
+        return [b"never"]
+    if path == "/bigfile":
+        big = tempfile.TemporaryFile()
+        big.write(BIG_FILE)
+        big.seek(0)
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](big)
+    if path == "/file-offset":
+        f = open(__file__, "rb")
+        f.seek(100)
+        start_response("200 OK", [("Content-Type", "text/x-python")])
+        return environ["wsgi.file_wrapper"](f)
+    if path == "/wrap-bytesio":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"from a file without a descriptor"), 8)
     start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "9")])
     return [b"not found"]
 
 
 class Closing:
-    """An iterable whose close() leaves a mark in CLOSE_MARK (a file path)."""
+    """An iterable whose close() appends "closed TAG" to CLOSE_MARK (a file
+    path); with ``fail`` its iteration raises after the parts."""
 
-    def __init__(self, parts: list[bytes]) -> None:
+    def __init__(self, parts: list[bytes], tag: str = "", fail: bool = False) -> None:
         self.parts = parts
+        self.tag = tag
+        self.fail = fail
 
-    def __iter__(self) -> Iterable[bytes]:
-        return iter(self.parts)
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.parts
+        if self.fail:
+            raise RuntimeError("iteration failure on purpose")
 
     def close(self) -> None:
         with open(os.environ["CLOSE_MARK"], "a") as f:
-            f.write("closed\n")
+            f.write(f"closed {self.tag}\n")
 
 
 @validator
 def closing(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """?TAG: two parts; ?raise-TAG: iteration raises; ?big-TAG: 32 MiB, more
+    than loopback buffers hold, so a client that leaves in the middle of it
+    is noticed.  close() leaves "closed TAG" in CLOSE_MARK."""
+    query = environ["QUERY_STRING"]
     start_response("200 OK", [("Content-Type", "text/plain")])
-    return Closing([b"a", b"b"])  # type: ignore[return-value]
+    if query.startswith("big-"):
+        return Closing([b"x" * 65536] * 512, query)
+    return Closing([b"a", b"b"], query, fail=query.startswith("raise-"))
+
+
+@validator
+def environ_types(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Each environ key with its type and value (repr for non-plain values);
+    the validator's wrappers stand in for wsgi.input and wsgi.errors, so what
+    the server gave is reported from inside them."""
+    env = dict(environ)
+    env["wsgi.input"] = getattr(environ["wsgi.input"], "input", environ["wsgi.input"])
+    env["wsgi.errors"] = getattr(environ["wsgi.errors"], "errors", environ["wsgi.errors"])
+    info = {k: [type(v).__name__, v if isinstance(v, (str, bool, int)) else repr(v)]
+            for k, v in env.items()}
+    for key, names in (("wsgi.input", ("read", "readline", "readlines", "__iter__")),
+                       ("wsgi.errors", ("write", "writelines", "flush"))):
+        info[key].append(all(callable(getattr(env[key], n, None)) for n in names))
+    out = json.dumps(info).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(out)))])
+    return [out]
+
+
+@validator
+def bounded(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Reads far past the body: what wsgi.input gives must stop at its end."""
+    stream = environ["wsgi.input"]
+    first = stream.read(1 << 22)
+    after = [stream.read(10), stream.readline(), stream.read(1)]
+    out = json.dumps({"len": len(first), "head": first[:16].decode("latin-1"),
+                      "after": [a.decode("latin-1") for a in after],
+                      "terminated": environ.get("wsgi.input_terminated")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(out)))])
+    return [out]
+
+
+@validator
+def errors(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Writes ?MARK to wsgi.errors three ways."""
+    mark = environ["QUERY_STRING"]
+    stream = environ["wsgi.errors"]
+    stream.write(f"write {mark}\n")
+    stream.writelines([f"lines {mark} ", "joined\n"])
+    stream.write(f"flushed {mark}")
+    stream.flush()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+@validator
+def exc(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """exc_info semantics: /before replaces the status before anything was
+    sent; /after (the head sent) must get the error re-raised; /twice calls
+    start_response twice without exc_info."""
+    path = environ["PATH_INFO"]
+    headers = [("Content-Type", "text/plain")]
+    write = start_response("200 OK", headers)
+    if path == "/twice":
+        start_response("201 Created", headers)
+        return [b"never"]
+    if path == "/after":
+        write(b"partial")
+    try:
+        raise ValueError("caught by the app on purpose")
+    except ValueError:
+        start_response("503 Service Unavailable", [("Content-Type", "text/plain"),
+                                                   ("Retry-After", "1")], sys.exc_info())
+    return [b"replaced"]
+
+
+@validator
+def late(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Sends its head (and a first chunk) before it reads the body."""
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    write(b"head first\n")
+    return [b"read %d\n" % len(_read_body(environ))]
+
+
+def router(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Not validated itself (faults breaks the rules on purpose): /NAME/rest
+    runs the app NAME with /NAME moved to SCRIPT_NAME, as a WSGI mount does."""
+    name = shift_path_info(environ)
+    app = ROUTES.get(name or "")
+    if app is None:
+        start_response("404 Not Found", [("Content-Type", "text/plain"),
+                                         ("Content-Length", "9")])
+        return [b"not found"]
+    return app(environ, start_response)
+
+
+#: What /faults/bigfile sends: 3 MiB no two neighbouring KiB of which are alike.
+BIG_FILE = b"".join(i.to_bytes(4, "big") * 256 for i in range(3 * 1024))
 
 
 def create_app() -> Callable[..., Iterable[bytes]]:
@@ -136,6 +264,16 @@ def create_app() -> Callable[..., Iterable[bytes]]:
 
 
 # --- real frameworks ---------------------------------------------------
+
+def _terminated_input(app: Callable[..., Any]) -> Callable[..., Any]:
+    """Inside the validator: hand the framework the server's own wsgi.input.
+    With wsgi.input_terminated (set by mps) Werkzeug reads it with read() to
+    its end, which the validator, older than that extension, refuses."""
+    def call(environ: Environ, start_response: StartResponse) -> Any:
+        environ["wsgi.input"] = getattr(environ["wsgi.input"], "input", environ["wsgi.input"])
+        return app(environ, start_response)
+    return call
+
 
 def flask_app() -> Any:
     from flask import Flask, jsonify, request
@@ -155,7 +293,7 @@ def flask_app() -> Any:
     def boom() -> str:
         raise RuntimeError("flask view failure on purpose")
 
-    return validator(app)
+    return validator(_terminated_input(app))
 
 
 def falcon_app() -> Any:
@@ -166,9 +304,20 @@ def falcon_app() -> Any:
             resp.media = {"thing": thing, "q": req.get_param("q")}
 
         def on_post(self, req: Any, resp: Any, thing: str) -> None:
-            resp.media = {"thing": thing, "posted": req.bounded_stream.read().decode()}
+            # bounded_stream believes Content-Length only (a chunked body
+            # reads empty there); with wsgi.input_terminated the plain
+            # stream ends where the body does.
+            stream = req.bounded_stream if req.content_length is not None else req.stream
+            resp.media = {"thing": thing, "posted": stream.read().decode()}
             resp.status = falcon.HTTP_201
 
     app = falcon.App()
     app.add_route("/things/{thing}", Things())
-    return validator(app)
+    return validator(_terminated_input(app))
+
+
+ROUTES: dict[str, Callable[..., Iterable[bytes]]] = {
+    "hello": hello, "echo": echo, "lines": lines, "pid": pid, "slow": slow, "faults": faults,
+    "closing": closing, "environ": environ_types, "bounded": bounded, "errors": errors,
+    "exc": exc, "late": late,
+}
