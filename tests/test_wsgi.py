@@ -529,6 +529,10 @@ def test_date_and_server_headers(pool: Served) -> None:
         assert abs(when - time.time()) < 5
     r = ask(pool.port, b"NOT A REQUEST\r\n\r\n")
     assert r.status == 400 and r.header("Server") == "mps" and r.header("Date")
+    # The app's own Date and Server replace ours: never two of them.
+    r = ask(pool.port, req("GET", "/faults/own-date"))
+    assert [k for k, _ in r.headers].count("Date") == 1
+    assert (r.header("Date"), r.header("Server")) == ("Sat, 01 Jan 2000 00:00:00 GMT", "myapp")
 
 
 def test_environ_every_key_with_its_type(pool: Served) -> None:
@@ -681,15 +685,27 @@ def test_header_names_with_underscores_dropped(pool: Served) -> None:
     assert info["HTTP_X_FORWARDED_FOR"] == "192.0.2.1" and info["REMOTE_ADDR"] == "192.0.2.1"
 
 
-@pytest.mark.parametrize("path", ["/faults/crlf", "/faults/nul", "/faults/badname"])
+@pytest.mark.parametrize("path", ["/faults/crlf", "/faults/nul", "/faults/badname",
+                                  "/faults/length?-10", "/faults/length?1_0",
+                                  "/faults/length?10&10", "/faults/length?10&5"])
 def test_unsendable_app_headers_are_500(pool: Served, path: str) -> None:
     with Conn(pool.port) as c:
         r = c.send(req("GET", path)).reply()
         wire = r.raw + c.rest()
     assert r.status == 500 and r.header("Connection") == "close"
-    for leak in (b"owned", b"Set-Cookie", b"X-Evil", b"X Bad", b"never", b"\0"):
+    for leak in (b"owned", b"Set-Cookie", b"X-Evil", b"X Bad", b"never", b"\0", b"0123456789",
+                 b": -10", b"1_0"):
         assert leak not in wire
     log_has(pool.master, f"app failed on GET {path}", "HeaderError")
+
+
+def test_app_content_length_frames_the_body(pool: Served) -> None:
+    """A valid Content-Length from the app is sent once and frames the body."""
+    with Conn(pool.port) as c:
+        r = c.send(req("GET", "/faults/length?10")).reply()
+        assert (r.framing, r.body) == ("length", b"0123456789")
+        assert [k.lower() for k, _ in r.headers].count("content-length") == 1
+        assert c.send(req("GET", "/hello/")).reply().body == b"Hello, World!"
 
 
 # ================================================================ bad input

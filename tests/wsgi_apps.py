@@ -115,6 +115,15 @@ def faults(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         status = "204 No Content" if path == "/204-body" else "304 Not Modified"
         start_response(status, [("ETag", '"v1"')])
         return [b"a body where none may be"]
+    if path.startswith("/length"):       # /length?VALUE[&VALUE]: Content-Length as given
+        lengths = environ["QUERY_STRING"].split("&")
+        start_response("200 OK", [("Content-Type", "text/plain")]
+                       + [("Content-Length", v) for v in lengths])
+        return [b"0123456789"]
+    if path == "/own-date":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2"),
+                                  ("Date", "Sat, 01 Jan 2000 00:00:00 GMT"), ("Server", "myapp")])
+        return [b"ok"]
     if path == "/badname":
         start_response("200 OK", [("X Bad", "space in the name")])
         return [b"never"]

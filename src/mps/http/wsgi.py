@@ -248,17 +248,24 @@ class Response:
         if not self.input.response_begins():
             self.keep = False       # the body is not read and will not be: say so
         lines = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n"]
+        date = server = True        # ours, unless the app gave its own
         for name, value in self.headers:
             low = name.lower()
             if low == "content-length":
-                try:
-                    self.length = int(value)
-                except ValueError:
-                    raise HeaderError(f"Content-Length {value!r} is not a number") from None
+                # One, and digits only: int() also takes "-5", "+5" and "1_0",
+                # which would be sent as they are while the body is framed
+                # by another reading (or chunked beside them).
+                if not (value.isascii() and value.isdigit()) or self.length >= 0:
+                    raise HeaderError(f"Content-Length {value!r} is not one length")
+                self.length = int(value)
             elif low in _HOP_BY_HOP:
                 if low == "connection" and "close" in value.lower():
                     self.keep = False
                 continue    # the server frames the message itself
+            elif low == "date":
+                date = False    # one Date only (RFC 9110 6.6.1)
+            elif low == "server":
+                server = False
             lines += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
         self.body_allowed = not (self.code in _NO_BODY or self.code < 200 or req.method == b"HEAD")
         if self.length < 0 and self.code not in _NO_BODY and self.code >= 200:
@@ -278,7 +285,11 @@ class Response:
             lines.append(b"Connection: close\r\n")
         elif req.version == "HTTP/1.0":
             lines.append(b"Connection: keep-alive\r\n")
-        lines += [self.clock.date(), b"Server: ", SERVER, b"\r\n\r\n"]
+        if date:
+            lines.append(self.clock.date())
+        if server:
+            lines += [b"Server: ", SERVER, b"\r\n"]
+        lines.append(b"\r\n")
         return b"".join(lines)
 
     def write(self, data: bytes) -> None:
