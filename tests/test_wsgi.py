@@ -911,6 +911,52 @@ def test_custom_access_log_and_untrusted_proxy(start_master: Callable[..., Maste
     assert int(echo[4]) < int(slow[4])
 
 
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_access_log_to_a_full_stdout_never_stops_the_pool(tmp_path: Path, kind: str) -> None:
+    """--access-log - with stdout a pipe or a socket (the journal's) that
+    nobody reads -- a stuck log shipper: lines are dropped, requests served."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    if kind == "pipe":
+        read_end, write_end = os.pipe()     # read_end stays open and unread
+    else:
+        ours, theirs = socket.socketpair()
+        read_end, write_end = ours.detach(), theirs.detach()
+    log = open(tmp_path / "master.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mps", "serve", "--wsgi", "wsgi_apps:hello",
+                             "--bind", f"fd://{listener.fileno()}", "--access-log", "-",
+                             "--max-requests=0",    # one child: one "dropping" warning
+                             *(f"--{k.replace('_', '-')}={v}" for k, v in ONE_CHILD.items())],
+                            pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
+                            stdout=write_end, stderr=log, start_new_session=True, cwd=str(TESTS))
+    listener.close()
+    os.close(write_end)
+    try:
+        agent = "A" * 3000      # about 3 KB a line: the 64 KiB pipe is full after ~16
+        for i in range(60 if kind == "pipe" else 300):
+            with Conn(port, timeout=5) as c:
+                try:
+                    r = c.send(req("GET", f"/{i}", f"User-Agent: {agent}")).reply()
+                except (TimeoutError, socket.timeout):
+                    raise AssertionError(f"request {i} got no answer: the pool is stuck on "
+                                         f"its access log\n{(tmp_path / 'master.log').read_text()}")
+                assert r.body == b"Hello, World!"
+        # The log did go there until stdout was full, in whole lines (a
+        # socket may take the first part of the line that filled it).
+        lines = os.read(read_end, 1 << 22).decode().splitlines()
+        whole = [x for x in lines if COMBINED.fullmatch(x)]
+        assert len(whole) >= 15 and len(lines) - len(whole) <= (kind == "socket"), lines[-1][:80]
+        log_text = (tmp_path / "master.log").read_text()
+        assert log_text.count("access log: stdout is full") == 1, log_text     # said once
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        os.close(read_end)
+        log.close()
+
+
 def test_status_shows_the_request_being_served(pool: Served) -> None:
     """`mps status --json`: a busy slot shows its request (method and path,
     bounded) and for how long, as mod_status does."""

@@ -12,8 +12,11 @@ request time in microseconds, ``%T`` in seconds, ``%m`` method, ``%U`` path,
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +25,8 @@ COMBINED = '%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-Agent}i"'
 #: The key of the request target as the client sent it, in the environ
 #: handed to :meth:`AccessLog.write` (never in the app's): ``%r`` shows it.
 TARGET = "mps.request_target"
+
+log = logging.getLogger("mps")
 
 Part = Callable[[dict[str, Any], int, int, list[tuple[str, str]], float], str]
 _DIRECTIVE = re.compile(r"%(>?)(\{([^}]*)\})?([a-zA-Z%])")
@@ -113,12 +118,19 @@ def compile_format(fmt: str) -> list[Part | str]:
 
 
 class AccessLog:
-    """One child's access log: opened in the child, written a line at a time."""
+    """One child's access log: opened in the child, written a line at a time.
+
+    It never stops the child: a line that finds stdout full (a pipe or a
+    socket whose reader is stuck) is dropped, and that is logged once.
+    """
 
     def __init__(self, path: str, fmt: str) -> None:
         self.parts = compile_format(fmt)
+        self.dropped = 0
+        self.torn = False       # the last line written was cut short
+        self.sock: socket.socket | None = None
         if path == "-":
-            self.fd = 1
+            self.fd, self.sock = _stdout()
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
@@ -126,7 +138,47 @@ class AccessLog:
               secs: float) -> None:
         line = "".join(p if isinstance(p, str) else p(env, code, size, headers, secs)
                        for p in self.parts) + "\n"
+        data = line.encode("utf-8", "replace")
+        if self.torn:
+            data = b"\n" + data    # end the piece a full stdout cut off
         try:
-            os.write(self.fd, line.encode("utf-8", "replace"))
+            if self.sock is not None:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            else:
+                sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
         except OSError:
-            pass    # a full disk or a closed pipe must not cost the request
+            return      # a full disk or a closed pipe must not cost the request
+        if sent == len(data):
+            self.torn = False
+        else:
+            self.torn = self.torn or sent > 0
+            self.drop()
+
+    def drop(self) -> None:
+        """stdout is full: the line (or its rest) is lost.  In a pipe a line
+        under PIPE_BUF (4 KiB) goes whole or not at all; a longer one, or
+        one sent to a socket, may be cut: the next line written ends it."""
+        self.dropped += 1
+        if self.dropped == 1:
+            log.warning("access log: stdout is full (is its reader stuck?); dropping lines "
+                        "rather than stopping this child")
+
+
+def _stdout() -> tuple[int, socket.socket | None]:
+    """Where ``-`` writes without ever blocking the child.  A pipe is
+    reopened non-blocking through /proc: a file description of its own,
+    so the flag touches nobody else writing to it (O_NONBLOCK on fd 1
+    itself would reach the master and every child).  A socket (the
+    journal's stdout) is sent to with MSG_DONTWAIT.  A file or a terminal
+    is written as it is."""
+    try:
+        mode = os.fstat(1).st_mode
+        if stat.S_ISFIFO(mode):
+            return os.open("/proc/self/fd/1", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), None
+        if stat.S_ISSOCK(mode):
+            return 1, socket.socket(fileno=os.dup(1))
+    except OSError:
+        pass        # no /proc, or a pipe nobody reads (ENXIO): writes fail, they never block
+    return 1, None
