@@ -19,6 +19,14 @@ def test_settings_section_matches_the_table():
         "README settings drifted: run `python scripts/update_readme.py`"
 
 
+def test_metrics_reference_matches_the_table():
+    from mps.metrics import metrics_markdown
+    block = README.split("<!-- metrics:begin", 1)[1].split("-->\n", 1)[1]
+    block = block.split("<!-- metrics:end -->", 1)[0]
+    assert block == metrics_markdown(), \
+        "README metrics reference drifted: run `python scripts/update_readme.py`"
+
+
 def test_every_setting_has_a_flag_and_env_var_in_help():
     out = subprocess.run([sys.executable, "-m", "mps", "serve", "--help"], capture_output=True,
                          text=True, timeout=30, check=True).stdout

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 
-from . import daemon, logs, signals, sockets, status
+from . import daemon, logs, metrics, signals, sockets, status
 from .notify import Notifier
 from .upgrade import Check, Handoff, OldGeneration, Progress, reexec
 from .config import Settings
@@ -137,6 +137,8 @@ class Arbiter:
         self.check: Check | None = None         # the new release's check, while it runs
         self.old: OldGeneration | None = None   # children of the image before an upgrade
         self.notifier = Notifier()
+        self.metrics_sock: socket.socket | None = None
+        self.metrics: metrics.MetricsServer | None = None
         self.ready_sent = False
         self.notify_next = 0.0
         self.rate_mark = (time.monotonic(), 0)  # (when, connections) for STATUS= rates
@@ -194,6 +196,12 @@ class Arbiter:
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         if self.status_sock is not None:
             self.selector.register(self.status_sock, selectors.EVENT_READ)
+        if self.metrics_sock is not None:
+            self.metrics = metrics.MetricsServer(self.metrics_sock, self.selector,
+                                                 self.render_metrics, self.is_ready)
+            where = metrics.app_metrics_dir()   # imports prometheus_client now, not mid-scrape
+            log.info("metrics at http://%s/metrics%s", sockets.describe(self.metrics_sock),
+                     f" (with the app's, from {where})" if where else "")
         log.info("mps master %d listening at %s (backend %s, %d %s)",
                  self.pid, sockets.describe(self.listener), self.board.name, s.start_servers,
                  "child" if s.start_servers == 1 else "children")
@@ -226,6 +234,8 @@ class Arbiter:
             self.status_sock = sockets.listen_unix_private(s.status_socket)
             self.owned_paths.append(s.status_socket)
             self.status_sock.setblocking(False)
+        if s.metrics_bind:
+            self.metrics_sock = sockets.listen(sockets.parse_bind(s.metrics_bind), 64)
 
     def adopt(self, handoff: Handoff) -> None:
         """The new image after an upgrade's exec: the old image's sockets,
@@ -238,6 +248,9 @@ class Arbiter:
             self.status_sock = socket.socket(fileno=handoff.status_fd)
             self.status_sock.set_inheritable(False)
             self.status_sock.setblocking(False)
+        if handoff.metrics_fd >= 0:
+            self.metrics_sock = socket.socket(fileno=handoff.metrics_fd)
+            self.metrics_sock.set_inheritable(False)
         self.owned_paths = list(handoff.owned_paths)
         self.old = OldGeneration(handoff)
         os.set_inheritable(self.old.board.memory_fd, False)
@@ -267,7 +280,9 @@ class Arbiter:
             self.inherited.restore(self.listener)   # hand it back as we got it
         for conn in list(self.status_out):
             conn.close()
-        for sock in (self.status_sock, self.listener):
+        if self.metrics is not None:
+            self.metrics.close()
+        for sock in (self.status_sock, self.listener, self.metrics_sock):
             if sock is not None:
                 sock.close()
         for path in self.owned_paths:
@@ -295,14 +310,18 @@ class Arbiter:
 
     def wait(self) -> None:
         assert self.selector is not None
-        for key, _ in self.selector.select(self.deadlines()):
+        for key, events in self.selector.select(self.deadlines()):
             if key.fileobj is self.status_sock:
                 self.answer_status()
             elif key.fileobj in self.status_out:
                 self.send_status(key.fileobj)
+            elif self.metrics is not None and key.data is self.metrics:
+                self.metrics.handle(key.fileobj, events)
             else:
                 self.drain_wake_pipe()
         self.expire_status_clients()
+        if self.metrics is not None:
+            self.metrics.expire(time.monotonic())
         self.notify_systemd()
 
     def deadlines(self) -> float:
@@ -326,6 +345,9 @@ class Arbiter:
             due.append(self.notify_next - now)
         if self.check is not None:
             due.append(self.check.deadline - now)
+        scrape_due = self.metrics.next_deadline() if self.metrics is not None else None
+        if scrape_due:
+            due.append(scrape_due - now)
         if self.old is not None:
             due.append(self.old.next_deadline() - now)
         due.extend(c.kill_at - now for c in self.children.values() if c.kill_at > now)
@@ -360,6 +382,7 @@ class Arbiter:
             if self.check is not None and pid == self.check.pid:
                 self.check_done(code)
                 continue
+            metrics.mark_dead(pid)      # the app's prometheus_client files, if any
             if self.old is not None and self.old.reaped(pid):
                 self.totals.reaped += 1
                 continue
@@ -478,6 +501,12 @@ class Arbiter:
             self.old.close()
             self.old = None
 
+    def render_metrics(self) -> bytes:
+        assert self.listener is not None
+        return metrics.exposition(status.document(self), ready=self.is_ready(),
+                                  queue_depth=sockets.queue_depth(self.listener),
+                                  queue_limit=self.settings.backlog)
+
     def is_ready(self) -> bool:
         """/ready: the pool serves and no stop (or drain delay) has begun."""
         return self.ready_sent and not self.stopping
@@ -491,11 +520,16 @@ class Arbiter:
         if snap.count(State.IDLE) < want:
             return
         self.ready_sent = True
-        if self.old is not None and not self.old.retired:
-            self.old.retire_all(self.settings.graceful_timeout)
+        if self.progress.state == "starting":   # the new image of an upgrade
+            # Done even when no old child is left to retire: under load they
+            # may all have recycled themselves (max_requests) during the exec.
             self.progress.state = "done"
+            leaving = 0
+            if self.old is not None and not self.old.retired:
+                self.old.retire_all(self.settings.graceful_timeout)
+                leaving = len(self.old.children)
             log.info("upgrade: generation %d serves; retiring %d children of the old code",
-                     self.generation, len(self.old.children))
+                     self.generation, leaving)
         self.notifier.ready(self.status_line(snap))
 
     def note_boots(self, snap: Snapshot) -> None:
@@ -620,6 +654,9 @@ class Arbiter:
             fds.append(self.selector.fileno())  # type: ignore[attr-defined]
         if self.status_sock is not None:
             fds.append(self.status_sock.fileno())
+        fds += [conn.fileno() for conn in self.status_out]
+        if self.metrics is not None:
+            fds += self.metrics.fds()
         return tuple(fd for fd in fds if fd >= 0)
 
     def fork_failed(self, exc: OSError) -> None:
@@ -795,6 +832,7 @@ class Arbiter:
         handoff = Handoff(
             listener_fd=self.listener.fileno(),
             status_fd=self.status_sock.fileno() if self.status_sock is not None else -1,
+            metrics_fd=self.metrics_sock.fileno() if self.metrics_sock is not None else -1,
             board=self.board.handoff(),
             children=[(c.pid, c.slot, c.generation) for c in self.children.values()],
             generation=self.generation, owned_paths=self.owned_paths,
@@ -804,7 +842,8 @@ class Arbiter:
             bind_setting=self.settings.bind)
         for conn in list(self.status_out):
             self.end_status_client(conn)
-        keep = [fd for fd in (handoff.listener_fd, handoff.status_fd) if fd >= 0]
+        keep = [fd for fd in (handoff.listener_fd, handoff.status_fd, handoff.metrics_fd)
+                if fd >= 0]
         error = reexec(handoff, keep, RECORDED)
         self.upgrade_failed(1, f"cannot re-execute {sys.executable}: {error.strerror}")
 

@@ -64,6 +64,7 @@ class Handoff:
 
     listener_fd: int
     status_fd: int
+    metrics_fd: int
     board: dict[str, Any]
     children: list[tuple[int, int, int]]       # (pid, slot, generation)
     generation: int
