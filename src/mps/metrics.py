@@ -76,8 +76,8 @@ METRICS: tuple[Metric, ...] = (
     _counter("mps_connections_total", "totals.connections",
              "Connections accepted by the children."),
     _counter("mps_requests_total", "totals.requests",
-             "Requests served by the children (HTTP requests; one per connection for "
-             "plain handlers that do not count requests)."),
+             "HTTP requests begun by the children (WSGI); raw handlers count "
+             "connections only."),
     _counter("mps_busy_seconds_total", "busy_s",
              "Seconds children have spent serving connections, summed over all children; "
              "rate() of it is the average number of busy children."),
