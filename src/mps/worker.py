@@ -218,26 +218,40 @@ class ChildPool:
         self.worker = worker
         self.board = worker.board
         self.slot = worker.child.slot
-        self.queue = select.poll()
-        self.queue.register(worker.listener, select.POLLIN)
         # SIGTERM writes a byte here, so a handler parked on an idle
         # connection (polling these fds beside it) wakes at once to leave.
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        self.fds = (worker.listener.fileno(), self.wake_r)
+        self.listener = worker.listener.fileno()
+        self.fds = (self.listener, self.wake_r)
+        self.watch = select.poll()
+        for fd in self.fds:
+            self.watch.register(fd, select.POLLIN)
 
     def leaving(self) -> bool:
+        # Asked before every response: an attribute read, no system call
+        # (SIGTERM's handler clears it; the wake-up byte is drained in wanted()).
+        return not self.worker.alive
+
+    def wanted(self) -> bool:
+        # One poll for both fds: a connection in the listen queue, and a
+        # wake-up byte to drain (left there, it would keep a parked handler's
+        # poll of self.fds returning at once).
+        queued = False
+        for fd, _ in self.watch.poll(0):
+            if fd == self.listener:
+                queued = True
+            else:
+                self.drain_wakeups()
+        # While a child is idle, it takes the waiting connection itself.
+        return queued and self.board.idle_count() <= 0
+
+    def drain_wakeups(self) -> None:
         try:
             while os.read(self.wake_r, 64):
                 pass
         except BlockingIOError:
             pass
-        return not self.worker.alive
-
-    def wanted(self) -> bool:
-        # The idle counter first (a plain read of shared memory): while a
-        # child is idle, it takes the waiting connection itself.
-        return self.board.idle_count() <= 0 and bool(self.queue.poll(0))
 
     def begin_request(self, line: bytes) -> None:
         self.board.begin_request(self.slot, line)
