@@ -500,6 +500,7 @@ HOSTILE = [
     (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     (b"GET /\r\n\r\n", 505),        # HTTP/0.9: it could not even read our status line
     (b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n", 501),
+    (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     # Trailer fields are fine (and dropped); endless ones are not.
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"0\r\nX-Trailer: " + b"t" * 200000 + b"\r\n\r\n", 431),

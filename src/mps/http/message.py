@@ -215,6 +215,8 @@ class Reader:
             raise VersionNotSupported()
         if req.method == b"CONNECT":
             raise NotImplementedMethod()
+        if req.url == b"*" and req.method != b"OPTIONS":
+            raise BadRequest()      # the asterisk-form is OPTIONS's alone (RFC 9112 3.2.4)
         req.version = "HTTP/" + version
         if version == "1.0":
             req.expect_continue = False     # no 1xx to a 1.0 client (RFC 9110 10.1.1)
