@@ -570,6 +570,18 @@ def test_environ_every_key_with_its_type(pool: Served) -> None:
     assert json.loads(r.body)["SERVER_PROTOCOL"] == ["str", "HTTP/1.0"]
 
 
+def test_target_forms(start_master: Callable[..., Master]) -> None:
+    """The absolute form gives its path; the asterisk form (OPTIONS *, the
+    server as a whole) gives PATH_INFO "", since CGI's PATH_INFO is empty or
+    begins with "/" (the validator holds the server to that)."""
+    m = start_master(wsgi="wsgi_apps:echo", **POOL, env=STRICT_ENV)
+    m.wait_ready()
+    r = ask(m.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.status == 200 and (r.json()["PATH_INFO"], r.json()["SCRIPT_NAME"]) == ("", "")
+    r = ask(m.port, b"GET http://example.com/a%2Fb?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert r.status == 200 and (r.json()["PATH_INFO"], r.json()["QUERY_STRING"]) == ("/a/b", "q=1")
+
+
 def test_wsgi_input_bounded_to_the_body(pool: Served) -> None:
     """The app reads far past its body: it gets the body, then b"" -- never
     the pipelined request behind it."""

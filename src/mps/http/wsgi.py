@@ -541,8 +541,10 @@ class WSGIHandler:
     def environ(self, req: Request, addr: Any, body: Input) -> dict[str, Any]:
         env = self.base.copy()
         url = req.url
-        if url[:1] != b"/" and url != b"*":
-            url = _origin_form(url)
+        if url[:1] != b"/":
+            # "*" (OPTIONS *) asks about the server as a whole: PATH_INFO ""
+            # -- CGI's PATH_INFO is empty or starts with "/", so never "*".
+            url = b"" if url == b"*" else _origin_form(url)
         path, _, query = url.partition(b"?")
         if b"#" in query:
             query = query.partition(b"#")[0]
