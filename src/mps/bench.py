@@ -890,7 +890,9 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
     lines = ["\n### targets (issue 8; medians of same-rep ratios)\n",
              "| target | shape | measured | goal | |", "|---|---|---|---|---|"]
     for t in targets:
-        measured = "-" if t["measured"] is None else f"{t['measured']:.3g}"
+        value = t["measured"]
+        measured = "-" if value is None else str(value) if isinstance(value, int) \
+            else f"{value:.3f}"
         lines.append(f"| {t['target']} | {SHAPE_TITLE.get(t['shape'], '')} | {measured} "
                      f"| {t['op']} {t['goal']} | {t['status']} |")
     return "\n".join(lines)
