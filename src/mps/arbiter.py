@@ -73,6 +73,8 @@ YOUNG_S = 1.0
 ACCEPT_TIMEOUT_S = 1
 #: How often a draining master looks at its listen queue.
 DRAIN_POLL_S = 0.02
+#: How often a master not yet ready (start, upgrade) looks for idle children.
+READY_POLL_S = 0.02
 #: Longest a status client may take to read the document before the master
 #: resets it (it gets the whole document or an error, never a part).
 STATUS_SEND_S = 5.0
@@ -336,6 +338,10 @@ class Arbiter:
             due.append(self.stop_deadline - now)
         if self.stopping == "draining":
             due.append(DRAIN_POLL_S)
+        if not self.ready_sent and not self.stopping:
+            # A child going idle wakes nobody: without this, READY=1 (and an
+            # upgrade's retirement of the old children) waited for the 1 s tick.
+            due.append(READY_POLL_S)
         if self.stopping == "delaying":
             due.append(self.delay_until - now)
         if self.status_out:
