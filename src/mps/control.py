@@ -102,9 +102,20 @@ def reload(target: Target, timeout: float) -> int:
     if doc is None:
         raise UsageError("mps reload follows the upgrade through the master's status socket: "
                          "give --status-socket PATH (or start the master with one)")
+    deadline = time.monotonic() + timeout
+    # The master ignores USR2 until the last upgrade is over, old children
+    # gone (a second deploy right after the first would otherwise wait out
+    # the whole timeout): wait for that first.
+    while busy_upgrading(doc):
+        if time.monotonic() >= deadline:
+            print(f"mps: error: master {target.pid} is still finishing an earlier upgrade "
+                  f"after {timeout:g}s ({doc['upgrade']['state']}, "
+                  f"{len(doc['old_generation'])} old children leaving)", file=sys.stderr)
+            return EXIT_RUNTIME
+        time.sleep(POLL_S)
+        doc = target.status() or doc
     serial = int(doc["upgrade"]["serial"])
     target.signal(signal.SIGUSR2)
-    deadline = time.monotonic() + timeout
     state = "sent"
     while time.monotonic() < deadline:
         time.sleep(POLL_S)
@@ -124,6 +135,10 @@ def reload(target: Target, timeout: float) -> int:
     print(f"mps: error: the upgrade of master {target.pid} did not finish in {timeout:g}s "
           f"(last state: {state})", file=sys.stderr)
     return EXIT_RUNTIME
+
+
+def busy_upgrading(doc: dict[str, Any]) -> bool:
+    return doc["upgrade"]["state"] in ("checking", "starting") or bool(doc["old_generation"])
 
 
 def stop(target: Target, timeout: float, fast: bool) -> int:
