@@ -112,6 +112,9 @@ def _serve(app: App, flags: dict[str, Any]) -> int:
     if app.wsgi is not None:
         from .http.wsgi import WSGIHandler
         app.handler = WSGIHandler.from_settings(app.wsgi, settings)
+    if settings.proxy_protocol:
+        from .handlers import Proxied
+        app.handler = Proxied(app.handler, settings.proxy_allow_ips)
     from .upgrade import checking
     if checking():      # USR2's check of a new release: it imports and parses, that is all
         return EXIT_OK

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from .errors import AppError
+from .proxy import Allowed, accept_proxied
 
 Handler = Callable[[socket.socket, Any], object]
 Hook = Callable[..., object]
@@ -47,6 +48,25 @@ class App:
         hook = self.hooks.get(name)
         if hook is not None:
             hook(self.server, *args)
+
+
+class Proxied:
+    """A handler behind a balancer that speaks the PROXY protocol: the header
+    is read before the handler runs, which then sees the real client address;
+    a connection from a peer not allowed, or without a valid header in time,
+    is closed (one log line) and never reaches the handler."""
+
+    def __init__(self, inner: Handler, allowed_ips: str) -> None:
+        self.inner = inner
+        self.allowed = Allowed(allowed_ips)
+        bind = getattr(inner, "bind", None)
+        if bind is not None:            # keep the inner handler's pool seam (HTTP)
+            self.bind = bind
+
+    def __call__(self, conn: socket.socket, addr: Any) -> None:
+        real = accept_proxied(conn, addr, self.allowed)
+        if real is not None:
+            self.inner(conn, real)
 
 
 class AppMaker(ABC):
