@@ -44,8 +44,8 @@ int mps_started(mps_board *b, int64_t slot, int64_t pid);
 int mps_release(mps_board *b, int64_t slot);
 int mps_retire(mps_board *b, int64_t slot);
 int mps_busy(mps_board *b, int64_t slot);
-int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int wake_fd,
-                    void *addr, uint32_t *addrlen);
+int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int epoll_fd,
+                    int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
 int mps_idle(mps_board *b, int64_t slot);
 int mps_done(mps_board *b, int64_t slot);
 int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots);

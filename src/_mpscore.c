@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -86,8 +87,6 @@ typedef struct mps_board {
     pthread_mutex_t lock;
     struct mps_slot slots[];
 } mps_board;
-
-static const struct timeval mps_no_timeout = {0, 0};
 
 static int64_t mps_now_ns(void)
 {
@@ -385,37 +384,6 @@ static int mps_busy(mps_board *b, int64_t slot)
     return wake;
 }
 
-/* Child: block in accept4() (the caller released the GIL), then mark the
- * slot busy and, when idle children fell below min_spare, write one byte to
- * wake_fd so the master forks at once.  No lock while blocked; locks for the
- * transition.  Returns the connected fd or -errno (-EAGAIN when the
- * listener's SO_RCVTIMEO expired, -EINTR on a signal). */
-static int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int wake_fd,
-                           void *addr, uint32_t *addrlen)
-{
-    socklen_t len = *addrlen;
-    int fd, rc;
-
-    fd = accept4(listen_fd, (struct sockaddr *)addr, &len, SOCK_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    *addrlen = len;
-    /* Linux copies the listener's SO_RCVTIMEO (the idle children's periodic
-     * wake-up) into accepted sockets; the handler must get a plain one. */
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &mps_no_timeout, sizeof mps_no_timeout);
-    rc = mps_busy(b, slot);
-    if (rc < 0) {
-        close(fd);
-        return rc;
-    }
-    if (rc == 1 && wake_fd >= 0) {
-        /* Non-blocking pipe: a full pipe already means "wake up". */
-        ssize_t ignored = write(wake_fd, "c", 1);
-        (void)ignored;
-    }
-    return fd;
-}
-
 /* Child, after each connection (and once after boot, STARTING -> IDLE).
  * Locks.  Returns 1 when the master has retired the slot (it is now
  * EXITING and the child must leave), else 0 (the slot is IDLE). */
@@ -437,6 +405,56 @@ static int mps_idle(mps_board *b, int64_t slot)
     mps_set_state(s, MPS_IDLE, now);
     mps_unlock_(b);
     return 0;
+}
+
+/* Child, between connections: one call (the caller released the GIL) for
+ * what used to be three.  With idle_first, first the idle transition of the
+ * connection just finished (-ESHUTDOWN when the master has retired the
+ * slot: the child must leave).  Then accept4() on the listener -- which the
+ * master made non-blocking -- and, while nothing is queued, epoll_wait() on
+ * epoll_fd: the listener registered EPOLLEXCLUSIVE (one idle child woken
+ * per connection, not all of them) and the child's signal wake-up pipe.  An
+ * idle child sleeps there until a connection or a signal: no periodic
+ * wake-up, and no lost SIGTERM -- one that lands before the wait has already
+ * written its byte, so the wait returns at once (-EINTR; the caller runs
+ * the handler and drains the pipe).  epoll_fd -1: do not wait (-EAGAIN).
+ * Then the busy transition and, when idle children fell below min_spare,
+ * one byte to wake_fd so the master forks at once.  Locks for the two
+ * transitions only.  Returns the connected fd or -errno. */
+static int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int epoll_fd,
+                           int idle_first, int wake_fd, void *addr, uint32_t *addrlen)
+{
+    struct epoll_event ev;
+    socklen_t len;
+    int fd, rc;
+
+    if (idle_first && (rc = mps_idle(b, slot)) != 0)
+        return rc < 0 ? rc : -ESHUTDOWN;
+    for (;;) {
+        len = *addrlen;
+        fd = accept4(listen_fd, (struct sockaddr *)addr, &len, SOCK_CLOEXEC);
+        if (fd >= 0)
+            break;
+        if (errno != EAGAIN || epoll_fd < 0)
+            return -errno;
+        rc = epoll_wait(epoll_fd, &ev, 1, -1);
+        if (rc < 0)
+            return -errno;
+        if (rc == 1 && ev.data.fd != listen_fd)
+            return -EINTR;      /* the wake-up pipe: a signal came */
+    }
+    *addrlen = len;
+    rc = mps_busy(b, slot);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    if (rc == 1 && wake_fd >= 0) {
+        /* Non-blocking pipe: a full pipe already means "wake up". */
+        ssize_t ignored = write(wake_fd, "c", 1);
+        (void)ignored;
+    }
+    return fd;
 }
 
 /* Child, when it leaves on its own (connection budget spent, stop).  Locks. */

@@ -167,3 +167,15 @@ def test_sdist_installs_without_a_compiler_and_serves_on_python(
     r = bench(py, tmp_path, "serve", "--seconds", "0.1", **NO_CC)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "no working C compiler" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_c_core_is_built_where_a_compiler_exists():
+    # Without a compiler the install falls back to the Python backend (by
+    # design, tested above); with one, a C core that fails to build must not
+    # hide behind that fallback -- every C-backend test would then vanish.
+    from mps.scoreboard import c_available
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here: the Python backend is the expected one "
+                    "(apt-get install gcc to build the C core)")
+    assert c_available(), "a C compiler exists but mps._mpscore was not built: " \
+                          "see the pip install output for the compiler's error"

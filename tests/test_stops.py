@@ -6,6 +6,7 @@ the pool or killed the master before the fix.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import selectors
@@ -85,6 +86,7 @@ def test_term_on_a_shared_listener_leaves_it_to_the_next_master(start_master, ba
         # owner's blocking accept() waits for as long as it takes.
         assert backlog_of(listener) == 64
         assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == bytes(16)
+        assert not fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
         with socket.create_connection(listener.getsockname(), timeout=5) as client:
             client.sendall(b"after")
             conn, _ = listener.accept()

@@ -64,13 +64,6 @@ STALE_START_S = 5.0
 #: A booted child that dies this young without serving is a crash loop too:
 #: the master backs off before replacing it.
 YOUNG_S = 1.0
-#: Idle children wake from accept() this often (EAGAIN from SO_RCVTIMEO) to
-#: check whether the master is alive and whether they were told to leave: a
-#: SIGTERM that lands just before a child blocks in accept() sets its flag
-#: but does not interrupt the call.  Never re-send SIGTERM on a period close
-#: to this: Python retries an interrupted accept() (PEP 475) with a fresh
-#: timeout, so periodic signals would keep an idle child blocked forever.
-ACCEPT_TIMEOUT_S = 1
 #: How often a draining master looks at its listen queue.
 DRAIN_POLL_S = 0.02
 #: How often a master not yet ready (start, upgrade) looks for idle children.
@@ -157,7 +150,7 @@ class Arbiter:
                 if self.stopping in ("graceful", "fast") and not self.children \
                         and not (self.old and self.old.children):
                     return EXIT_OK
-                self.keep_wake_up_timer()
+                self.keep_nonblocking()
                 snap = self.audit()
                 self.murder(snap)
                 self.maintain(snap)
@@ -226,12 +219,12 @@ class Arbiter:
                             len(fds))
         self.listener = sockets.listen(address, s.backlog, s.reuse_port)
         if address.fd >= 0:     # shared with its owner: hand it back as it came
-            self.inherited = sockets.Inherited.of(self.listener, ACCEPT_TIMEOUT_S)
+            self.inherited = sockets.Inherited.of(self.listener)
         if address.family == socket.AF_UNIX:
             self.owned_paths.append(address.path)
-        # Idle children wake from accept() every second (EAGAIN) to notice a
-        # dead master or a lost retire signal.
-        sockets.set_receive_timeout(self.listener, ACCEPT_TIMEOUT_S)
+        # Children sleep in epoll between connections (EPOLLEXCLUSIVE: one
+        # woken per connection) and take it with a non-blocking accept.
+        self.listener.setblocking(False)
         if s.status_socket:
             self.status_sock = sockets.listen_unix_private(s.status_socket)
             self.owned_paths.append(s.status_socket)
@@ -244,8 +237,9 @@ class Arbiter:
         and its children on their own board, to be retired once ours serve."""
         self.listener = socket.socket(fileno=handoff.listener_fd)
         self.listener.set_inheritable(False)
-        if handoff.inherited_rcvtimeo is not None:
-            self.inherited = sockets.Inherited(bytes.fromhex(handoff.inherited_rcvtimeo))
+        if handoff.inherited_blocking is not None:
+            self.inherited = sockets.Inherited(handoff.inherited_blocking)
+        self.listener.setblocking(False)
         if handoff.status_fd >= 0:
             self.status_sock = socket.socket(fileno=handoff.status_fd)
             self.status_sock.set_inheritable(False)
@@ -408,13 +402,14 @@ class Arbiter:
             except Exception:
                 log.exception("child_exit hook failed")
 
-    def keep_wake_up_timer(self) -> None:
-        """A shared listener's timeout may be handed back to its owner by
-        another mps master that leaves before us: put ours back."""
+    def keep_nonblocking(self) -> None:
+        """A shared listener may be handed back blocking to its owner by
+        another mps master that leaves before us: make it ours again (a
+        blocking accept would keep an idle child from its signals)."""
         assert self.listener is not None
         if self.inherited is not None and not self.stopping and \
-                not sockets.has_receive_timeout(self.listener, ACCEPT_TIMEOUT_S):
-            sockets.set_receive_timeout(self.listener, ACCEPT_TIMEOUT_S)
+                not sockets.is_nonblocking(self.listener):
+            sockets.set_nonblocking(self.listener, True)
 
     def audit(self) -> Snapshot:
         """Check idle_counter == idle slots (repairing drift); the pass's snapshot.
@@ -478,10 +473,7 @@ class Arbiter:
                           "killing it", child.pid, child.slot, boot_timeout)
                 child.kill_at = now
                 continue
-            # A retired idle child may sit in accept() for up to ACCEPT_TIMEOUT_S
-            # before it notices: only an EXITING child older than that is stuck.
-            limit = timeout + (ACCEPT_TIMEOUT_S if slot.state == State.EXITING else 0)
-            if timeout <= 0 or slot.state not in (State.BUSY, State.EXITING) or age < limit:
+            if timeout <= 0 or slot.state not in (State.BUSY, State.EXITING) or age < timeout:
                 continue
             log.warning("child %d (slot %d) exceeded timeout (%gs) on one connection; killing it",
                         child.pid, child.slot, timeout)
@@ -842,7 +834,7 @@ class Arbiter:
             board=self.board.handoff(),
             children=[(c.pid, c.slot, c.generation) for c in self.children.values()],
             generation=self.generation, owned_paths=self.owned_paths,
-            inherited_rcvtimeo=self.inherited.rcvtimeo.hex() if self.inherited else None,
+            inherited_blocking=self.inherited.blocking if self.inherited else None,
             progress=self.progress.as_dict(), totals=self.totals.as_dict(),
             started_at_wall=time.time() - (time.monotonic() - self.started_at),
             bind_setting=self.settings.bind)

@@ -35,6 +35,7 @@ import logging
 import math
 import mmap
 import os
+import select
 import socket
 import struct
 import time
@@ -46,7 +47,7 @@ from enum import IntEnum
 from typing import Any
 
 from .errors import BackendError
-from .sockets import Peers, set_receive_timeout
+from .sockets import Peers
 
 try:
     from ._mpscore import ffi as _ffi, lib as _lib
@@ -138,6 +139,10 @@ class Scoreboard(ABC):
     #: The memfd holding the board (children inherit it through fork; an
     #: upgraded master through exec, see handoff()).
     memory_fd: int = -1
+    #: Child: where accept() sleeps (see set_waiter); None: accept() blocks
+    #: as the listener does.
+    waiter: select.epoll | None = None
+    _epoll_fd: int = -1
     #: Master: called with the lock holder's pid (0: unknown) each time a
     #: master-side call has waited lock_timeout for the lock.  The master
     #: decides: SIGKILL the holder (the retry then recovers the lock and
@@ -242,12 +247,32 @@ class Scoreboard(ABC):
         """Master, before it re-executes itself (an upgrade): make the board's
         descriptors survive exec and describe them for :func:`attach`."""
 
-    def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
-        """Child: block for a connection, mark busy, wake the master if needed."""
-        conn, addr = listener.accept()
-        # Accepted sockets inherit the listener's SO_RCVTIMEO (the idle
-        # children's periodic wake-up); the handler gets a plain socket.
-        set_receive_timeout(conn, 0)
+    def set_waiter(self, waiter: select.epoll) -> None:
+        """Child, after fork: its epoll set (the listener, EPOLLEXCLUSIVE, and
+        its signal wake-up pipe), where accept() sleeps while none is queued."""
+        self.waiter = waiter
+        self._epoll_fd = waiter.fileno()
+
+    def accept(self, slot: int, listener: socket.socket, idle_first: bool = False,
+               wait: bool = True) -> tuple[socket.socket, Any]:
+        """Child: the next connection, marked busy (the master woken if idle
+        children ran short).  ``idle_first``: the previous connection is done
+        -- OSError(ESHUTDOWN) when the master has retired the slot.  On a
+        non-blocking listener it sleeps in the waiter until a connection or a
+        signal (InterruptedError); ``wait=False`` or no waiter: BlockingIOError
+        when nothing is queued."""
+        if idle_first and self.idle(slot):
+            raise OSError(errno.ESHUTDOWN, "retired by the master")
+        while True:
+            try:
+                conn, addr = listener.accept()
+                break
+            except BlockingIOError:
+                if not wait or self.waiter is None:
+                    raise
+            for fd, _ in self.waiter.poll():
+                if fd != listener.fileno():
+                    raise InterruptedError(errno.EINTR, "a signal came")
         if self.busy(slot):
             wake(self.wake_fd)
         return conn, addr
@@ -338,16 +363,19 @@ class CScoreboard(Scoreboard):
     def done(self, slot: int) -> None:
         _check(_lib.mps_done(self._board, slot))
 
-    def accept(self, slot: int, listener: socket.socket) -> tuple[socket.socket, Any]:
-        # One C call: accept4() with the GIL released, then the busy transition
-        # and the wake-up write.  No Python objects until a connection exists.
+    def accept(self, slot: int, listener: socket.socket, idle_first: bool = False,
+               wait: bool = True) -> tuple[socket.socket, Any]:
+        # One C call per connection, with the GIL released: the previous
+        # connection's idle transition, accept4() (sleeping in epoll while
+        # none is queued), the busy transition and the wake-up write.  No
+        # Python objects until a connection exists.
         peers = self._peers
         if peers is None or peers.listener is not listener:
             peers = self._peers = Peers(listener)
             self._peer_buf = _ffi.from_buffer(peers.buf)
         self._addrlen[0] = _ADDR_MAX
-        fd = _lib.mps_accept_busy(self._board, slot, peers.fd, self.wake_fd,
-                                  self._peer_buf, self._addrlen)
+        fd = _lib.mps_accept_busy(self._board, slot, peers.fd, self._epoll_fd if wait else -1,
+                                  idle_first, self.wake_fd, self._peer_buf, self._addrlen)
         if fd < 0:
             raise OSError(-fd, os.strerror(-fd))
         return (socket.socket(peers.family, peers.type, peers.proto, fd),

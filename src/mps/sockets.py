@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -23,7 +24,6 @@ from .errors import BindError, SettingError
 # length in tcpi_unacked.
 _TCPI_UNACKED_OFFSET = 24
 _TCP_INFO_LEN = 104
-_TIMEVAL_LEN = struct.calcsize("ll")
 
 
 @dataclass(frozen=True)
@@ -280,28 +280,38 @@ def handshakes_in_progress(sock: socket.socket) -> int:
 
 @dataclass(frozen=True)
 class Inherited:
-    """What an inherited listener looked like when we got it, to hand it back
-    exactly so.  Its backlog and filters are never touched; its receive
-    timeout is borrowed for the idle children's wake-up (see
-    set_receive_timeout) and restored on exit."""
+    """How an inherited listener was when we got it, to hand it back so.
+    Its backlog and filters are never touched; it is made non-blocking while
+    we serve (the children sleep in epoll, see Scoreboard.accept) and given
+    back blocking as it came."""
 
-    rcvtimeo: bytes
+    blocking: bool
 
     @classmethod
-    def of(cls, sock: socket.socket, ours: float) -> Inherited:
-        """``ours``: the timeout mps itself sets.  Found already set, it is
-        another mps master's on the same socket (a hand-off in progress),
-        not the owner's: what we hand back then is no timeout."""
-        rcvtimeo = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL_LEN)
-        if rcvtimeo == _timeval(ours):
-            rcvtimeo = _timeval(0)
-        return cls(rcvtimeo)
+    def of(cls, sock: socket.socket) -> Inherited:
+        # Found non-blocking, it is another mps master's doing on the same
+        # socket (a hand-off in progress), not its owner's: systemd and
+        # servers that accept() hand listeners over blocking.
+        return cls(blocking=True)
 
     def restore(self, sock: socket.socket) -> None:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.rcvtimeo)
+            set_nonblocking(sock, not self.blocking)
         except OSError:
             pass    # closed under us: nothing left to hand back
+
+
+def set_nonblocking(sock: socket.socket, on: bool) -> None:
+    """O_NONBLOCK on the file description itself (shared with every process
+    that holds the socket), whatever the Python object believes."""
+    flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
+    wanted = flags | os.O_NONBLOCK if on else flags & ~os.O_NONBLOCK
+    if wanted != flags:
+        fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, wanted)
+
+
+def is_nonblocking(sock: socket.socket) -> bool:
+    return bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
 
 
 def queue_depth(sock: socket.socket) -> int:
@@ -313,22 +323,6 @@ def queue_depth(sock: socket.socket) -> int:
     except OSError:
         return 0
     return int(struct.unpack_from("I", info, _TCPI_UNACKED_OFFSET)[0])
-
-
-def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
-    """SO_RCVTIMEO (0 = none).  On a listener it bounds accept(); Linux copies
-    it into every accepted socket, which must then clear it again."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
-
-
-def has_receive_timeout(sock: socket.socket, seconds: float) -> bool:
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                           _TIMEVAL_LEN) == _timeval(seconds)
-
-
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def describe(sock: socket.socket) -> str:

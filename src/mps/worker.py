@@ -70,6 +70,7 @@ class Worker:
         self.master_pid = master_pid
         self.identity = identity    # (uid, gid) to switch to after fork, or None
         self.alive = True
+        self.wake_r = -1        # the signal wake-up pipe (see boot)
         #: The mask to restore once the child's own handlers are in place (the
         #: master blocks its signals across fork()); None: leave it as it is.
         self.signal_mask: set[int] | None = None
@@ -101,6 +102,16 @@ class Worker:
         if self.signal_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
+        # Between connections the child sleeps in epoll: the listener (one
+        # idle child woken per connection) and a pipe every handled signal
+        # writes a byte to -- a SIGTERM that lands before the wait is never
+        # lost, and nothing wakes an idle child for nothing.
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        waiter = select.epoll()
+        waiter.register(self.listener, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        waiter.register(self.wake_r, select.EPOLLIN)
+        self.board.set_waiter(waiter)
         if self.identity is not None:
             drop_privileges(*self.identity)
         # After any setuid(): the kernel clears the parent-death signal when a
@@ -121,15 +132,20 @@ class Worker:
     def serve(self) -> int:
         # Locals: this loop runs once per connection.
         board, listener, slot = self.board, self.listener, self.child.slot
-        accept, idle, handle = board.accept, board.idle, self.app.handler
+        accept, handle = board.accept, self.app.handler
         left = self.child.limit or -1      # connections before recycling; -1 = never
+        done = False        # a connection finished: the next accept marks us idle first
         while self.alive:
             try:
-                conn, addr = accept(slot, listener)
+                conn, addr = accept(slot, listener, done)
             except OSError as exc:
+                done = False    # the idle transition happened (or failed) in the call
+                if exc.errno == errno.ESHUTDOWN:
+                    break       # retired by the master; it counts the exit
                 if not self.accept_failed(exc):
                     break
                 continue
+            done = True
             try:
                 handle(conn, addr)
             except Exception:
@@ -140,8 +156,6 @@ class Worker:
             if not left:
                 log.info("served %d connections (max_requests); recycling", self.child.limit)
                 break
-            if idle(slot):
-                break           # retired by the master; it counts the exit
         if not self.alive:
             self.drain()
         board.done(slot)
@@ -153,14 +167,12 @@ class Worker:
         connection.  The master stops new connections entering the queue; the
         drain is bounded anyway (DRAIN_S), so a retired child under overload
         still leaves."""
-        poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
         deadline = time.monotonic() + DRAIN_S
-        while poller.poll(0) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             try:
-                conn, addr = self.board.accept(self.child.slot, self.listener)
+                conn, addr = self.board.accept(self.child.slot, self.listener, wait=False)
             except OSError:
-                return          # another child took it (EAGAIN after SO_RCVTIMEO)
+                return          # the queue is empty (or another child took it)
             try:        # the same per-connection policy as serve(), kept inline there
                 self.app.handler(conn, addr)
             except Exception:
@@ -171,8 +183,8 @@ class Worker:
     def accept_failed(self, exc: OSError) -> bool:
         """An accept() error: True to go on accepting, False to leave."""
         if exc.errno in _RETRY_ACCEPT:
-            # EAGAIN is the listener's 1 s SO_RCVTIMEO: a chance to notice
-            # that the master is gone even if PR_SET_PDEATHSIG raced us.
+            if exc.errno == errno.EINTR:
+                self.drain_wakeups()    # the signal's handler has run: alive is current
             if os.getppid() != self.master_pid:
                 self.alive = False
             return True
@@ -182,6 +194,13 @@ class Worker:
             return True
         log.error("accept failed: %s; this child exits", exc.strerror or exc)
         return False
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
 
     def handle_error(self, addr: object) -> None:
         """A handler raised: log where, and go on serving.
@@ -218,10 +237,10 @@ class ChildPool:
         self.worker = worker
         self.board = worker.board
         self.slot = worker.child.slot
-        # SIGTERM writes a byte here, so a handler parked on an idle
-        # connection (polling these fds beside it) wakes at once to leave.
-        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # SIGTERM writes a byte to the worker's wake-up pipe, so a handler
+        # parked on an idle connection (polling these fds beside it) wakes at
+        # once to leave.
+        self.wake_r = worker.wake_r
         self.listener = worker.listener.fileno()
         self.fds = (self.listener, self.wake_r)
         self.watch = select.poll()
