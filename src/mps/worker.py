@@ -102,16 +102,7 @@ class Worker:
         if self.signal_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
-        # Between connections the child sleeps in epoll: the listener (one
-        # idle child woken per connection) and a pipe every handled signal
-        # writes a byte to -- a SIGTERM that lands before the wait is never
-        # lost, and nothing wakes an idle child for nothing.
-        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        waiter = select.epoll()
-        waiter.register(self.listener, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        waiter.register(self.wake_r, select.EPOLLIN)
-        self.board.set_waiter(waiter)
+        self.make_waiter()
         if self.identity is not None:
             drop_privileges(*self.identity)
         # After any setuid(): the kernel clears the parent-death signal when a
@@ -195,7 +186,21 @@ class Worker:
         log.error("accept failed: %s; this child exits", exc.strerror or exc)
         return False
 
+    def make_waiter(self) -> None:
+        """Between connections the child sleeps in epoll: the listener (one
+        idle child woken per connection) and a pipe every handled signal
+        writes a byte to -- a SIGTERM that lands before the wait is never
+        lost, and nothing wakes an idle child for nothing."""
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        waiter = select.epoll()
+        waiter.register(self.listener, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        waiter.register(self.wake_r, select.EPOLLIN)
+        self.board.set_waiter(waiter)
+
     def drain_wakeups(self) -> None:
+        if self.wake_r < 0:
+            return      # --single: no pipe, the signal interrupted accept() itself
         try:
             while os.read(self.wake_r, 64):
                 pass
@@ -321,8 +326,10 @@ def run_single(settings: Settings, app: App) -> int:
     slot = board.reserve()
     board.started(slot, os.getpid())
     child = Child(pid=os.getpid(), slot=slot, generation=0, limit=0, born=time.monotonic())
+    listener.setblocking(False)     # as the master sets it for its children
     worker = Worker(app, board, listener, child, master_pid=os.getppid())
     signal.signal(signal.SIGTERM, worker._on_term)
+    worker.make_waiter()
     log.info("single-process debug mode: listening at %s in pid %d",
              sockets.describe(listener), os.getpid())
     try:
