@@ -69,6 +69,15 @@ def pid(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
 
 
 @validator
+def whoami(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Who served, and whom: "MASTER_PID CHILD_PID REMOTE_ADDR REMOTE_PORT"."""
+    body = ("%d %d %s %s" % (os.getppid(), os.getpid(), environ.get("REMOTE_ADDR", "-"),
+                             environ.get("REMOTE_PORT", "-"))).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+@validator
 def slow(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     """Sleep for ?s=SECONDS, then answer with the pid."""
     seconds = float(environ["QUERY_STRING"].partition("s=")[2] or 0)
