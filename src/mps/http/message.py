@@ -218,6 +218,8 @@ class Reader:
         if req.url == b"*" and req.method != b"OPTIONS":
             raise BadRequest()      # the asterisk-form is OPTIONS's alone (RFC 9112 3.2.4)
         req.version = "HTTP/" + version
+        if version == "1.1" and not req.host:
+            raise BadRequest()      # a 1.1 request without Host MUST get 400 (RFC 9112 3.2)
         if version == "1.0":
             req.expect_continue = False     # no 1xx to a 1.0 client (RFC 9110 10.1.1)
         req.keep_alive = parser.should_keep_alive()
