@@ -194,7 +194,7 @@ def test_bench_usage_error_is_one_line(bench: Bench, args: list[str], words: lis
 HTTP_ROW_KEYS = {"kind", "server", "shape", "rep", "requests", "requests_per_s", "errors",
                  "cpu_us_per_req", "p50_us", "p99_us", "connections", "retries", "unfinished",
                  "per_client", "min_per_client", "zero_clients", "max_gap_us", "uss_kib",
-                 "pss_kib", "workers"}
+                 "pss_kib", "uss_kib_fresh", "workers"}
 
 
 @needs_cc
@@ -217,6 +217,7 @@ def test_bench_http_mps_alone_json(bench: Bench) -> None:
         assert row["min_per_client"] == min(counts)
         assert row["zero_clients"] == counts.count(0)
         assert row["workers"] == 4 and 0 < row["uss_kib"] <= row["pss_kib"] * 4
+        assert row["uss_kib_fresh"] > 0
     close = next(row for row in rows if row["shape"] == "close")
     assert close["connections"] == close["requests"]    # one connection per request
     statuses = {(t["target"], t["shape"]): t["status"] for t in doc["targets"]}
@@ -243,7 +244,8 @@ def test_bench_http_report_and_a_missing_uwsgi_in_one_line(bench: Bench, tmp_pat
     for cells in rows:
         assert len(cells) == 5 and cells[-1].strip() in ("PASS", "MISS", "SKIP"), cells
     statuses = {cells[0].strip(): cells[-1].strip() for cells in rows}
-    assert statuses["mps USS per idle worker, MiB"] in ("PASS", "MISS")
+    assert statuses["mps USS per idle worker after the load, MiB"] in ("PASS", "MISS")
+    assert statuses["mps USS per idle worker freshly started, MiB"] in ("PASS", "MISS")
 
 
 # --------------------------------------------------------------- the load generator's HTTP modes
