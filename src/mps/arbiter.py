@@ -410,6 +410,10 @@ class Arbiter:
         if self.inherited is not None and not self.stopping and \
                 not sockets.is_nonblocking(self.listener):
             sockets.set_nonblocking(self.listener, True)
+            # A child that entered accept() meanwhile sleeps in a blocking
+            # one, deaf to its wake-up pipe: a handled signal gets it out.
+            for child in self.children.values():
+                self.kill(child, signal.SIGWINCH)
 
     def audit(self) -> Snapshot:
         """Check idle_counter == idle slots (repairing drift); the pass's snapshot.

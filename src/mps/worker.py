@@ -29,6 +29,7 @@ from .pool import Alone
 from .config import Settings
 from .scoreboard import Scoreboard
 from .signals import reset_in_child
+from .sockets import set_nonblocking
 
 log = logging.getLogger("mps")
 
@@ -99,6 +100,9 @@ class Worker:
         reset_in_child()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGABRT, self._on_timeout)
+        # The master's poke (see Arbiter.keep_nonblocking): only to interrupt
+        # an accept() caught on a listener another master made blocking.
+        signal.signal(signal.SIGWINCH, _poked)
         if self.signal_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
@@ -159,6 +163,7 @@ class Worker:
         drain is bounded anyway (DRAIN_S), so a retired child under overload
         still leaves."""
         deadline = time.monotonic() + DRAIN_S
+        set_nonblocking(self.listener, True)    # (see accept_failed)
         while time.monotonic() < deadline:
             try:
                 conn, addr = self.board.accept(self.child.slot, self.listener, wait=False)
@@ -176,6 +181,9 @@ class Worker:
         if exc.errno in _RETRY_ACCEPT:
             if exc.errno == errno.EINTR:
                 self.drain_wakeups()    # the signal's handler has run: alive is current
+                # A shared listener may have been handed back blocking by
+                # another master leaving: never sleep in a blocking accept.
+                set_nonblocking(self.listener, True)
             if os.getppid() != self.master_pid:
                 self.alive = False
             return True
@@ -279,6 +287,10 @@ class ChildPool:
 
     def begin_request(self, line: bytes) -> None:
         self.board.begin_request(self.slot, line)
+
+
+def _poked(signum: int, frame: FrameType | None) -> None:
+    pass    # its byte in the wake-up pipe (and EINTR) is the point
 
 
 def drop_privileges(uid: int, gid: int) -> None:
