@@ -324,7 +324,7 @@ def test_server_wsgi_run_as_a_script(tmp_path: Path) -> None:
 
 def test_flask_app(start_master: Callable[..., Master]) -> None:
     """A real Flask app, unmodified, through a factory spelling."""
-    m = start_master(wsgi="wsgi_apps:flask_app()", **POOL, env=STRICT_ENV)
+    m = start_master(wsgi="wsgi_apps:flask_app()", **POOL, max_body=10_000, env=STRICT_ENV)
     m.wait_ready()
     with requests.Session() as s:
         r = s.get(url(m, "/hello/wörld"), timeout=10)
@@ -338,6 +338,11 @@ def test_flask_app(start_master: Callable[..., Master]) -> None:
         assert r.status_code == 500 and "on purpose" not in r.text
         r = s.get(url(m, "/nowhere"), timeout=10)
         assert r.status_code == 404
+    # A chunked body past max_body is found while Flask reads it, and Flask
+    # turns every exception into its own 500: the client still learns 413.
+    r = requests.post(url(m, "/json"), data=iter([b"[" + b"1," * 6000, b"1]"]),
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413
     log_has(m, "flask view failure on purpose")
 
 

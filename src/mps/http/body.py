@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from .message import Reader, Request
+from .message import HTTPError, Reader, Request
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Most unread body bytes read and thrown away to keep a connection alive.
@@ -31,6 +31,9 @@ class Input:
         self._expecting = request.expect_continue     # a 100 Continue is owed
         self._withheld = False      # the final response began first: no 100 ever
         self._started = 0.0
+        #: Bad input met while reading (413, 408, 400), kept in case the app
+        #: swallows it (a framework's catch-all): the response says it anyway.
+        self.failed: HTTPError | None = None
 
     # What the reader still holds for us, then more from the socket.
     def _more(self) -> bytes:
@@ -46,7 +49,11 @@ class Input:
                 self._started = time.monotonic()
             deadline = self._started + limits.body_timeout + req.body_size / limits.body_min_rate
             while not req.body and not req.complete:
-                self._reader.read_body(req, deadline)
+                try:
+                    self._reader.read_body(req, deadline)
+                except HTTPError as exc:
+                    self.failed = exc
+                    raise
             if not req.body:
                 return b""
         return req.body.popleft()

@@ -245,6 +245,10 @@ class Response:
         req = self.request
         if self.status is None:
             raise AssertionError("the app returned without calling start_response")
+        if self.input.failed is not None:
+            # The app caught the bad input its body read raised (Flask turns
+            # any exception into its own 500): the client gets its status.
+            raise self.input.failed
         if not self.input.response_begins():
             self.keep = False       # the body is not read and will not be: say so
         lines = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n"]
