@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import math
 import logging
 import os
 import random
@@ -225,6 +226,15 @@ class Arbiter:
         # Children sleep in epoll between connections (EPOLLEXCLUSIVE: one
         # woken per connection) and take it with a non-blocking accept.
         self.listener.setblocking(False)
+        wait = getattr(self.app.handler, "client_speaks_first", 0.0)
+        if wait and self.inherited is None and \
+                self.listener.family in (socket.AF_INET, socket.AF_INET6):
+            # The client speaks first (HTTP, PROXY): the kernel holds a new
+            # connection until its first bytes arrive, so a child is woken
+            # with a request to read, and a client that sends nothing waits
+            # in the kernel, not in a child.
+            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                                     max(1, math.ceil(wait)))
         if s.status_socket:
             self.status_sock = sockets.listen_unix_private(s.status_socket)
             self.owned_paths.append(s.status_socket)

@@ -62,6 +62,8 @@ class Proxied:
         bind = getattr(inner, "bind", None)
         if bind is not None:            # keep the inner handler's pool seam (HTTP)
             self.bind = bind
+        # The PROXY header comes first, whatever the protocol behind it.
+        self.client_speaks_first = getattr(inner, "client_speaks_first", 0.0) or 3.0
 
     def __call__(self, conn: socket.socket, addr: Any) -> None:
         real = accept_proxied(conn, addr, self.allowed)

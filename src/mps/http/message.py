@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -158,6 +159,7 @@ class Reader:
         self.serving: Request | None = None     # handed to the app, body maybe arriving
         self.eof = False
         self.upgraded = False
+        self.timed = False      # SO_RCVTIMEO set for turnaround()
         #: The first head's clock starts when the connection does: a client
         #: that connects and sends nothing (or only CRLFs, which begin no
         #: message) holds its child no longer than one that trickles.
@@ -267,9 +269,12 @@ class Reader:
                     raise ClientGone()      # half a head, then EOF: nobody to answer
                 return None
             if self.parsing is None and not first:
-                if not self.wait_for_request(idle_deadline, turnaround):
+                if turnaround:
+                    turnaround = False
+                    if self.turnaround():
+                        continue    # the next request came at once: read and fed
+                if not self.wait_for_request(idle_deadline):
                     return None
-                turnaround = False
             self.fill(self.head_deadline())
         self.serving = self.ready.popleft()
         return self.serving
@@ -286,19 +291,32 @@ class Reader:
         started = self.head_started()
         return (time.monotonic() if started is None else started) + self.limits.header_timeout
 
-    def wait_for_request(self, deadline: float, turnaround: bool) -> bool:
-        """Between requests on a kept-alive connection, before the next
-        one's first byte: parked until ``deadline`` (keepalive_timeout), and
-        let go when the pool needs its child or it is leaving -- after
-        TURNAROUND_S (``turnaround``: right after a response), at once
-        later.  False: end the connection quietly."""
+    def turnaround(self) -> bool:
+        """Right after a response: the client's next request, read with one
+        blocking recv bounded by TURNAROUND_S (SO_RCVTIMEO, set once per
+        connection) -- no poll per request on a busy keep-alive connection.
+        True when bytes came (or the client closed); False: nothing within
+        TURNAROUND_S, the connection is idle."""
+        if not self.timed:
+            self.timed = True
+            seconds, micros = divmod(round(TURNAROUND_S * 1e6), 1_000_000)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 struct.pack("ll", seconds, micros))
+        try:
+            n = self.sock.recv_into(self.buf)
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, TimeoutError):
+            raise ClientGone() from None
+        self.take(n)
+        return True
+
+    def wait_for_request(self, deadline: float) -> bool:
+        """Between requests on a kept-alive connection, idle (past
+        turnaround()), before the next one's first byte: parked until
+        ``deadline`` (keepalive_timeout), and let go at once when the pool
+        needs its child or it is leaving.  False: end the connection quietly."""
         fd = self.sock.fileno()
-        if turnaround:
-            alone = select.poll()
-            alone.register(fd, select.POLLIN)
-            wait = min(TURNAROUND_S, deadline - time.monotonic())
-            if alone.poll(max(wait, 0.0) * 1000):
-                return True
         watch = self.pool.fds
         quiet_until = 0.0
         poller = select.poll()
@@ -325,7 +343,10 @@ class Reader:
 
     def fill(self, deadline: float) -> None:
         """Read once (waiting until ``deadline``) and parse what came."""
-        n = self.recv(deadline)
+        self.take(self.recv(deadline))
+
+    def take(self, n: int) -> None:
+        """Parse the ``n`` bytes just read into the buffer (0: end of stream)."""
         if n == 0:
             self.eof = True
             return

@@ -53,6 +53,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
 _STATUS = re.compile(r"[1-9][0-9][0-9] [^\r\n\0]*\Z")
 _NO_BODY = {204, 304}
+#: Most (status, headers) combinations and built heads remembered per child.
+_HEADS_MAX = 256
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "te", "trailers", "transfer-encoding", "upgrade"})
 
@@ -194,10 +196,13 @@ class Response:
     """One response: ``start_response``, ``write``, and its framing."""
 
     __slots__ = ("conn", "request", "input", "clock", "keep", "status", "code", "headers",
-                 "head_sent", "chunked", "length", "sent", "body_allowed", "close_delimited")
+                 "head_sent", "chunked", "length", "sent", "body_allowed", "close_delimited",
+                 "heads")
 
     def __init__(self, conn: socket.socket, request: Request, body: Input, clock: Clock,
-                 keep: bool) -> None:
+                 keep: bool, heads: dict[Any, Any] | None = None) -> None:
+        #: The handler's memo of checked (status, headers) and built heads.
+        self.heads: dict[Any, Any] = {} if heads is None else heads
         self.conn = conn
         self.request = request
         self.input = body
@@ -223,6 +228,28 @@ class Response:
                 exc_info = None     # no cycle through the traceback
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
+        try:
+            # Apps send the same few (status, headers) again and again: once
+            # checked, a combination is known good (the strings are compared,
+            # not just their identity, so nothing unchecked slips through).
+            key = (status, *headers)
+            known = key in self.heads
+        except TypeError:       # an unhashable header: the checks below say why
+            key, known = None, False
+        if not known:
+            self.check(status, headers)
+            if key is not None:
+                if len(self.heads) >= _HEADS_MAX:
+                    self.heads.clear()
+                self.heads[key] = None
+        self.status = status
+        self.code = int(status[:3])
+        self.headers = headers
+        return self.write
+
+    @staticmethod
+    def check(status: str, headers: list[tuple[str, str]]) -> None:
+        """What start_response must refuse: HeaderError names it."""
         if not isinstance(status, str) or not _STATUS.match(status):
             raise HeaderError(f"bad status line {status!r}")
         if not isinstance(headers, list):
@@ -235,10 +262,6 @@ class Response:
             if not _TOKEN.match(name) or _BAD_VALUE.search(value):
                 raise HeaderError(f"header {name!r} has a character that cannot be sent "
                                   "(CR, LF, NUL, or a name that is not a token)")
-        self.status = status
-        self.code = int(status[:3])
-        self.headers = headers
-        return self.write
 
     def head(self, known_length: int) -> bytes:
         """The status line and headers, with the framing decided here."""
@@ -251,6 +274,23 @@ class Response:
             raise self.input.failed
         if not self.input.response_begins():
             self.keep = False       # the body is not read and will not be: say so
+        key = ("head", self.status, *self.headers, known_length, req.method == b"HEAD",
+               req.version, self.keep)
+        built = self.heads.get(key)
+        if built is None:
+            built = self.build_head(known_length)
+            if len(self.heads) >= _HEADS_MAX:
+                self.heads.clear()
+            self.heads[key] = built
+        (before, dated, after, self.length, self.keep, self.chunked, self.close_delimited,
+         self.body_allowed) = built
+        return before + self.clock.date() + after if dated else before + after
+
+    def build_head(self, known_length: int) -> tuple[bytes, bool, bytes, int, bool, bool, bool,
+                                                     bool]:
+        """The head's bytes around the Date line, and the framing it decided."""
+        req = self.request
+        assert self.status is not None
         lines = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n"]
         date = server = True        # ours, unless the app gave its own
         for name, value in self.headers:
@@ -289,12 +329,10 @@ class Response:
             lines.append(b"Connection: close\r\n")
         elif req.version == "HTTP/1.0":
             lines.append(b"Connection: keep-alive\r\n")
-        if date:
-            lines.append(self.clock.date())
-        if server:
-            lines += [b"Server: ", SERVER, b"\r\n"]
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        before = b"".join(lines)
+        after = (b"Server: " + SERVER + b"\r\n\r\n") if server else b"\r\n"
+        return (before, date, after, self.length, self.keep, self.chunked,
+                self.close_delimited, self.body_allowed)
 
     def write(self, data: bytes) -> None:
         """The ``write()`` of start_response, and every chunk of the iterable."""
@@ -381,6 +419,10 @@ class Response:
 class WSGIHandler:
     """Serves a WSGI app on each connection the worker hands it."""
 
+    #: HTTP clients speak first: the master may hold a connection in the
+    #: kernel until its request arrives (TCP_DEFER_ACCEPT), for this long.
+    client_speaks_first: float = 0.0
+
     def __init__(self, app: WSGIApp, options: Options | None = None) -> None:
         self.app = app
         self.options = options or Options()
@@ -388,6 +430,7 @@ class WSGIHandler:
         self.trusted = Trusted(self.options.forwarded_allow_ips)
         self.pool: PoolView = Alone()
         self.clock = Clock()
+        self.heads: dict[Any, Any] = {}     # see Response.start_response and head
         self.errors = ErrorStream()
         self.buf = memoryview(bytearray(65536))
         self.keys: dict[bytes, str] = {}
@@ -416,7 +459,9 @@ class WSGIHandler:
             keepalive_requests=settings.keepalive_requests if settings.keepalive_timeout else 1,
             forwarded_allow_ips=tuple(settings.forwarded_allow_ips.split(",")),
             access_log=settings.access_log, access_log_format=settings.access_log_format)
-        return cls(app, options)
+        handler = cls(app, options)
+        handler.client_speaks_first = settings.header_timeout
+        return handler
 
     def bind(self, pool: PoolView) -> None:
         """In the child, once, before it serves: the pool seam, the access log."""
@@ -449,13 +494,17 @@ class WSGIHandler:
             self.refuse(conn, addr, exc)
         except ClientGone:
             pass
+        finally:
+            # The parser holds the reader's bound callbacks and the reader the
+            # parser: a cycle per connection that only the collector would free.
+            reader.parser = None    # type: ignore[assignment]
 
     def respond(self, conn: socket.socket, addr: Any, reader: Reader, req: Request,
                 keep: bool) -> bool:
         """Run the app for one request; True when the connection goes on."""
         started = time.monotonic()
         body = Input(reader, req, lambda data: send_all(conn, data))
-        resp = Response(conn, req, body, self.clock, keep)
+        resp = Response(conn, req, body, self.clock, keep, self.heads)
         environ = self.environ(req, addr, body)
         # The access log shows the request as it came, not as the app left
         # the environ (a mount moves PATH_INFO to SCRIPT_NAME, ProxyFix
@@ -481,7 +530,7 @@ class WSGIHandler:
             log.exception("app failed on %s", printable(req.line().decode("latin-1")))
             if resp.head_sent:
                 return False            # half a response: only closing can tell
-            resp = Response(conn, req, body, self.clock, False)
+            resp = Response(conn, req, body, self.clock, False, self.heads)
             resp.start_response("500 Internal Server Error",
                                 [("Content-Type", "text/plain"), ("Content-Length", "26")])
             resp.write(b"500 Internal Server Error\n")
