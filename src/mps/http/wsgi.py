@@ -33,7 +33,8 @@ from ..logs import printable
 from ..pool import Alone, PoolView
 from . import accesslog
 from .body import Input
-from .message import ClientGone, HTTPError, Limits, Reader, Request
+from .message import (SEND_TIMEOUT_S, ClientGone, HTTPError, Limits, Reader, Request,
+                      send_all)
 
 log = logging.getLogger("mps")
 
@@ -45,8 +46,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 #: requests are not each a new connection, short enough that a client
 #: waiting in the listen queue gets a child within a few slices.
 KEEPALIVE_SLICE_S = 0.1
-#: Longest one response write may wait for a client that does not read.
-SEND_TIMEOUT_S = 30.0
 SERVER = b"mps"
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -163,33 +162,6 @@ class FileWrapper:
             return fd
         except (AttributeError, OSError, ValueError):
             return None
-
-
-def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
-    """Send everything, never blocking longer than SEND_TIMEOUT_S on a
-    client that does not read (ClientGone then, as for a reset)."""
-    try:
-        sent = sock.send(data, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        sent = 0
-    except OSError:
-        raise ClientGone() from None
-    if sent == len(data):
-        return
-    view = memoryview(data)[sent:]
-    deadline = time.monotonic() + SEND_TIMEOUT_S
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while view:
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
-            raise ClientGone()
-        try:
-            view = view[sock.send(view, socket.MSG_DONTWAIT):]
-        except BlockingIOError:
-            continue
-        except OSError:
-            raise ClientGone() from None
 
 
 class Response:
@@ -503,7 +475,7 @@ class WSGIHandler:
                 keep: bool) -> bool:
         """Run the app for one request; True when the connection goes on."""
         started = time.monotonic()
-        body = Input(reader, req, lambda data: send_all(conn, data))
+        body = Input(reader, req, reader.send_interim)
         resp = Response(conn, req, body, self.clock, keep, self.heads)
         environ = self.environ(req, addr, body)
         # The access log shows the request as it came, not as the app left
