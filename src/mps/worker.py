@@ -274,16 +274,9 @@ class ChildPool:
             if fd == self.listener:
                 queued = True
             else:
-                self.drain_wakeups()
+                self.worker.drain_wakeups()
         # While a child is idle, it takes the waiting connection itself.
         return queued and self.board.idle_count() <= 0
-
-    def drain_wakeups(self) -> None:
-        try:
-            while os.read(self.wake_r, 64):
-                pass
-        except BlockingIOError:
-            pass
 
     def begin_request(self, line: bytes) -> None:
         self.board.begin_request(self.slot, line)

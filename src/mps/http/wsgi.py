@@ -15,7 +15,6 @@ response is written (so a closing response says ``Connection: close``):
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from urllib.parse import unquote_to_bytes
 
 from ..logs import printable
 from ..pool import Alone, PoolView
+from ..proxy import Allowed
 from . import accesslog
 from .body import Input
 from .message import (SEND_TIMEOUT_S, ClientGone, HTTPError, Limits, Reader, Request,
@@ -86,32 +86,6 @@ class Clock:
             self.second = now
             self.header = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
         return self.header
-
-
-class Trusted:
-    """``forwarded_allow_ips``: addresses and networks whose X-Forwarded-*
-    headers are believed; ``*`` trusts everyone."""
-
-    def __init__(self, spec: Sequence[str]) -> None:
-        self.anyone = "*" in spec
-        self.networks = [ipaddress.ip_network(s.strip(), strict=False)
-                         for s in spec if s.strip() and s.strip() != "*"]
-        self.cache: dict[str, bool] = {}
-
-    def __contains__(self, host: str) -> bool:
-        if self.anyone:
-            return True
-        known = self.cache.get(host)
-        if known is None:
-            try:
-                addr = ipaddress.ip_address(host)
-                known = any(addr in net for net in self.networks)
-            except ValueError:
-                known = False
-            if len(self.cache) > 1024:
-                self.cache.clear()
-            self.cache[host] = known
-        return known
 
 
 class ErrorStream:
@@ -399,7 +373,7 @@ class WSGIHandler:
         self.app = app
         self.options = options or Options()
         self.limits = self.options.limits
-        self.trusted = Trusted(self.options.forwarded_allow_ips)
+        self.trusted = Allowed(",".join(self.options.forwarded_allow_ips))
         self.pool: PoolView = Alone()
         self.clock = Clock()
         self.heads: dict[Any, Any] = {}     # see Response.start_response and head
