@@ -26,6 +26,8 @@ FLAGS = {
     "serve": ["--clients", "--seconds", "--reps", "--kinds", "--json"],
     "http": ["--clients", "--seconds", "--reps", "--servers", "--shapes", "--uwsgi", "--json"],
     "spike": ["--clients", "--backend", "--plot", "--settings", "--json"],
+    "scale": ["--sizes", "--reps", "--status-every", "--idle-seconds", "--load-clients",
+              "--load-seconds", "--plot", "--json"],
 }
 HAVE_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
                or shutil.which("clang"))
@@ -173,9 +175,73 @@ def test_bench_spike_accepts_the_whole_burst(bench: Bench) -> None:
     assert len(doc["accepted_at_s"]) == 8
 
 
+@needs_cc
+def test_bench_serve_reports_the_ratio_to_py_naive_and_the_targets(bench: Bench) -> None:
+    r = bench("serve", "--clients", "2", "--seconds", "0.2", "--reps", "1",
+              "--kinds", "mps-python,py-naive,c-ref")
+    assert r.returncode == 0, r.stderr
+    assert "CPU ratio to py-naive" in r.stdout and "conn/s ratio to py-naive" in r.stdout
+    table = r.stdout[r.stdout.index("### targets"):].splitlines()
+    rows = [line.split("|")[1:-1] for line in table if line.startswith("| ")][1:]
+    assert [cells[0].strip() for cells in rows] == [
+        "CPU per connection mps-c / py-naive", "connections/s mps-c / c-ref"]
+    # mps-c did not run: its targets are skipped, not invented.
+    assert all(cells[-1].strip() == "SKIP" for cells in rows), rows
+
+
+SCALE_KEYS = {"size", "rep", "startup", "memory", "idle", "master", "load", "spike"}
+
+
+@needs_cc
+@pytest.mark.skipif(not c_available(), reason="mps bench scale runs the C backend")
+def test_bench_scale_tiny_json_and_report(bench: Bench, tmp_path: Path) -> None:
+    plots = tmp_path / "plots"
+    r = bench("scale", "--sizes", "4,8", "--idle-seconds", "0.5", "--load-clients", "4",
+              "--load-seconds", "0.3", "--json", "--plot", str(plots), timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"results", "naive", "targets", "settings", "machine"}
+    assert doc["settings"]["sizes"] == [4, 8]
+    assert [row["size"] for row in doc["results"]] == [4, 8]
+    for row in doc["results"]:
+        n = row["size"]
+        assert SCALE_KEYS <= set(row), SCALE_KEYS - set(row)
+        polls = [s["poll"] for s in row["startup"]]
+        assert polls == ["status", "board"], polls
+        for s in row["startup"]:
+            assert 0 < s["first_child_s"] <= s["all_forked_s"] <= s["all_idle_s"]
+            counts = [c for _, c, _ in s["series"]]
+            assert max(counts) == n and counts == sorted(counts)    # forks only, no exits
+        assert row["memory"]["children"] == n
+        assert 0 < row["memory"]["uss_kib_min"] <= row["memory"]["uss_kib"] \
+            <= row["memory"]["uss_kib_max"]
+        assert row["memory"]["child_private_by_mapping_kib"]
+        assert row["idle"]["children"] == n and row["idle"]["children_gone"] == 0
+        assert row["idle"]["total_pct"] >= row["idle"]["master_pct"] >= 0
+        master = row["master"]
+        assert len(master["status_latency_ms"]) == 10
+        assert master["c_only"]["snapshot_ns"]["count"] == 2000
+        if master["lock_watch"] is not None:    # glibc: the master's holds were seen
+            assert master["lock_watch"]["master_holds_ns"]["count"] > 0
+        load = row["load"]
+        assert load["conns"] > 0 and load["errors"] == 0 and load["cpu_us_per_conn"] > 0
+        assert load["lock_wait_ns"]["count"] > 0
+        spike = row["spike"]
+        assert spike["accepted"] == n and spike["all_accepted_s"] > 0
+        assert spike["children_at_burst"] < spike["children_peak"] == n
+    assert doc["naive"]["py-naive"]["uss_kib"] > 0 and doc["naive"]["py-minimal"]["uss_kib"] > 0
+    statuses = {(t["target"], t["size"]): t["status"] for t in doc["targets"]}
+    assert len(statuses) == 4 * 2 and set(statuses.values()) <= {"PASS", "MISS", "SKIP"}
+    assert sorted(p.name for p in plots.glob("*.png")) == [
+        "scale-idle-cpu.png", "scale-load.png", "scale-memory.png", "scale-spike.png",
+        "scale-startup.png"] or "no plots" in r.stderr
+
+
 @pytest.mark.parametrize("args, words", [
-    (["nonsense"], ["locks", "serve", "http", "spike"]),
-    ([], ["locks", "serve", "http", "spike"]),
+    (["nonsense"], ["locks", "serve", "http", "spike", "scale"]),
+    ([], ["locks", "serve", "http", "spike", "scale"]),
+    (["scale", "--sizes", "0"], ["--sizes"]),
+    (["scale", "--status-every", "0.1,x"], ["--status-every"]),
     (["locks", "--procs", "0"], ["--procs"]),
     (["locks", "--seconds", "nan"], ["--seconds"]),
     (["serve", "--kinds", "c-ref,apache"], ["--kinds", "apache"]),

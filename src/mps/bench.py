@@ -5,6 +5,9 @@
     mps bench http [--clients 16] [--seconds S] [--reps N] [--servers mps,gunicorn,uwsgi]
                    [--shapes close,keepalive] [--uwsgi PATH] [--json]
     mps bench spike [--clients 64] [--backend B] [--plot FILE] [--settings ...] [--json]
+    mps bench scale [--sizes 64,256,1024] [--reps N] [--status-every S,...]
+                    [--idle-seconds S] [--load-clients N] [--load-seconds S] [--plot DIR]
+                    [--json]
 
 The C programs they use (an epoll load generator, a C prefork echo reference,
 the scoreboard's C-only loop) ship inside the package, in ``mps/_bench/``,
@@ -27,6 +30,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
 import platform
 import selectors
@@ -35,6 +39,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,8 +61,9 @@ SERVER_KINDS = ("c-ref", "mps-c", "mps-python", "py-naive")
 
 SOURCES = Path(__file__).resolve().parent / "_bench"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Wno-unused-function")
-LIBS: dict[str, tuple[str, ...]] = {"loadgen": (), "ref_prefork": (), "lockbench": ("-lpthread",)}
-NEEDS_CORE = {"lockbench"}          # #includes _mpscore.c
+LIBS: dict[str, tuple[str, ...]] = {"loadgen": (), "ref_prefork": (), "lockbench": ("-lpthread",),
+                                    "lockwatch": ("-lpthread",)}
+NEEDS_CORE = {"lockbench", "lockwatch"}         # #include _mpscore.c
 
 
 class CannotBuild(MpsError):
@@ -345,12 +351,15 @@ def tree_cpu(pid: int) -> float:
 
 
 def naive_prefork(sock: socket.socket, children: int = 4) -> None:
-    """A Python prefork with no scoreboard at all: accept, echo, close.
+    """A Python prefork with no scoreboard at all: ``conn, addr =
+    sock.accept()``, mps's own echo handler, ``conn.close()``.
 
-    The context row of `mps bench serve`: what Python itself costs per
-    connection, so the framework's own share can be read off.
+    The floor of `mps bench serve` (issue 11): what Python itself costs per
+    connection with the same handler, so the framework's own share can be
+    read off; and of `mps bench scale`'s memory per idle child.
     """
     from .daemon import die_with_parent
+    from .examples import echo
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)     # sigwait() needs them blocked
     pids = []
@@ -361,8 +370,8 @@ def naive_prefork(sock: socket.socket, children: int = 4) -> None:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
                 die_with_parent(signal.SIGKILL)
                 while True:
-                    conn, _ = sock.accept()
-                    conn.sendall(b"%d: %s" % (os.getpid(), conn.recv(128)))
+                    conn, addr = sock.accept()
+                    echo(conn, addr)
                     conn.close()
             finally:
                 os._exit(0)
@@ -375,15 +384,15 @@ def naive_prefork(sock: socket.socket, children: int = 4) -> None:
 
 
 @contextmanager
-def launched(command: Callable[[int], list[str]],
-             stderr: IO[bytes] | None = None) -> Iterator[tuple[int, int]]:
+def launched(command: Callable[[int], list[str]], stderr: IO[bytes] | None = None,
+             backlog: int = 1024) -> Iterator[tuple[int, int]]:
     """Run ``command(fd)`` in a session of its own, handing it a socket that
     listens on 127.0.0.1 (a free port); yield (port, pid); end it by its pid
     and its process group, whatever happens meanwhile."""
     sock = socket.socket()
     try:
         sock.bind(("127.0.0.1", 0))
-        sock.listen(1024)
+        sock.listen(backlog)
         port = sock.getsockname()[1]
         fd = sock.fileno()
         proc = subprocess.Popen(command(fd), pass_fds=[fd], stdin=subprocess.DEVNULL,
@@ -491,37 +500,72 @@ def bench_serve(args: argparse.Namespace) -> int:
                           f"p99 {result['p99_us']:>6} us  cpu {result['cpu_us_per_conn']:6.1f} "
                           f"us/conn  errors {result['errors']}", flush=True)
     if args.json:
-        print(json.dumps({"results": rows, "machine": machine()}))
+        print(json.dumps({"results": rows, "targets": serve_targets(rows, args.clients),
+                          "machine": machine()}))
         return 0
     print(serve_report(rows, kinds, args.clients))
     return 0
 
 
+def serve_ratios(rows: list[dict[str, Any]], clients: int, kind: str, ref: str,
+                 key: str) -> list[float]:
+    """kind/ref of ``key`` within each rep at ``clients`` clients."""
+    by = {(r["kind"], r["rep"]): r for r in rows if r["clients"] == clients}
+    return [by[kind, rep][key] / by[ref, rep][key] for (k, rep) in sorted(by)
+            if k == kind and (ref, rep) in by and by[ref, rep][key] > 0]
+
+
+#: Issue 11's targets for `mps bench serve`: (label, kind, reference, key, op, goal).
+SERVE_TARGETS = (
+    ("CPU per connection mps-c / py-naive", "mps-c", "py-naive", "cpu_us_per_conn", "<=", 1.0),
+    ("connections/s mps-c / c-ref", "mps-c", "c-ref", "conns_per_s", ">=", 0.95),
+)
+
+
+def serve_targets(rows: list[dict[str, Any]], clients_list: list[int]) -> list[dict[str, Any]]:
+    """Each target at each client count: the median over reps of a same-rep ratio."""
+    targets = []
+    for clients in clients_list:
+        for label, kind, ref, key, op, goal in SERVE_TARGETS:
+            values = serve_ratios(rows, clients, kind, ref, key)
+            measured = statistics.median(values) if values else None
+            targets.append({"target": label, "clients": clients, "measured": measured,
+                            "reps": len(values), "op": op, "goal": goal,
+                            "status": verdict(measured, op, goal)})
+    return targets
+
+
 def serve_report(rows: list[dict[str, Any]], kinds: list[str], clients_list: list[int]) -> str:
-    """Markdown tables: min / median / max over reps, and per-rep ratios to c-ref."""
+    """Markdown tables: min / median / max over reps, per-rep ratios to c-ref
+    and to py-naive, and issue 11's targets."""
     lines = []
     for clients in clients_list:
         lines += [f"\n### {clients} concurrent clients (min / median / max over reps)\n",
                   "| server | conn/s | p50 µs | p99 µs | CPU µs/conn | CPU ratio to c-ref "
-                  "| conn/s ratio to c-ref | errors |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| conn/s ratio to c-ref | CPU ratio to py-naive | conn/s ratio to py-naive "
+                  "| errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         mine = [r for r in rows if r["clients"] == clients]
-        ref = {r["rep"]: r for r in mine if r["kind"] == "c-ref"}
         for kind in kinds:
             rs = [r for r in mine if r["kind"] == kind]
             if not rs:
                 continue
-            cpu_ratio = [r["cpu_us_per_conn"] / ref[r["rep"]]["cpu_us_per_conn"]
-                         for r in rs if r["rep"] in ref]
-            cps_ratio = [r["conns_per_s"] / ref[r["rep"]]["conns_per_s"]
-                         for r in rs if r["rep"] in ref]
+            cells = []
+            for ref in ("c-ref", "py-naive"):
+                for key in ("cpu_us_per_conn", "conns_per_s"):
+                    values = serve_ratios(rows, clients, kind, ref, key)
+                    cells.append(summary(values) if values else "-")
             lines.append(
                 f"| {kind} | {summary([r['conns_per_s'] for r in rs])} "
                 f"| {summary([r['p50_us'] for r in rs])} | {summary([r['p99_us'] for r in rs])} "
-                f"| {summary([r['cpu_us_per_conn'] for r in rs])} "
-                f"| {summary(cpu_ratio) if cpu_ratio else '-'} "
-                f"| {summary(cps_ratio) if cps_ratio else '-'} "
-                f"| {sum(r['errors'] for r in rs)} |")
+                f"| {summary([r['cpu_us_per_conn'] for r in rs])} | " + " | ".join(cells)
+                + f" | {sum(r['errors'] for r in rs)} |")
+    lines += ["\n### targets (issue 11; medians of same-rep ratios)\n",
+              "| target | clients | reps | measured | goal | |", "|---|---|---|---|---|---|"]
+    for t in serve_targets(rows, clients_list):
+        measured = "-" if t["measured"] is None else f"{t['measured']:.3f}"
+        lines.append(f"| {t['target']} | {t['clients']} | {t['reps']} | {measured} "
+                     f"| {t['op']} {t['goal']:.2f} | {t['status']} |")
     return "\n".join(lines)
 
 
@@ -676,15 +720,19 @@ def smaps_rollup(pid: int) -> tuple[int, int]:
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
 
 
-def worker_memory(master: int) -> list[tuple[int, int]]:
-    """(USS, PSS) in KiB of each child of the server's first process."""
+def children_of(pid: int) -> list[int]:
+    """The pids of pid's live children, from /proc ([] once it is gone)."""
     try:
-        with open(f"/proc/{master}/task/{master}/children") as f:
-            kids = [int(x) for x in f.read().split()]
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
     except OSError:
         return []
+
+
+def worker_memory(master: int) -> list[tuple[int, int]]:
+    """(USS, PSS) in KiB of each child of the server's first process."""
     memory = []
-    for kid in kids:
+    for kid in children_of(master):
         try:
             memory.append(smaps_rollup(kid))
         except (OSError, KeyError, ValueError):
@@ -825,7 +873,8 @@ def http_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def verdict(measured: float | None, op: str, goal: float) -> str:
     if measured is None:
         return "SKIP"
-    return "PASS" if (measured >= goal if op == ">=" else measured <= goal) else "MISS"
+    met = {">=": measured >= goal, "<=": measured <= goal, "<": measured < goal}[op]
+    return "PASS" if met else "MISS"
 
 
 def num(value: float) -> str:
@@ -909,13 +958,6 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
 
 # --------------------------------------------------------------- spike
 
-def hold(conn: socket.socket, addr: Any) -> None:
-    """Spike handler: say hello at once, then hold the child until released."""
-    conn.sendall(b"!")
-    while conn.recv(64):
-        pass
-
-
 def sample_children(master: int, stop: threading.Event, out: list[tuple[float, int]],
                     t0: Callable[[], float]) -> None:
     """Children over time, read from /proc: asking the master's status socket
@@ -964,7 +1006,7 @@ def bench_spike(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         status_path = os.path.join(tmp, "status.sock")
         extra = ["--log-level", "warning", *args.settings.split()]
-        with server(f"mps-{args.backend}", extra, app="mps.bench:hold",
+        with server(f"mps-{args.backend}", extra, app="mps.examples:hold",
                     status=status_path) as (port, master):
             wait_pool(status_path)
             samples: list[tuple[float, int]] = []
@@ -1044,6 +1086,815 @@ def plot_spike(result: dict[str, Any], path: str) -> None:
     print(f"plot written to {path}")
 
 
+# --------------------------------------------------------------- scale
+
+SCALE_SIZES = [64, 256, 1024]
+ECHO_APP, HOLD_APP = "mps.examples:echo", "mps.examples:hold"
+#: The C core's board as _mpscore.c lays it out (struct mps_board): magic and
+#: version (uint32 each), size (size_t), then struct mps_head's int64 nslots
+#: and idle.  A map checks magic, version and nslots before it is trusted.
+BOARD_MAGIC, BOARD_VERSION, BOARD_NSLOTS_AT, BOARD_IDLE_AT = 0x3153504D, 3, 16, 24
+#: How often the bench's own sampler reads /proc and the board.
+SAMPLE_S = 0.002
+#: Longest a pool may take to come up, or a spike to be accepted.
+SCALE_TIMEOUT_S = 120.0
+#: After start-up, before the pool is measured: the master's start-up polls
+#: (every 20 ms until ready) are over, and every child sleeps.
+SETTLE_S = 1.0
+#: The master's costs: status queries, and loop passes forced by SIGCHLD.
+STATUS_QUERIES, STATUS_GAP_S, PASSES, PASS_GAP_S = 10, 0.05, 50, 0.01
+#: One lock sample (take, release) every this many µs under the echo load.
+LOCK_SAMPLE_US = 500
+
+
+def runtime_ns(pid: int) -> int | None:
+    """CPU time (user+sys) of pid in ns, from /proc/PID/schedstat: the
+    scheduler's own count.  /proc/PID/stat's 10 ms ticks are too coarse for
+    a thousand processes that each use next to nothing."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def board_path(master: int) -> str | None:
+    """/proc/PID/fd/N of the master's scoreboard memfd, or None (not yet)."""
+    try:
+        fds = os.listdir(f"/proc/{master}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{master}/fd/{fd}").startswith("/memfd:mps-scoreboard"):
+                return f"/proc/{master}/fd/{fd}"
+        except OSError:
+            continue
+    return None
+
+
+class BoardView:
+    """A live server's scoreboard mapped read-only: the bench reads the idle
+    counter without asking the master, so watching costs the master nothing
+    (a status query at 1024 slots costs it milliseconds)."""
+
+    def __init__(self, path: str, nslots: int) -> None:
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        magic, version = struct.unpack_from("<II", self.map, 0)
+        found = struct.unpack_from("<q", self.map, BOARD_NSLOTS_AT)[0]
+        if magic != BOARD_MAGIC or version != BOARD_VERSION or found != nslots:
+            self.map.close()
+            raise MpsError(f"{path} is not a version {BOARD_VERSION} scoreboard of {nslots} "
+                           f"slots (magic {magic:#x}, version {version}, {found} slots): "
+                           "mps bench and the C core disagree")
+
+    @classmethod
+    def find(cls, master: int, nslots: int) -> BoardView | None:
+        path = board_path(master)
+        if path is None:
+            return None
+        try:
+            return cls(path, nslots)
+        except (OSError, ValueError):
+            return None     # being created: not sized yet (or the master left)
+
+    def idle(self) -> int:
+        return int(struct.unpack_from("<q", self.map, BOARD_IDLE_AT)[0])
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class PoolWatch:
+    """Children (from /proc) and idle children (from the board) every
+    SAMPLE_S, in a thread of the bench, as (seconds since t0, children, idle)."""
+
+    def __init__(self, master: int, nslots: int, t0: float) -> None:
+        self.master, self.nslots, self.t0 = master, nslots, t0
+        self.series: list[tuple[float, int, int]] = []
+        self.master_ns: list[int] = []      # the master's CPU at each point of the series
+        self.board: BoardView | None = None
+        self.error: MpsError | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def __enter__(self) -> PoolWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.board is not None:
+            self.board.close()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.board is None:
+                try:
+                    self.board = BoardView.find(self.master, self.nslots)
+                except MpsError as exc:
+                    self.error = exc
+                    return
+            idle = self.board.idle() if self.board is not None else 0
+            cpu = runtime_ns(self.master) or (self.master_ns[-1] if self.master_ns else 0)
+            self.series.append((time.perf_counter() - self.t0, len(children_of(self.master)),
+                                idle))
+            self.master_ns.append(cpu)
+            time.sleep(SAMPLE_S)
+
+    def latest(self) -> tuple[float, int, int]:
+        if self.error is not None:
+            raise self.error
+        return self.series[-1] if self.series else (0.0, 0, 0)
+
+    def first(self, children: int = 0, idle: int = 0) -> float | None:
+        """When the pool first had at least `children` children and `idle` idle."""
+        return next((t for t, c, i in self.series if c >= children and i >= idle), None)
+
+    def master_busy(self, start: float, end: float) -> tuple[float, float]:
+        """(the master's CPU seconds, wall seconds) from `start` to `end`."""
+        points = [(t, cpu) for (t, _, _), cpu in zip(self.series, self.master_ns)
+                  if start <= t <= end]
+        if len(points) < 2:
+            return 0.0, 0.0
+        return (points[-1][1] - points[0][1]) / 1e9, points[-1][0] - points[0][0]
+
+    def changes(self, since: float = 0.0) -> list[tuple[float, int, int]]:
+        """The series from `since` on, where something changed (kept for plots)."""
+        out: list[tuple[float, int, int]] = []
+        for point in self.series:
+            if point[0] >= since and (not out or point[1:] != out[-1][1:]):
+                out.append((round(point[0], 4), point[1], point[2]))
+        return out
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    """What one `mps bench scale` run measures, and how."""
+
+    sizes: tuple[int, ...]
+    reps: int
+    status_every: tuple[float, ...]
+    idle_seconds: float
+    load_clients: int
+    load_seconds: float
+    workdir: Path
+    loadgen: str
+    lockwatch: str
+
+
+@dataclass(frozen=True)
+class ScaleServer:
+    port: int
+    master: int
+    status: str
+    log: Path
+
+
+def small_spare(n: int) -> int:
+    """min_spare of a pool measured idle: small, so that nothing forks meanwhile."""
+    return max(1, n // 32)
+
+
+@contextmanager
+def scale_server(run: ScaleRun, name: str, n: int, start: int, min_spare: int,
+                 app: str) -> Iterator[ScaleServer]:
+    """`mps serve APP` (C backend) with max_children n, start_servers start,
+    max_spare n, no recycling, its log in the run's directory."""
+    status = str(run.workdir / f"{name}.sock")
+    log_path = run.workdir / f"{name}.log"
+    flags = ["--start-servers", str(start), "--min-spare", str(min_spare),
+             "--max-spare", str(n), "--max-children", str(n), "--max-requests", "0",
+             "--backlog", str(max(1024, 2 * n)), "--log-level", "warning",
+             "--status-socket", status]
+    backlog = max(1024, 2 * n)
+    with open(log_path, "wb") as log, launched(
+            lambda fd: [sys.executable, "-m", "mps", "serve", app, "--bind", f"fd://{fd}",
+                        "--backend", "c", *flags], stderr=log, backlog=backlog) as (port, pid):
+        yield ScaleServer(port, pid, status, log_path)
+
+
+def server_failed(srv: ScaleServer, what: str) -> MpsError:
+    tail = srv.log.read_text(errors="replace").strip().splitlines()[-3:]
+    why = "exited" if exited(srv.master) else what
+    return MpsError(f"mps serve (max_children from the run) {why}; its last log lines: "
+                    + (" | ".join(tail) or "(none)"))
+
+
+def measure_startup(srv: ScaleServer, n: int, t0: float, every: float | None) -> dict[str, Any]:
+    """From launch to n children idle, watched from /proc and the board; the
+    run ends when the board says so (every None) or when a status query,
+    made every `every` s, does."""
+    queries = 0
+    with PoolWatch(srv.master, n, t0) as watch:
+        deadline = time.monotonic() + SCALE_TIMEOUT_S
+        while True:
+            if every is None:
+                done = watch.latest()[2] >= n
+            else:
+                try:
+                    queries += 1
+                    done = status_query(srv.status, 5.0)["children"]["idle"] >= n
+                except MpsError:
+                    done = False
+            if done:
+                break
+            if time.monotonic() > deadline or exited(srv.master):
+                raise server_failed(srv, f"did not start {n} children within "
+                                         f"{SCALE_TIMEOUT_S:.0f} s")
+            time.sleep(0.01 if every is None else every)
+        seen = time.perf_counter() - t0
+        # A status answer can come before the sampler's next look at the board.
+        settle = time.monotonic() + 1.0
+        while watch.latest()[2] < n and time.monotonic() < settle:
+            time.sleep(SAMPLE_S)
+        boot_ns = [runtime_ns(kid) for kid in children_of(srv.master)]
+    first, forked, idle = watch.first(children=1), watch.first(children=n), watch.first(idle=n)
+    span = forked - first if forked is not None and first is not None else 0.0
+    cpu, wall = watch.master_busy(first or 0.0, forked or 0.0)
+    booted = [ns for ns in boot_ns if ns is not None]
+    return {"poll": "board" if every is None else "status", "every_s": every,
+            "ready_seen_s": round(seen, 4), "status_queries": queries,
+            "first_child_s": first, "all_forked_s": forked, "all_idle_s": idle,
+            "forks_per_s": round((n - 1) / span, 1) if n > 1 and span > 0 else None,
+            "master_ms_per_fork": 1000 * cpu / (n - 1) if n > 1 and cpu else None,
+            "master_busy": cpu / wall if wall else None,
+            "child_boot_ms": statistics.median(booted) / 1e6 if booted else None,
+            "series": watch.changes()}
+
+
+def status_query(path: str, timeout: float) -> dict[str, Any]:
+    from .status import query
+    return query(path, timeout=timeout)
+
+
+def smaps_breakdown(pid: int, top: int = 8) -> list[tuple[str, int]]:
+    """pid's private memory (Private_Clean + Private_Dirty, KiB) by mapping
+    name -- a file's base name, [heap], [stack], or [anon] -- largest first."""
+    totals: dict[str, int] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and not head[0].endswith(":"):     # a mapping's first line
+                name = os.path.basename(head[5].strip()) if len(head) > 5 else "[anon]"
+                name = name or "[anon]"
+            elif head[0] in ("Private_Clean:", "Private_Dirty:"):
+                totals[name] = totals.get(name, 0) + int(head[1])
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def pool_memory(master: int) -> dict[str, Any]:
+    """USS and PSS of every child (KiB), the median child's private memory by
+    mapping, and the master's RSS and USS."""
+    rows = []
+    for kid in children_of(master):
+        try:
+            rows.append((kid, *smaps_rollup(kid)))
+        except (OSError, KeyError, ValueError):
+            pass        # gone meanwhile
+    if not rows:
+        raise MpsError("no child to measure")
+    rows.sort(key=lambda r: r[1])
+    median_pid = rows[len(rows) // 2][0]
+    try:
+        breakdown = smaps_breakdown(median_pid)
+    except OSError:
+        breakdown = []
+    with open(f"/proc/{master}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return {"children": len(rows),
+            "uss_kib": statistics.median(r[1] for r in rows),
+            "uss_kib_min": rows[0][1], "uss_kib_max": rows[-1][1],
+            "pss_kib": statistics.median(r[2] for r in rows),
+            "child_private_by_mapping_kib": breakdown,
+            "master_rss_kib": rss, "master_uss_kib": smaps_rollup(master)[0]}
+
+
+#: The smallest Python prefork: a master that imports only os, socket and
+#: signal.  Its children's USS is what forking CPython itself costs.
+MINIMAL_PREFORK = """\
+import os, signal, socket
+sock = socket.socket(fileno={fd})
+for _ in range({children}):
+    if os.fork() == 0:
+        while True:
+            conn, addr = sock.accept()
+            conn.sendall(b"%d: %s" % (os.getpid(), conn.recv(128)))
+            conn.close()
+while True:
+    signal.pause()
+"""
+
+
+def naive_memory(children: int = 8) -> dict[str, Any]:
+    """USS and PSS of an idle child of two floors: py-naive (naive_prefork,
+    whose master has imported mps, as `bench serve` runs it) and a minimal
+    Python prefork (a master that imports nothing else)."""
+    commands: dict[str, Callable[[int], list[str]]] = {
+        "py-naive": lambda fd: [sys.executable, "-c", "import socket; from mps.bench import "
+                                f"naive_prefork; naive_prefork(socket.socket(fileno={fd}), "
+                                f"{children})"],
+        "py-minimal": lambda fd: [sys.executable, "-c",
+                                  MINIMAL_PREFORK.format(fd=fd, children=children)]}
+    out = {}
+    for name, command in commands.items():
+        with launched(command) as (port, pid):
+            wait_serving(port)
+            time.sleep(0.3)     # every child in accept(); at most one has served
+            memory = worker_memory(pid)
+        if not memory:
+            raise MpsError(f"{name} had no child to measure")
+        out[name] = {"children": len(memory), "uss_kib": statistics.median(m[0] for m in memory),
+                     "pss_kib": statistics.median(m[1] for m in memory)}
+    return out
+
+
+def idle_cpu(master: int, seconds: float) -> dict[str, Any]:
+    """CPU (user+sys, ns) of the master and its children over `seconds` of idleness."""
+    pids = [master, *children_of(master)]
+    before = {pid: runtime_ns(pid) for pid in pids}
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    after = {pid: runtime_ns(pid) for pid in pids}
+    deltas = {pid: after[pid] - before[pid]                         # type: ignore[operator]
+              for pid in pids if before[pid] is not None and after[pid] is not None}
+    master_ns = deltas.get(master, 0)
+    kids = [d for pid, d in deltas.items() if pid != master]
+    return {"seconds": round(elapsed, 3), "children": len(pids) - 1,
+            "children_gone": len(pids) - len(deltas),
+            "master_ns": master_ns, "children_ns": sum(kids),
+            "children_woken": sum(1 for d in kids if d > 0),
+            "master_pct": 100 * master_ns / (elapsed * 1e9),
+            "children_pct": 100 * sum(kids) / (elapsed * 1e9),
+            "total_pct": 100 * (master_ns + sum(kids)) / (elapsed * 1e9)}
+
+
+def lockwatch_json(cmd: list[str], timeout: float) -> dict[str, Any]:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise MpsError(f"lockwatch failed: {out.stderr.strip()[-200:]}")
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def master_costs(run: ScaleRun, srv: ScaleServer, n: int, idle_ns_per_s: float,
+                 board: str) -> dict[str, Any]:
+    """The master's CPU per status query and per loop pass (forced by
+    SIGCHLD), its idle rate subtracted; status query latency; every lock
+    hold seen meanwhile (lockwatch watch); and the C-only hold of its two
+    whole-board calls at this size (lockwatch hold)."""
+    c_only = lockwatch_json([run.lockwatch, "hold", str(n), "2000"], 60)
+    watch = subprocess.Popen([run.lockwatch, "watch", board, str(srv.master), "60"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.1)     # spinning before the first query
+        latency = []
+        c0, t0 = runtime_ns(srv.master), time.perf_counter()
+        for _ in range(STATUS_QUERIES):
+            q0 = time.perf_counter()
+            status_query(srv.status, 10.0)
+            latency.append(time.perf_counter() - q0)
+            time.sleep(STATUS_GAP_S)
+        c1, t1 = runtime_ns(srv.master), time.perf_counter()
+        for _ in range(PASSES):
+            os.kill(srv.master, signal.SIGCHLD)     # a pass: reap finds nothing
+            time.sleep(PASS_GAP_S)
+        c2, t2 = runtime_ns(srv.master), time.perf_counter()
+    finally:
+        watch.terminate()
+        out, err = watch.communicate(timeout=30)
+    if c0 is None or c1 is None or c2 is None:
+        raise server_failed(srv, "left during the status queries")
+    holds: dict[str, Any] = json.loads(out) if watch.returncode == 0 else {}
+    return {
+        "status_latency_ms": [round(x * 1000, 3) for x in latency],
+        "status_cpu_ms": (c1 - c0 - idle_ns_per_s * (t1 - t0)) / STATUS_QUERIES / 1e6,
+        "pass_cpu_ms": (c2 - c1 - idle_ns_per_s * (t2 - t1)) / PASSES / 1e6,
+        "lock_watch": holds or None,
+        "lock_watch_error": None if holds else err.strip()[-200:],
+        "c_only": c_only}
+
+
+def load_cost(run: ScaleRun, srv: ScaleServer, board: str) -> dict[str, Any]:
+    """An echo load of run.load_clients clients: CPU per connection of the
+    whole server (schedstat of every process), and how long a transition
+    waits for the scoreboard lock meanwhile (lockwatch sample)."""
+    load(srv.port, run.load_clients, min(0.3, run.load_seconds))    # warm up
+    pids = [srv.master, *children_of(srv.master)]
+    before = {pid: runtime_ns(pid) or 0 for pid in pids}
+    sampler = subprocess.Popen([run.lockwatch, "sample", board, str(run.load_seconds),
+                                str(LOCK_SAMPLE_US)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        result = load(srv.port, run.load_clients, run.load_seconds)
+    finally:
+        out, err = sampler.communicate(timeout=run.load_seconds + 30)
+    pids = list(dict.fromkeys(pids + children_of(srv.master)))
+    cpu_ns = sum((runtime_ns(pid) or before.get(pid, 0)) - before.get(pid, 0) for pid in pids)
+    if sampler.returncode != 0:
+        raise MpsError(f"lockwatch sample failed: {err.strip()[-200:]}")
+    waits = json.loads(out)["wait_ns"]
+    return {"clients": run.load_clients, "conns": result["conns"],
+            "conns_per_s": result["conns_per_s"], "errors": result["errors"],
+            "p50_us": result["p50_us"], "p99_us": result["p99_us"],
+            "cpu_us_per_conn": cpu_ns / 1e3 / max(1, result["conns"]), "lock_wait_ns": waits}
+
+
+def measure_spike(run: ScaleRun, n: int, rep: int) -> dict[str, Any]:
+    """n held connections at once against a pool of n/4 (min_spare n/8,
+    max_children n): time until all are accepted, children over time."""
+    start, min_spare = max(1, n // 4), max(1, n // 8)
+    with scale_server(run, f"spike-{n}-{rep}", n, start, min_spare, HOLD_APP) as srv:
+        t0 = time.perf_counter()
+        with PoolWatch(srv.master, n, t0) as watch:
+            deadline = time.monotonic() + SCALE_TIMEOUT_S
+            while watch.latest()[2] < start:
+                if time.monotonic() > deadline or exited(srv.master):
+                    raise server_failed(srv, f"did not start {start} children")
+                time.sleep(0.01)
+            time.sleep(0.2)     # a baseline before the burst
+            t_burst = time.perf_counter() - t0
+            at_burst = watch.latest()[1]
+            before = {kid: runtime_ns(kid) for kid in children_of(srv.master)}
+            accepted, socks = burst(srv.port, n, timeout=SCALE_TIMEOUT_S)
+            time.sleep(0.1)     # and the pool after it
+        # The new children's CPU so far: boot, one accept, one send.
+        new = [runtime_ns(kid) for kid in children_of(srv.master) if kid not in before]
+        for s in socks:
+            s.close()
+    accepted.sort()
+    series = [(round(t - t_burst, 4), c, i) for t, c, i in watch.changes(since=t_burst - 0.02)]
+    peak = max((c for _, c, _ in series), default=at_burst)
+    grew = [t for t, c, _ in series if c > at_burst]
+    full = next((t for t, c, _ in series if c >= peak), None)
+    forks = peak - at_burst
+    span = full - grew[0] if grew and full is not None else 0.0
+    cpu, wall = watch.master_busy(t_burst + grew[0], t_burst + full) if grew and full else \
+        (0.0, 0.0)
+    done = accepted[-1] if len(accepted) == n else None
+    booted = [ns for ns in new if ns is not None]
+    return {"clients": n, "start_servers": start, "min_spare": min_spare,
+            "children_at_burst": at_burst, "children_peak": peak, "forks": forks,
+            "accepted": len(accepted), "all_accepted_s": done,
+            "first_fork_s": grew[0] if grew else None, "last_fork_s": full if grew else None,
+            "forks_per_s": round((forks - 1) / span, 1) if forks > 1 and span > 0 else None,
+            "forks_per_s_overall": round(forks / done, 1) if forks and done else None,
+            "master_ms_per_fork": 1000 * cpu / (forks - 1) if forks > 1 and cpu else None,
+            "master_busy": cpu / wall if wall else None,
+            "new_child_cpu_ms": statistics.median(booted) / 1e6 if booted else None,
+            "accepted_at_s": [round(t, 4) for t in accepted], "series": series}
+
+
+def scale_size(run: ScaleRun, n: int, rep: int) -> dict[str, Any]:
+    """Every measurement at max_children n, in the order that needs fewest
+    server starts: start-up with status polling (one server per interval);
+    start-up watched only, then memory, idle CPU, the master's costs and
+    the echo load on that same pool; the spike on a pool of its own."""
+    row: dict[str, Any] = {"size": n, "rep": rep, "startup": []}
+    for every in run.status_every:
+        t0 = time.perf_counter()
+        with scale_server(run, f"startup-{n}-{rep}-{every}", n, n, small_spare(n),
+                          ECHO_APP) as srv:
+            row["startup"].append(measure_startup(srv, n, t0, every))
+    t0 = time.perf_counter()
+    with scale_server(run, f"pool-{n}-{rep}", n, n, small_spare(n), ECHO_APP) as srv:
+        row["startup"].append(measure_startup(srv, n, t0, None))
+        time.sleep(SETTLE_S)
+        row["memory"] = pool_memory(srv.master)
+        row["idle"] = idle_cpu(srv.master, run.idle_seconds)
+        board = board_path(srv.master)
+        if board is None:
+            raise server_failed(srv, "has no scoreboard memfd")
+        rate = row["idle"]["master_ns"] / row["idle"]["seconds"]
+        row["master"] = master_costs(run, srv, n, rate, board)
+        row["load"] = load_cost(run, srv, board)
+        time.sleep(0.3)     # the children back to idle
+        after = pool_memory(srv.master)
+        row["memory"]["uss_kib_after_load"] = after["uss_kib"]
+        row["memory"]["master_rss_kib_after_load"] = after["master_rss_kib"]
+    row["spike"] = measure_spike(run, n, rep)
+    return row
+
+
+def bench_scale(args: argparse.Namespace) -> int:
+    if not c_available():
+        raise UsageError("mps bench scale runs the C backend, which is not built here")
+    programs = {}
+    for name in ("loadgen", "lockwatch"):
+        try:
+            programs[name] = build(name)
+        except CannotBuild as exc:
+            raise CannotBuild(f"mps bench scale cannot build its {name} program: {exc}") \
+                from None
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mps-bench-scale-") as tmp:
+        run = ScaleRun(sizes=tuple(args.sizes), reps=args.reps,
+                       status_every=tuple(args.status_every), idle_seconds=args.idle_seconds,
+                       load_clients=args.load_clients, load_seconds=args.load_seconds,
+                       workdir=Path(tmp), loadgen=programs["loadgen"],
+                       lockwatch=programs["lockwatch"])
+        naive = naive_memory()
+        for rep in range(run.reps):
+            for n in run.sizes:
+                row = scale_size(run, n, rep)
+                rows.append(row)
+                if not args.json:
+                    print(scale_progress(row), flush=True)
+    settings = {"sizes": list(run.sizes), "reps": run.reps,
+                "status_every_s": list(run.status_every), "idle_seconds": run.idle_seconds,
+                "load_clients": run.load_clients, "load_seconds": run.load_seconds}
+    targets = scale_targets(rows)
+    if args.json:
+        print(json.dumps({"results": rows, "naive": naive, "targets": targets,
+                          "settings": settings, "machine": machine()}))
+    else:
+        print(scale_report(rows, naive, run))
+        print(scale_targets_table(targets))
+    if args.plot:
+        plot_scale(rows, args.plot)
+    return 0
+
+
+def at_size(rows: list[dict[str, Any]], n: int, get: Callable[[dict[str, Any]], Any]) -> Any:
+    """The median over reps at size n of get(row), None values left out (None if none)."""
+    values = [v for v in (get(r) for r in rows if r["size"] == n) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def startup_of(row: dict[str, Any], every: float | None) -> dict[str, Any]:
+    return next(s for s in row["startup"] if s["every_s"] == every)
+
+
+def lock_max_us(row: dict[str, Any], who: str = "master_holds_ns", stat: str = "max") -> Any:
+    watch = row["master"]["lock_watch"]
+    value = watch[who][stat] if watch else None
+    return None if value is None else value / 1000
+
+
+def scale_progress(row: dict[str, Any]) -> str:
+    board = startup_of(row, None)
+    spike, mem, idle = row["spike"], row["memory"], row["idle"]
+    done = "never" if spike["all_accepted_s"] is None else f"{spike['all_accepted_s']:.3f} s"
+    return (f"  size={row['size']} rep={row['rep']} start-up {board['all_idle_s'] or 0:.3f} s "
+            f"({board['forks_per_s'] or 0:.0f} forks/s)  spike: all accepted {done}, "
+            f"{spike['forks_per_s'] or 0:.0f} forks/s  USS {mem['uss_kib'] / MIB:.2f} MiB  "
+            f"idle {idle['total_pct']:.4f} %  status {row['master']['status_cpu_ms']:.2f} ms "
+            f"CPU  load {row['load']['cpu_us_per_conn']:.1f} us/conn")
+
+
+def pick(*keys: str) -> Callable[[dict[str, Any]], Any]:
+    """A getter of row[k1][k2]...: pick("idle", "total_pct")."""
+    def get(row: dict[str, Any]) -> Any:
+        value: Any = row
+        for key in keys:
+            value = value[key]
+        return value
+    return get
+
+
+def fmt(value: Any, spec: str = ".3g", scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def scale_report(rows: list[dict[str, Any]], naive: dict[str, Any], run: ScaleRun) -> str:
+    """Markdown: one table per measurement, a row per size (medians over reps)."""
+    sizes = run.sizes
+    lines = [f"\n### pool start-up: start_servers = max_children = N (median of {run.reps})\n",
+             "| N | watched (board, /proc): all idle, s | forks/s | master CPU ms per fork "
+             "| master busy | child's boot CPU, ms | " + " | ".join(
+                 f"status every {e:g} s: all idle, s | seen by status, s | forks/s"
+                 for e in run.status_every) + " |",
+             "|---|---|---|---|---|---|" + "---|---|---|" * len(run.status_every)]
+    for n in sizes:
+        def watched(key: str) -> Callable[[dict[str, Any]], Any]:
+            return lambda r: startup_of(r, None)[key]
+        cells = [fmt(at_size(rows, n, watched("all_idle_s"))),
+                 fmt(at_size(rows, n, watched("forks_per_s")), ".0f"),
+                 fmt(at_size(rows, n, watched("master_ms_per_fork"))),
+                 fmt(at_size(rows, n, watched("master_busy")), ".0%"),
+                 fmt(at_size(rows, n, watched("child_boot_ms")))]
+        for e in run.status_every:
+            def polled(key: str, e: float = e) -> Callable[[dict[str, Any]], Any]:
+                return lambda r: startup_of(r, e)[key]
+            cells += [fmt(at_size(rows, n, polled("all_idle_s"))),
+                      fmt(at_size(rows, n, polled("ready_seen_s"))),
+                      fmt(at_size(rows, n, polled("forks_per_s")), ".0f")]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+
+    lines += ["\n### spike: N held connections against a pool of N/4 (min_spare N/8)\n",
+              "| N | children at the burst | all N accepted, s | forks | forks/s while forking "
+              "| forks/s over the whole spike | master CPU ms per fork | master busy "
+              "| a new child's CPU, ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        specs = (("children_at_burst", ".0f"), ("all_accepted_s", ".3g"), ("forks", ".0f"),
+                 ("forks_per_s", ".0f"), ("forks_per_s_overall", ".0f"),
+                 ("master_ms_per_fork", ".3g"), ("master_busy", ".0%"),
+                 ("new_child_cpu_ms", ".3g"))
+        lines.append(f"| {n} | " + " | ".join(fmt(at_size(rows, n, pick("spike", key)), spec)
+                                              for key, spec in specs) + " |")
+
+    lines += ["\n### memory per idle echo child (smaps_rollup; median over children)\n",
+              "| N | USS MiB (min–max) | PSS MiB | USS MiB after the load | master RSS MiB "
+              "| master USS MiB |", "|---|---|---|---|---|---|"]
+    for n in sizes:
+        m = [lambda r, k=k: r["memory"][k] for k in
+             ("uss_kib", "uss_kib_min", "uss_kib_max", "pss_kib", "uss_kib_after_load",
+              "master_rss_kib", "master_uss_kib")]
+        v = [at_size(rows, n, g) for g in m]
+        lines.append(f"| {n} | {fmt(v[0], '.2f', 1 / MIB)} ({fmt(v[1], '.2f', 1 / MIB)}–"
+                     f"{fmt(v[2], '.2f', 1 / MIB)}) | {fmt(v[3], '.2f', 1 / MIB)} "
+                     f"| {fmt(v[4], '.2f', 1 / MIB)} | {fmt(v[5], '.1f', 1 / MIB)} "
+                     f"| {fmt(v[6], '.1f', 1 / MIB)} |")
+    for name, what in (("py-naive", "naive_prefork, its master has imported mps"),
+                       ("py-minimal", "a master that imports only os, socket, signal")):
+        floor = naive[name]
+        lines.append(f"| {name} ({what}; {floor['children']} children) "
+                     f"| {floor['uss_kib'] / MIB:.2f} | {floor['pss_kib'] / MIB:.2f} | | | |")
+    last = [r for r in rows if r["size"] == sizes[-1]][-1]
+    lines.append(f"\nprivate memory of the median idle child at N = {sizes[-1]}, by mapping "
+                 "(KiB): " + ", ".join(f"{name} {kib}" for name, kib in
+                                      last["memory"]["child_private_by_mapping_kib"]))
+
+    lines += [f"\n### idle: N idle children for {run.idle_seconds:g} s, user+sys from "
+              "/proc/PID/schedstat\n",
+              "| N | master, % of one core | children | total | children woken at all |",
+              "|---|---|---|---|---|"]
+    for n in sizes:
+        i = [lambda r, k=k: r["idle"][k] for k in
+             ("master_pct", "children_pct", "total_pct", "children_woken")]
+        lines.append(f"| {n} | {fmt(at_size(rows, n, i[0]), '.4f')} "
+                     f"| {fmt(at_size(rows, n, i[1]), '.4f')} "
+                     f"| {fmt(at_size(rows, n, i[2]), '.4f')} "
+                     f"| {fmt(at_size(rows, n, i[3]), '.0f')} |")
+
+    lines += ["\n### the master's costs, and the scoreboard lock (N idle children)\n",
+              "| N | status query latency, ms | master CPU per status query, ms "
+              "| master CPU per loop pass, ms | longest lock hold by the master, µs "
+              "| its p99, µs | longest by a child, µs | holds not timed (watcher descheduled) "
+              "| C only: mps_snapshot hold, µs | mps_audit hold, µs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        c = [lambda r: statistics.median(r["master"]["status_latency_ms"]),
+             lambda r: r["master"]["status_cpu_ms"], lambda r: r["master"]["pass_cpu_ms"],
+             lambda r: lock_max_us(r), lambda r: lock_max_us(r, stat="p99"),
+             lambda r: lock_max_us(r, "child_holds_ns"),
+             lambda r: (r["master"]["lock_watch"] or {}).get("holds_not_timed"),
+             lambda r: r["master"]["c_only"]["snapshot_ns"]["p50"] / 1000,
+             lambda r: r["master"]["c_only"]["audit_ns"]["p50"] / 1000]
+        lines.append(f"| {n} | " + " | ".join(fmt(at_size(rows, n, g)) for g in c) + " |")
+
+    lines += [f"\n### under an echo load ({run.load_clients} clients, {run.load_seconds:g} s, "
+              f"one lock sample every {LOCK_SAMPLE_US} µs)\n",
+              "| N | conn/s | CPU µs/conn (whole server) | lock wait p50, µs | p99, µs "
+              "| longest, µs | errors |", "|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        g = [lambda r: r["load"]["conns_per_s"], lambda r: r["load"]["cpu_us_per_conn"],
+             lambda r: r["load"]["lock_wait_ns"]["p50"] / 1000,
+             lambda r: r["load"]["lock_wait_ns"]["p99"] / 1000,
+             lambda r: r["load"]["lock_wait_ns"]["max"] / 1000]
+        errors = sum(r["load"]["errors"] for r in rows if r["size"] == n)
+        lines.append(f"| {n} | {fmt(at_size(rows, n, g[0]), '.0f')} | "
+                     + " | ".join(fmt(at_size(rows, n, f)) for f in g[1:]) + f" | {errors} |")
+    return "\n".join(lines)
+
+
+#: Issue 11's scale targets: (label, getter, op, goal); each checked at every size.
+SCALE_TARGETS: tuple[tuple[str, Callable[[dict[str, Any]], Any], str, float], ...] = (
+    ("spike: forks/s sustained", lambda r: r["spike"]["forks_per_s"], ">=", 500),
+    ("USS per idle echo child, MiB", lambda r: r["memory"]["uss_kib"] / MIB, "<=", 1.0),
+    ("idle pool: master + children, % of one core", lambda r: r["idle"]["total_pct"], "<",
+     0.1),
+    ("longest scoreboard lock hold by the master, µs (issue: 'a few µs')",
+     lambda r: lock_max_us(r), "<=", 5.0),
+)
+
+
+def scale_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    targets = []
+    for label, get, op, goal in SCALE_TARGETS:
+        for n in sorted({r["size"] for r in rows}):
+            measured = at_size(rows, n, get)
+            targets.append({"target": label, "size": n, "measured": measured, "op": op,
+                            "goal": goal, "status": verdict(measured, op, goal)})
+    return targets
+
+
+def scale_targets_table(targets: list[dict[str, Any]]) -> str:
+    lines = ["\n### targets (issue 11; medians over reps)\n",
+             "| target | N | measured | goal | |", "|---|---|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['size']} | {fmt(t['measured'], '.4g')} "
+                     f"| {t['op']} {t['goal']:g} | {t['status']} |")
+    return "\n".join(lines)
+
+
+def plot_scale(rows: list[dict[str, Any]], directory: str) -> None:
+    """PNGs where a curve says more than a table: children over time in a
+    spike and at start-up, idle CPU, memory, and the load's cost against N."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plots: pip install 'mps[plot]' for matplotlib)", file=sys.stderr)
+        return
+    os.makedirs(directory, exist_ok=True)
+    sizes = sorted({r["size"] for r in rows})
+    first = {n: next(r for r in rows if r["size"] == n) for n in sizes}
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        path = os.path.join(directory, name)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        spike = first[n]["spike"]
+        series = spike["series"]
+        ax.step([t * 1000 for t, _, _ in series], [c for _, c, _ in series], where="post",
+                label="children (/proc)")
+        times = spike["accepted_at_s"]
+        ax.step([0.0] + [t * 1000 for t in times], list(range(len(times) + 1)), where="post",
+                label="connections accepted")
+        ax.set_title(f"N = {n}: burst of {n}, pool of {spike['start_servers']}")
+        ax.set_xlabel("ms after the burst")
+        ax.set_ylabel("children / connections")
+        ax.legend(fontsize=8)
+    save(fig, "scale-spike.png")
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        for s in first[n]["startup"]:
+            label = "watched" if s["every_s"] is None else f"status every {s['every_s']:g} s"
+            ts = [t for t, _, _ in s["series"]]
+            ax.step(ts, [c for _, c, _ in s["series"]], where="post",
+                    label=f"children, {label}")
+            ax.step(ts, [i for _, _, i in s["series"]], where="post", linestyle="--",
+                    label=f"idle, {label}")
+        ax.set_title(f"start-up of {n} children")
+        ax.set_xlabel("s after launch")
+        ax.legend(fontsize=7)
+    save(fig, "scale-startup.png")
+
+    def medians(get: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        return [at_size(rows, n, get) for n in sizes]
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for key, label in (("master_pct", "master"), ("children_pct", "children"),
+                       ("total_pct", "total")):
+        ax.plot(sizes, medians(pick("idle", key)), marker="o", label=label)
+    ax.axhline(0.1, color="grey", linestyle=":", label="target 0.1 %")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("idle children (N)")
+    ax.set_ylabel("% of one core")
+    ax.set_title("an idle pool's CPU")
+    ax.legend(fontsize=8)
+    save(fig, "scale-idle-cpu.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot(sizes, medians(lambda r: r["memory"]["uss_kib"] / MIB), marker="o",
+            label="USS per idle child")
+    ax.plot(sizes, medians(lambda r: r["memory"]["pss_kib"] / MIB), marker="o",
+            label="PSS per idle child")
+    ax.plot(sizes, medians(lambda r: r["memory"]["uss_kib_after_load"] / MIB), marker="o",
+            label="USS per child after the load")
+    ax.axhline(1.0, color="grey", linestyle=":", label="target USS 1.0 MiB")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("children (N)")
+    ax.set_ylabel("MiB")
+    ax.set_title("memory per child")
+    ax.legend(fontsize=8)
+    save(fig, "scale-memory.png")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(sizes, medians(lambda r: r["load"]["cpu_us_per_conn"]), marker="o")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("children (N)")
+    left.set_ylabel("server CPU µs per connection")
+    left.set_title("echo load: CPU per connection")
+    left.set_ylim(bottom=0)
+    for stat in ("p50", "p99", "max"):
+        right.plot(sizes, [v / 1000 for v in medians(pick("load", "lock_wait_ns", stat))],
+                   marker="o", label=f"wait {stat}")
+    right.plot(sizes, medians(lambda r: lock_max_us(r)), marker="s", linestyle="--",
+               label="longest master hold (idle)")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("children (N)")
+    right.set_ylabel("µs")
+    right.set_title("scoreboard lock")
+    right.legend(fontsize=8)
+    save(fig, "scale-load.png")
+    print("plots written: " + ", ".join(written), file=sys.stderr)
+
+
 # --------------------------------------------------------------- command line
 
 class _Parser(argparse.ArgumentParser):
@@ -1054,7 +1905,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "locks": bench_locks, "serve": bench_serve, "http": bench_http, "spike": bench_spike}
+    "locks": bench_locks, "serve": bench_serve, "http": bench_http, "spike": bench_spike,
+    "scale": bench_scale}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1085,16 +1937,16 @@ def build_parser() -> argparse.ArgumentParser:
     locks.add_argument("--json", action="store_true", help=json_help)
 
     serve = sub.add_parser(
-        "serve", help="echo servers under a loopback load: mps vs a C prefork reference",
+        "serve", help="echo servers under a loopback load: mps vs a C and a naive Python prefork",
         description="Connections/s, latency and server CPU per connection of each server kind "
                     "under a C load generator; needs a C compiler.")
     serve.add_argument("--clients", default=[16, 64], type=parse_list, metavar="N[,N...]",
                        help="concurrent client counts, comma-separated (default: 16,64)")
     serve.add_argument("--seconds", default=3.0, type=positive_float, metavar="S",
                        help="load time per measurement, after a warm-up (default: %(default)s)")
-    serve.add_argument("--reps", default=3, type=positive_int, metavar="N",
-                       help="repetitions, the kinds interleaved in a rotating order "
-                            "(default: %(default)s)")
+    serve.add_argument("--reps", default=5, type=positive_int, metavar="N",
+                       help="repetitions, the kinds interleaved in a rotating order; "
+                            "ratios are taken within each rep (default: %(default)s)")
     serve.add_argument("--kinds", default=list(SERVER_KINDS), type=server_kinds,
                        metavar="K[,K...]",
                        help="servers to compare, comma-separated, from "
@@ -1142,7 +1994,39 @@ def build_parser() -> argparse.ArgumentParser:
     spike.add_argument("--settings", default="", metavar="FLAGS",
                        help="extra mps serve flags, e.g. '--max-children 128'")
     spike.add_argument("--json", action="store_true", help=json_help)
+
+    scale = sub.add_parser(
+        "scale", help="the pool's own cost as it grows: start-up, spike, memory, idle CPU",
+        description="For each max_children N: pool start-up (watched from /proc and the "
+                    "scoreboard, and with status polled), a spike of N held connections "
+                    "against a pool of N/4, memory per idle child, the idle pool's CPU, the "
+                    "master's cost of a status query and of a loop pass, the scoreboard "
+                    "lock's holds and waits, and CPU per connection under an echo load; "
+                    "the C backend; needs a C compiler.")
+    scale.add_argument("--sizes", default=SCALE_SIZES, type=parse_list, metavar="N[,N...]",
+                       help="max_children values, comma-separated (default: 64,256,1024)")
+    scale.add_argument("--reps", default=1, type=positive_int, metavar="N",
+                       help="repetitions of every measurement; medians are reported "
+                            "(default: %(default)s)")
+    scale.add_argument("--status-every", default=[0.1], type=parse_floats, metavar="S[,S...]",
+                       help="start-up is also measured with `mps status` polled every S "
+                            "seconds, one pool start per value (default: 0.1)")
+    scale.add_argument("--idle-seconds", default=10.0, type=positive_float, metavar="S",
+                       help="how long the idle pool's CPU is measured (default: %(default)s)")
+    scale.add_argument("--load-clients", default=64, type=positive_int, metavar="N",
+                       help="concurrent clients of the echo load (default: %(default)s)")
+    scale.add_argument("--load-seconds", default=2.0, type=positive_float, metavar="S",
+                       help="echo load time per size, after a 0.3 s warm-up "
+                            "(default: %(default)s)")
+    scale.add_argument("--plot", default="", metavar="DIR",
+                       help="write scale-*.png plots into DIR (needs matplotlib)")
+    scale.add_argument("--json", action="store_true", help=json_help)
     return parser
+
+
+def parse_floats(text: str) -> list[float]:
+    """Comma-separated positive numbers (an argparse type)."""
+    return [positive_float(x) for x in text.split(",") if x] or [positive_float(text)]
 
 
 def server_kinds(text: str) -> list[str]:

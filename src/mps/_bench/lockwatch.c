@@ -1,0 +1,221 @@
+/*
+ * lockwatch.c -- the scoreboard lock as `mps bench scale` sees it: how long
+ * the master's calls hold it at a given size, and how long a child waits.
+ *
+ * Build (mps bench does it on first use, into its cache), with CORE the folder
+ * of _mpscore.c -- this folder in an installed package (setup.py copies it
+ * here), src/ in a checkout:
+ *     cc -O2 -Wall -Wextra -Wno-unused-function -I"$CORE" -o lockwatch lockwatch.c -lpthread
+ * Usage:
+ *   lockwatch hold NSLOTS REPS
+ *       C only, no server: a board of NSLOTS slots, every slot in use; times
+ *       REPS calls each of the master's two whole-board calls, mps_snapshot
+ *       (copies every slot out under the lock) and mps_audit (recounts the
+ *       idle slots under the lock).  Their duration is the lock hold.
+ *   lockwatch watch BOARD MASTER_PID SECONDS
+ *       BOARD is a live server's scoreboard (/proc/PID/fd/N of its memfd),
+ *       mapped read-only.  For SECONDS, spin reading the mutex's owner word
+ *       (no lock taken, no store: the server is not slowed but for the
+ *       cache line being read) and time every hold seen, by owner: the
+ *       master (MASTER_PID) or a child.  A hold during which this process
+ *       was descheduled (reads > MAX_GAP_NS apart) is counted, not timed.
+ *       Costs one core while it runs; a SIGTERM ends it early (and it
+ *       prints what it saw).
+ *       glibc only (the owner's TID lives in the futex word by kernel ABI).
+ *   lockwatch sample BOARD SECONDS INTERVAL_US
+ *       Take and release a live board's lock every INTERVAL_US, the way a
+ *       child's transition does, and time the wait: what a transition
+ *       arriving at a random moment waits behind the other holders.
+ * Each mode prints one JSON line; times in ns.
+ */
+#define _GNU_SOURCE
+#include "_mpscore.c"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define MAX_SAMPLES (1 << 20)
+#define MAX_GAP_NS 2000     /* watch: reads further apart than this were interrupted */
+
+static volatile sig_atomic_t stop;
+static void on_term(int sig) { (void)sig; stop = 1; }
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* "name": {"count": n, "p50": .., "p99": .., "max": .., "mean": ..} (sorts v) */
+static void print_stats(const char *name, int64_t *v, int64_t n, int last)
+{
+    double sum = 0;
+    int64_t i;
+    qsort(v, (size_t)n, sizeof *v, cmp_i64);
+    for (i = 0; i < n; i++)
+        sum += (double)v[i];
+    if (n == 0)
+        printf("\"%s\": {\"count\": 0, \"p50\": null, \"p99\": null, \"max\": null, "
+               "\"mean\": null}", name);
+    else
+        printf("\"%s\": {\"count\": %lld, \"p50\": %lld, \"p99\": %lld, \"max\": %lld, "
+               "\"mean\": %.1f}", name, (long long)n, (long long)v[n / 2],
+               (long long)v[(n * 99) / 100], (long long)v[n - 1], sum / (double)n);
+    printf(last ? "}\n" : ", ");
+}
+
+static int64_t *samples(void)
+{
+    int64_t *v = malloc(MAX_SAMPLES * sizeof *v);
+    if (v == NULL) {
+        perror("malloc");
+        exit(1);
+    }
+    return v;
+}
+
+static int mode_hold(int64_t nslots, int64_t reps)
+{
+    mps_board *b = NULL;
+    struct mps_head head;
+    struct mps_slot *copy;
+    int64_t *snap = samples(), *audit = samples(), i, drift;
+
+    if (reps > MAX_SAMPLES || mps_create(nslots, &b) < 0 ||
+        (copy = calloc((size_t)nslots, sizeof *copy)) == NULL) {
+        fprintf(stderr, "lockwatch: cannot create a board of %lld slots\n", (long long)nslots);
+        return 1;
+    }
+    for (i = 0; i < nslots; i++) {     /* every slot in use, as in a full pool */
+        int64_t slot = mps_reserve(b);
+        mps_started(b, slot, 1000 + slot);
+        mps_idle(b, slot);
+    }
+    for (i = 0; i < reps; i++) {
+        int64_t t0 = now_ns(), t1, t2;
+        mps_snapshot(b, &head, copy);
+        t1 = now_ns();
+        mps_audit(b, &drift);
+        t2 = now_ns();
+        snap[i] = t1 - t0;
+        audit[i] = t2 - t1;
+    }
+    printf("{\"nslots\": %lld, \"slot_bytes\": %zu, ", (long long)nslots,
+           sizeof(struct mps_slot));
+    print_stats("snapshot_ns", snap, reps, 0);
+    print_stats("audit_ns", audit, reps, 1);
+    return 0;
+}
+
+static mps_board *map_board(const char *path, int writable)
+{
+    struct stat st;
+    mps_board *b;
+    int fd = open(path, writable ? O_RDWR : O_RDONLY);
+    if (fd < 0 || fstat(fd, &st) != 0 || (size_t)st.st_size < sizeof(mps_board)) {
+        perror(path);
+        exit(1);
+    }
+    b = mmap(NULL, (size_t)st.st_size, writable ? PROT_READ | PROT_WRITE : PROT_READ,
+             MAP_SHARED, fd, 0);
+    close(fd);
+    if (b == MAP_FAILED || b->magic != MPS_MAGIC || b->version != MPS_VERSION) {
+        fprintf(stderr, "lockwatch: %s is not a version %d scoreboard\n", path, MPS_VERSION);
+        exit(1);
+    }
+    return b;
+}
+
+static int mode_watch(const char *path, int64_t master, double seconds)
+{
+#ifdef __GLIBC__
+    mps_board *b = map_board(path, 0);
+    volatile unsigned int *word = (volatile unsigned int *)&b->lock.__data.__lock;
+    int64_t *mine = samples(), *theirs = samples(), nm = 0, nt = 0, reads = 0, lost = 0;
+    int64_t start = now_ns(), deadline = start + (int64_t)(seconds * 1e9);
+    int64_t since = 0, t = start, last = start, gap = 0;
+    unsigned int owner = 0;
+
+    signal(SIGTERM, on_term);
+    while (t < deadline && !stop) {
+        unsigned int w = *word & FUTEX_TID_MASK;
+        t = now_ns();
+        reads++;
+        /* A read that comes long after the one before means this process
+         * was descheduled: a hold seen across that gap may be two holds
+         * merged, or end anywhere inside it.  Such holds are not timed. */
+        if (t - last > gap)
+            gap = t - last;
+        last = t;
+        if (w == owner)
+            continue;
+        if (owner != 0) {       /* a hold ended (or passed straight to another) */
+            if (gap > MAX_GAP_NS)
+                lost++;
+            else if ((int64_t)owner == master) {
+                if (nm < MAX_SAMPLES)
+                    mine[nm++] = t - since;
+            } else if (nt < MAX_SAMPLES) {
+                theirs[nt++] = t - since;
+            }
+        }
+        owner = w;
+        since = t;
+        gap = 0;
+    }
+    printf("{\"seconds\": %.3f, \"reads\": %lld, \"resolution_ns\": %.1f, "
+           "\"holds_not_timed\": %lld, ", (double)(t - start) / 1e9, (long long)reads,
+           (double)(t - start) / (double)(reads ? reads : 1), (long long)lost);
+    print_stats("master_holds_ns", mine, nm, 0);
+    print_stats("child_holds_ns", theirs, nt, 1);
+    return 0;
+#else
+    (void)path; (void)master; (void)seconds;
+    fprintf(stderr, "lockwatch: watch needs glibc's mutex layout\n");
+    return 3;
+#endif
+}
+
+static int mode_sample(const char *path, double seconds, int64_t interval_us)
+{
+    mps_board *b = map_board(path, 1);
+    int64_t *waits = samples(), n = 0;
+    int64_t deadline = now_ns() + (int64_t)(seconds * 1e9);
+    struct timespec pause = {interval_us / 1000000, (long)(interval_us % 1000000) * 1000};
+
+    while (now_ns() < deadline && n < MAX_SAMPLES) {
+        int64_t t0 = now_ns();
+        if (mps_lock_(b) < 0) {
+            fprintf(stderr, "lockwatch: cannot lock the board\n");
+            return 1;
+        }
+        waits[n++] = now_ns() - t0;
+        mps_unlock_(b);
+        nanosleep(&pause, NULL);
+    }
+    printf("{");
+    print_stats("wait_ns", waits, n, 1);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 4 && strcmp(argv[1], "hold") == 0 && atoll(argv[2]) > 0 && atoll(argv[3]) > 0)
+        return mode_hold(atoll(argv[2]), atoll(argv[3]));
+    if (argc == 5 && strcmp(argv[1], "watch") == 0 && atof(argv[4]) > 0)
+        return mode_watch(argv[2], atoll(argv[3]), atof(argv[4]));
+    if (argc == 5 && strcmp(argv[1], "sample") == 0 && atof(argv[3]) > 0 && atoll(argv[4]) > 0)
+        return mode_sample(argv[2], atof(argv[3]), atoll(argv[4]));
+    fprintf(stderr, "usage: %s hold NSLOTS REPS | watch BOARD MASTER_PID SECONDS | "
+            "sample BOARD SECONDS INTERVAL_US\n", argv[0]);
+    return 2;
+}
