@@ -282,3 +282,12 @@ def test_status_plain_has_a_scoreboard_line(start_master: Callable[..., Master],
     assert board.count("_") >= 1
     assert board.count(".") + board.count("_") + board.count("W") + board.count("S") \
         + board.count("G") == 4
+
+
+def test_an_unknown_server_keyword_in_the_app_is_a_setting_error(tmp_path: Path) -> None:
+    app = tmp_path / "kwapp.py"
+    app.write_text("import mps\napp = mps.Server(no_such_setting=1)\n"
+                   "@app.handler\ndef handle(conn, addr):\n    pass\n")
+    result = run_mps("serve", f"{app}:app", cwd=tmp_path)
+    assert result.code == 2, result.err
+    assert len(result.err_lines) == 1 and "no_such_setting" in result.err

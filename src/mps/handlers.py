@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
 from typing import Any
 
-from .errors import AppError
+from .errors import AppError, SettingError
 from .proxy import Allowed, accept_proxied
 
 Handler = Callable[[socket.socket, Any], object]
@@ -219,8 +219,8 @@ def _import(spec: str, target: str) -> Any:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())   # `mps serve myapp:handle` from the app's folder
         return importlib.import_module(target)
-    except AppError:
-        raise
+    except (AppError, SettingError):
+        raise       # a bad mps.Server(...) keyword in the app: exit 2, not 4
     except BaseException as exc:   # noqa: BLE001 - any failure of the user's import
         if isinstance(exc, KeyboardInterrupt):
             raise
