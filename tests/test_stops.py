@@ -321,3 +321,34 @@ def test_status_document_larger_than_one_send_arrives_whole(arbiter, tmp_path, m
         arbiter.status_sock.close()
     assert json.loads(got[0]) == big
     assert arbiter.status_out == {}
+
+
+# ------------------------------------------- found by review: master deaths
+
+def test_a_child_killed_by_a_real_time_signal_does_not_kill_the_master(start_master):
+    m = start_master(**POOL)
+    m.wait_ready()
+    victim = sorted(m.child_pids())[0]
+    os.kill(victim, signal.SIGRTMIN + 6)     # not in signal.Signals: once crashed reap()
+    wait_until(lambda: victim not in m.child_pids(), what="the victim to die")
+    doc = wait_until(lambda: (d := m.try_status()) and d["totals"]["crashed"] == 1 and d,
+                     what="the crash to be counted")
+    assert m.proc.poll() is None and doc["children"]["total"] >= POOL["min_spare"]
+    assert "killed by SIGRTMIN+6" in m.output()
+
+
+def test_term_while_a_release_is_checked_stops_the_master(start_master, tmp_path):
+    # The check imports the app slowly; TERM lands meanwhile.  Before the
+    # fix the check's success re-executed the master, which forgot the stop
+    # and served on behind a listener that refused every new connection.
+    app = tmp_path / "slowcheck.py"
+    app.write_text("import os, time\n"
+                   "if os.environ.get('MPS_UPGRADE_CHECK'):\n    time.sleep(1.5)\n"
+                   "def handle(conn, addr):\n    conn.sendall(b'ok')\n")
+    m = start_master(app=f"{app}:handle", bind="127.0.0.1:0", **POOL)
+    m.wait_ready()
+    m.signal(signal.SIGUSR2)
+    wait_until(lambda: "checking the new release" in m.output(), what="the check to start")
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit(15) == 0
+    assert "re-executing" not in m.output()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 
 from . import daemon, logs, metrics, signals, sockets, status
 from .notify import Notifier
-from .upgrade import Check, Handoff, OldGeneration, Progress, reexec
+from .upgrade import Check, Handoff, OldGeneration, Progress, keep_board_fds, reexec
 from .config import Settings
 from .errors import EXIT_BOOT, EXIT_OK, BootError
 from .handlers import App
@@ -259,7 +259,8 @@ class Arbiter:
             self.metrics_sock.set_inheritable(False)
         self.owned_paths = list(handoff.owned_paths)
         self.old = OldGeneration(handoff)
-        os.set_inheritable(self.old.board.memory_fd, False)
+        self.old.board.on_stuck = self.lock_stuck       # its lock has a deadline too
+        keep_board_fds(handoff.board, False)
         self.generation = handoff.generation + 1
         self.progress = Progress(**handoff.progress)
         self.progress.state = "starting"
@@ -303,6 +304,7 @@ class Arbiter:
         if self.old is not None:
             self.old.close()
         if self.check is not None:
+            self.check.kill()       # never left behind (an import that hangs)
             self.check.close()
         self.notifier.close()
         if self.wake_w >= 0:
@@ -381,6 +383,7 @@ class Arbiter:
 
     def reap(self) -> None:
         exited = []
+        check_code: int | None = None
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -390,8 +393,8 @@ class Arbiter:
                 break
             code = os.waitstatus_to_exitcode(wait_status)
             if self.check is not None and pid == self.check.pid:
-                self.check_done(code)
-                continue
+                check_code = code   # acted on after this reap: an exec must not
+                continue            # discard the exits collected below
             metrics.mark_dead(pid)      # the app's prometheus_client files, if any
             if self.old is not None and self.old.reaped(pid):
                 self.totals.reaped += 1
@@ -399,18 +402,19 @@ class Arbiter:
             child = self.children.pop(pid, None)
             if child is not None:       # else not ours (a hook's subprocess)
                 exited.append((child, code))
-        if not exited:
-            return
-        assert self.board is not None
-        slots = self.board.snapshot().slots     # what each child served, before release
-        for child, code in exited:
-            was = self.board.release(child.slot)
-            self.totals.reaped += 1
-            self.account_exit(child, was, code, slots[child.slot].connections)
-            try:
-                self.app.call_hook("child_exit", child)
-            except Exception:
-                log.exception("child_exit hook failed")
+        if exited:
+            assert self.board is not None
+            slots = self.board.snapshot().slots     # what each child served, before release
+            for child, code in exited:
+                was = self.board.release(child.slot)
+                self.totals.reaped += 1
+                self.account_exit(child, was, code, slots[child.slot].connections)
+                try:
+                    self.app.call_hook("child_exit", child)
+                except Exception:
+                    log.exception("child_exit hook failed")
+        if check_code is not None:
+            self.check_done(check_code)
 
     def keep_nonblocking(self) -> None:
         """A shared listener may be handed back blocking to its owner by
@@ -464,12 +468,8 @@ class Arbiter:
         if self.old is not None:
             self.old.murder(now)
         if self.check is not None and now >= self.check.deadline:
-            log.error("USR2: the new release's check has not finished in %gs; killing it",
-                      self.check.deadline - now + 60)
-            try:
-                os.kill(self.check.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            log.error("USR2: the new release's check has not finished in time; killing it")
+            self.check.kill()
             self.check.deadline = now + 3600
 
     def kill_stuck(self, snap: Snapshot, now: float) -> None:
@@ -667,6 +667,8 @@ class Arbiter:
         if self.status_sock is not None:
             fds.append(self.status_sock.fileno())
         fds += [conn.fileno() for conn in self.status_out]
+        if self.check is not None:
+            fds.append(self.check.out)
         if self.metrics is not None:
             fds += self.metrics.fds()
         return tuple(fd for fd in fds if fd >= 0)
@@ -678,7 +680,7 @@ class Arbiter:
 
     def account_exit(self, child: Child, was: State, code: int, served: int) -> None:
         """Count one reaped child and apply the crash-loop brake."""
-        how = f"exit {code}" if code >= 0 else "killed by " + signal.Signals(-code).name
+        how = f"exit {code}" if code >= 0 else "killed by " + signals.name(-code)
         if child.timed_out or self.stopping:
             return
         if was == State.STARTING and not child.retiring:
@@ -735,6 +737,7 @@ class Arbiter:
     def graceful_stop(self) -> None:
         log.info("TERM: graceful stop; serving what is queued, then waiting up to %gs in all "
                  "for busy children", self.settings.graceful_timeout)
+        self.abandon_check()
         self.notifier.stopping()
         if self.old is not None and not self.old.retired:
             self.old.retire_all(self.settings.graceful_timeout)
@@ -768,8 +771,11 @@ class Arbiter:
         """Nothing queued and no handshake under way: no client is left that
         believes it is connected but has no child."""
         assert self.listener is not None
-        return (not sockets.readable(self.listener)
-                and not sockets.handshakes_in_progress(self.listener))
+        if sockets.readable(self.listener):
+            return False
+        # --reuse-port siblings share the address and port: their handshakes
+        # are theirs (and /proc cannot tell them apart from ours).
+        return self.settings.reuse_port or not sockets.handshakes_in_progress(self.listener)
 
     def retire_all(self) -> None:
         if self.stopping == "draining":
@@ -821,6 +827,12 @@ class Arbiter:
     def check_done(self, code: int) -> None:
         check, self.check = self.check, None
         assert check is not None
+        if self.stopping:
+            # A stop came while the check ran: it wins (an exec now would
+            # forget the stop and start a new pool on a refusing listener).
+            check.close()
+            self.upgrade_failed(1, "the master is stopping")
+            return
         if code != 0:
             reason = check.reason(code)
             check.close()
@@ -829,6 +841,12 @@ class Arbiter:
         check.close()
         log.info("USR2: the new release passed its check; re-executing master %d", self.pid)
         self.reexec()
+
+    def abandon_check(self) -> None:
+        """A stop ends a running check (reaped as usual; check_done then
+        records the upgrade as refused)."""
+        if self.check is not None:
+            self.check.kill()
 
     def upgrade_failed(self, code: int, reason: str) -> None:
         self.progress.state = "failed"
@@ -857,6 +875,7 @@ class Arbiter:
         keep = [fd for fd in (handoff.listener_fd, handoff.status_fd, handoff.metrics_fd)
                 if fd >= 0]
         error = reexec(handoff, keep, RECORDED)
+        keep_board_fds(handoff.board, False)    # exec failed: no child may inherit them
         self.upgrade_failed(1, f"cannot re-execute {sys.executable}: {error.strerror}")
 
     def reopen_log(self, why: str) -> None:
@@ -910,6 +929,7 @@ class Arbiter:
             self.notifier.stopping()
         if self.old is not None:
             self.old.stop_now()
+        self.abandon_check()
         self.stopping = "fast"
         self.surplus_since = 0.0
         deadline = time.monotonic() + KILL_GRACE_S
@@ -990,7 +1010,12 @@ class Arbiter:
         error, never a silently truncated one."""
         assert self.status_sock is not None and self.selector is not None
         doc = b""
-        while len(self.status_out) < STATUS_CLIENTS:
+        while True:
+            if len(self.status_out) >= STATUS_CLIENTS:
+                # Full: stop listening until one leaves (a level-triggered
+                # listener would wake every pass meanwhile).
+                self.selector.unregister(self.status_sock)
+                return
             try:
                 conn, _ = self.status_sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -1031,7 +1056,9 @@ class Arbiter:
                 self.end_status_client(conn)
 
     def end_status_client(self, conn: socket.socket) -> None:
-        assert self.selector is not None
+        assert self.selector is not None and self.status_sock is not None
+        if len(self.status_out) >= STATUS_CLIENTS:
+            self.selector.register(self.status_sock, selectors.EVENT_READ)    # room again
         del self.status_out[conn]
         try:
             self.selector.unregister(conn)

@@ -265,6 +265,10 @@ class Scoreboard(ABC):
             raise OSError(errno.ESHUTDOWN, "retired by the master")
         while True:
             try:
+                # (Python retries an accept() that a signal interrupts, PEP
+                # 475: on a listener another master made blocking, a TERM
+                # waits for the next connection here.  The C backend returns
+                # EINTR; the master makes the listener non-blocking again.)
                 conn, addr = listener.accept()
                 break
             except BlockingIOError:

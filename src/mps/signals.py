@@ -77,7 +77,10 @@ def name(sig: int) -> str:
     """SIGUSR2, SIGRTMIN+3, ..."""
     if signal.SIGRTMIN < sig <= signal.SIGRTMAX:
         return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
-    return signal.Signals(sig).name
+    try:
+        return signal.Signals(sig).name
+    except ValueError:      # not in the enum (glibc's own 32, 33)
+        return f"signal {sig}"
 
 
 def reset_in_child() -> None:

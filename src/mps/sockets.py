@@ -263,7 +263,13 @@ def handshakes_in_progress(sock: socket.socket) -> int:
     established.  O(sockets on the host): call it only while stopping."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return 0
-    port = ":%04X" % sock.getsockname()[1]
+    host, port = sock.getsockname()[:2]
+    # /proc prints the local address as 32-bit words in host byte order; a
+    # wildcard listener's request sockets show the address they came to.
+    raw = socket.inet_pton(sock.family, host)
+    words = struct.unpack("=%dI" % (len(raw) // 4), raw)
+    local = "" if not any(words) else "".join("%08X" % w for w in words)
+    suffix = ":%04X" % port
     table = "/proc/net/tcp6" if sock.family == socket.AF_INET6 else "/proc/net/tcp"
     count = 0
     try:
@@ -271,7 +277,8 @@ def handshakes_in_progress(sock: socket.socket) -> int:
             next(f, None)
             for line in f:
                 cols = line.split(None, 4)
-                if len(cols) > 3 and cols[3] == _SYN_RECV and cols[1].endswith(port):
+                if len(cols) > 3 and cols[3] == _SYN_RECV and cols[1].endswith(suffix) \
+                        and (not local or cols[1].startswith(local + ":")):
                     count += 1
     except OSError:
         return 0

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .scoreboard import Scoreboard, State, attach
+from .signals import name as signal_name
 
 log = logging.getLogger("mps")
 
@@ -103,9 +103,20 @@ class Check:
                 file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, self.out, 1),
                               (os.POSIX_SPAWN_DUP2, self.out, 2)],
                 setsigmask=())     # not the master's mask (blocked during a fork)
+        except OSError:
+            os.close(self.out)
+            raise
         finally:
             os.close(null)
         self.deadline = time.monotonic() + CHECK_TIMEOUT_S
+
+    def kill(self) -> None:
+        """Abandon the check (the master stops, or it overran CHECK_TIMEOUT_S);
+        the master's loop reaps it."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def reason(self, code: int) -> str:
         """The check's last line of output: its one-line reason."""
@@ -119,7 +130,7 @@ class Check:
         if lines:
             return lines[-1].removeprefix("mps: error: ")
         if code < 0:
-            return "the check was killed by " + signal.Signals(-code).name
+            return "the check was killed by " + signal_name(-code)
         return f"the check exited with status {code}"
 
     def close(self) -> None:
@@ -223,5 +234,12 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def keep_fds(*socks: socket.socket | None) -> list[int]:
-    return [s.fileno() for s in socks if s is not None]
+def keep_board_fds(board: dict[str, Any], keep: bool) -> None:
+    """Make a handed-off board's descriptors survive exec (or not)."""
+    for key in ("memory_fd", "lock_fd"):
+        fd = board.get(key, -1)
+        if isinstance(fd, int) and fd >= 0:
+            try:
+                os.set_inheritable(fd, keep)
+            except OSError:
+                pass

@@ -102,7 +102,7 @@ class Worker:
         signal.signal(signal.SIGABRT, self._on_timeout)
         # The master's poke (see Arbiter.keep_nonblocking): only to interrupt
         # an accept() caught on a listener another master made blocking.
-        signal.signal(signal.SIGWINCH, _poked)
+        signal.signal(signal.SIGWINCH, self._on_poke)
         if self.signal_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
@@ -233,6 +233,9 @@ class Worker:
         if os.getppid() != self.master_pid:
             signal.alarm(ORPHAN_GRACE_S)    # no master will ever SIGKILL us
 
+    def _on_poke(self, signum: int, frame: FrameType | None) -> None:
+        pass    # its byte in the wake-up pipe (and EINTR in C) is the point
+
     def _on_timeout(self, signum: int, frame: FrameType | None) -> None:
         # The master's `timeout` expired on our connection.  We are being
         # killed; say where the handler was stuck, then go.
@@ -280,10 +283,6 @@ class ChildPool:
 
     def begin_request(self, line: bytes) -> None:
         self.board.begin_request(self.slot, line)
-
-
-def _poked(signum: int, frame: FrameType | None) -> None:
-    pass    # its byte in the wake-up pipe (and EINTR) is the point
 
 
 def drop_privileges(uid: int, gid: int) -> None:
