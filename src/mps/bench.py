@@ -197,7 +197,8 @@ def positive_float(text: str) -> float:
 
 
 def summary(values: Sequence[float]) -> str:
-    return f"{min(values):.3g} / {statistics.median(values):.3g} / {max(values):.3g}"
+    """min / median / max, each as a table number (20.3k, 512, 1.06)."""
+    return f"{num(min(values))} / {num(statistics.median(values))} / {num(max(values))}"
 
 
 # --------------------------------------------------------------- locks
@@ -1107,15 +1108,23 @@ STATUS_QUERIES, STATUS_GAP_S, PASSES, PASS_GAP_S = 10, 0.05, 50, 0.01
 LOCK_SAMPLE_US = 500
 
 
-def runtime_ns(pid: int) -> int | None:
-    """CPU time (user+sys) of pid in ns, from /proc/PID/schedstat: the
-    scheduler's own count.  /proc/PID/stat's 10 ms ticks are too coarse for
-    a thousand processes that each use next to nothing."""
+def schedstat(pid: int) -> tuple[int, int] | None:
+    """(CPU time (user+sys), time spent runnable but waiting for a CPU) of
+    pid in ns, from /proc/PID/schedstat: the scheduler's own counts.
+    /proc/PID/stat's 10 ms ticks are too coarse for a thousand processes
+    that each use next to nothing."""
     try:
         with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
+            fields = f.read().split()
+        return int(fields[0]), int(fields[1])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def runtime_ns(pid: int) -> int | None:
+    """CPU time (user+sys) of pid in ns (schedstat)."""
+    stat = schedstat(pid)
+    return None if stat is None else stat[0]
 
 
 def board_path(master: int) -> str | None:
@@ -1173,7 +1182,8 @@ class PoolWatch:
     def __init__(self, master: int, nslots: int, t0: float) -> None:
         self.master, self.nslots, self.t0 = master, nslots, t0
         self.series: list[tuple[float, int, int]] = []
-        self.master_ns: list[int] = []      # the master's CPU at each point of the series
+        #: the master's (CPU, runqueue wait) in ns at each point of the series
+        self.master_ns: list[tuple[int, int]] = []
         self.board: BoardView | None = None
         self.error: MpsError | None = None
         self.stop = threading.Event()
@@ -1198,7 +1208,7 @@ class PoolWatch:
                     self.error = exc
                     return
             idle = self.board.idle() if self.board is not None else 0
-            cpu = runtime_ns(self.master) or (self.master_ns[-1] if self.master_ns else 0)
+            cpu = schedstat(self.master) or (self.master_ns[-1] if self.master_ns else (0, 0))
             self.series.append((time.perf_counter() - self.t0, len(children_of(self.master)),
                                 idle))
             self.master_ns.append(cpu)
@@ -1213,13 +1223,15 @@ class PoolWatch:
         """When the pool first had at least `children` children and `idle` idle."""
         return next((t for t, c, i in self.series if c >= children and i >= idle), None)
 
-    def master_busy(self, start: float, end: float) -> tuple[float, float]:
-        """(the master's CPU seconds, wall seconds) from `start` to `end`."""
-        points = [(t, cpu) for (t, _, _), cpu in zip(self.series, self.master_ns)
+    def master_busy(self, start: float, end: float) -> tuple[float, float, float]:
+        """(the master's CPU seconds, its seconds runnable but waiting for a
+        CPU, wall seconds) from `start` to `end`."""
+        points = [(t, ns) for (t, _, _), ns in zip(self.series, self.master_ns)
                   if start <= t <= end]
         if len(points) < 2:
-            return 0.0, 0.0
-        return (points[-1][1] - points[0][1]) / 1e9, points[-1][0] - points[0][0]
+            return 0.0, 0.0, 0.0
+        (t0, (cpu0, wait0)), (t1, (cpu1, wait1)) = points[0], points[-1]
+        return (cpu1 - cpu0) / 1e9, (wait1 - wait0) / 1e9, t1 - t0
 
     def changes(self, since: float = 0.0) -> list[tuple[float, int, int]]:
         """The series from `since` on, where something changed (kept for plots)."""
@@ -1313,7 +1325,7 @@ def measure_startup(srv: ScaleServer, n: int, t0: float, every: float | None) ->
         boot_ns = [runtime_ns(kid) for kid in children_of(srv.master)]
     first, forked, idle = watch.first(children=1), watch.first(children=n), watch.first(idle=n)
     span = forked - first if forked is not None and first is not None else 0.0
-    cpu, wall = watch.master_busy(first or 0.0, forked or 0.0)
+    cpu, waited, wall = watch.master_busy(first or 0.0, forked or 0.0)
     booted = [ns for ns in boot_ns if ns is not None]
     return {"poll": "board" if every is None else "status", "every_s": every,
             "ready_seen_s": round(seen, 4), "status_queries": queries,
@@ -1321,6 +1333,7 @@ def measure_startup(srv: ScaleServer, n: int, t0: float, every: float | None) ->
             "forks_per_s": round((n - 1) / span, 1) if n > 1 and span > 0 else None,
             "master_ms_per_fork": 1000 * cpu / (n - 1) if n > 1 and cpu else None,
             "master_busy": cpu / wall if wall else None,
+            "master_waiting": waited / wall if wall else None,
             "child_boot_ms": statistics.median(booted) / 1e6 if booted else None,
             "series": watch.changes()}
 
@@ -1533,8 +1546,8 @@ def measure_spike(run: ScaleRun, n: int, rep: int) -> dict[str, Any]:
     full = next((t for t, c, _ in series if c >= peak), None)
     forks = peak - at_burst
     span = full - grew[0] if grew and full is not None else 0.0
-    cpu, wall = watch.master_busy(t_burst + grew[0], t_burst + full) if grew and full else \
-        (0.0, 0.0)
+    cpu, waited, wall = watch.master_busy(t_burst + grew[0], t_burst + full) \
+        if grew and full else (0.0, 0.0, 0.0)
     done = accepted[-1] if len(accepted) == n else None
     booted = [ns for ns in new if ns is not None]
     return {"clients": n, "start_servers": start, "min_spare": min_spare,
@@ -1545,6 +1558,7 @@ def measure_spike(run: ScaleRun, n: int, rep: int) -> dict[str, Any]:
             "forks_per_s_overall": round(forks / done, 1) if forks and done else None,
             "master_ms_per_fork": 1000 * cpu / (forks - 1) if forks > 1 and cpu else None,
             "master_busy": cpu / wall if wall else None,
+            "master_waiting": waited / wall if wall else None,
             "new_child_cpu_ms": statistics.median(booted) / 1e6 if booted else None,
             "accepted_at_s": [round(t, 4) for t in accepted], "series": series}
 
@@ -1665,10 +1679,10 @@ def scale_report(rows: list[dict[str, Any]], naive: dict[str, Any], run: ScaleRu
     sizes = run.sizes
     lines = [f"\n### pool start-up: start_servers = max_children = N (median of {run.reps})\n",
              "| N | watched (board, /proc): all idle, s | forks/s | master CPU ms per fork "
-             "| master busy | child's boot CPU, ms | " + " | ".join(
+             "| master on a CPU | master waiting for one | child's boot CPU, ms | " + " | ".join(
                  f"status every {e:g} s: all idle, s | seen by status, s | forks/s"
                  for e in run.status_every) + " |",
-             "|---|---|---|---|---|---|" + "---|---|---|" * len(run.status_every)]
+             "|---|---|---|---|---|---|---|" + "---|---|---|" * len(run.status_every)]
     for n in sizes:
         def watched(key: str) -> Callable[[dict[str, Any]], Any]:
             return lambda r: startup_of(r, None)[key]
@@ -1676,6 +1690,7 @@ def scale_report(rows: list[dict[str, Any]], naive: dict[str, Any], run: ScaleRu
                  fmt(at_size(rows, n, watched("forks_per_s")), ".0f"),
                  fmt(at_size(rows, n, watched("master_ms_per_fork"))),
                  fmt(at_size(rows, n, watched("master_busy")), ".0%"),
+                 fmt(at_size(rows, n, watched("master_waiting")), ".0%"),
                  fmt(at_size(rows, n, watched("child_boot_ms")))]
         for e in run.status_every:
             def polled(key: str, e: float = e) -> Callable[[dict[str, Any]], Any]:
@@ -1687,12 +1702,14 @@ def scale_report(rows: list[dict[str, Any]], naive: dict[str, Any], run: ScaleRu
 
     lines += ["\n### spike: N held connections against a pool of N/4 (min_spare N/8)\n",
               "| N | children at the burst | all N accepted, s | forks | forks/s while forking "
-              "| forks/s over the whole spike | master CPU ms per fork | master busy "
-              "| a new child's CPU, ms |", "|---|---|---|---|---|---|---|---|---|"]
+              "| forks/s over the whole spike | master CPU ms per fork | master on a CPU "
+              "| master waiting for one | a new child's CPU, ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         specs = (("children_at_burst", ".0f"), ("all_accepted_s", ".3g"), ("forks", ".0f"),
                  ("forks_per_s", ".0f"), ("forks_per_s_overall", ".0f"),
                  ("master_ms_per_fork", ".3g"), ("master_busy", ".0%"),
+                 ("master_waiting", ".0%"),
                  ("new_child_cpu_ms", ".3g"))
         lines.append(f"| {n} | " + " | ".join(fmt(at_size(rows, n, pick("spike", key)), spec)
                                               for key, spec in specs) + " |")
@@ -1778,16 +1795,19 @@ def scale_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for label, get, op, goal in SCALE_TARGETS:
         for n in sorted({r["size"] for r in rows}):
             measured = at_size(rows, n, get)
+            each = [get(r) for r in rows if r["size"] == n]
             targets.append({"target": label, "size": n, "measured": measured, "op": op,
-                            "goal": goal, "status": verdict(measured, op, goal)})
+                            "goal": goal, "status": verdict(measured, op, goal),
+                            "per_rep": each})
     return targets
 
 
 def scale_targets_table(targets: list[dict[str, Any]]) -> str:
     lines = ["\n### targets (issue 11; medians over reps)\n",
-             "| target | N | measured | goal | |", "|---|---|---|---|---|"]
+             "| target | N | measured | each rep | goal | |", "|---|---|---|---|---|---|"]
     for t in targets:
-        lines.append(f"| {t['target']} | {t['size']} | {fmt(t['measured'], '.4g')} "
+        each = " / ".join(fmt(v, ".3g") for v in t["per_rep"])
+        lines.append(f"| {t['target']} | {t['size']} | {fmt(t['measured'], '.4g')} | {each} "
                      f"| {t['op']} {t['goal']:g} | {t['status']} |")
     return "\n".join(lines)
 
