@@ -1265,7 +1265,6 @@ class ScaleRun:
     load_clients: int
     load_seconds: float
     workdir: Path
-    loadgen: str
     lockwatch: str
 
 
@@ -1289,11 +1288,10 @@ def scale_server(run: ScaleRun, name: str, n: int, start: int, min_spare: int,
     max_spare n, no recycling, its log in the run's directory."""
     status = str(run.workdir / f"{name}.sock")
     log_path = run.workdir / f"{name}.log"
+    backlog = max(1024, 2 * n)
     flags = ["--start-servers", str(start), "--min-spare", str(min_spare),
              "--max-spare", str(n), "--max-children", str(n), "--max-requests", "0",
-             "--backlog", str(max(1024, 2 * n)), "--log-level", "warning",
-             "--status-socket", status]
-    backlog = max(1024, 2 * n)
+             "--backlog", str(backlog), "--log-level", "warning", "--status-socket", status]
     with open(log_path, "wb") as log, launched(
             lambda fd: [sys.executable, "-m", "mps", "serve", app, "--bind", f"fd://{fd}",
                         "--backend", "c", *flags], stderr=log, backlog=backlog) as (port, pid):
@@ -1458,6 +1456,20 @@ def idle_cpu(master: int, seconds: float) -> dict[str, Any]:
             "total_pct": 100 * (master_ns + sum(kids)) / (elapsed * 1e9)}
 
 
+def end_program(proc: subprocess.Popen[str], sig: int | None,
+                grace: float = 30.0) -> tuple[str, str]:
+    """Signal one of the bench's C programs (None: let it finish), collect its
+    output; SIGKILL it by its pid if it is still there after `grace` s."""
+    if sig is not None:
+        proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return "", f"{proc.args!r} did not stop within {grace:g} s"
+
+
 def lockwatch_json(cmd: list[str], timeout: float) -> dict[str, Any]:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -1490,8 +1502,7 @@ def master_costs(run: ScaleRun, srv: ScaleServer, n: int, idle_ns_per_s: float,
             time.sleep(PASS_GAP_S)
         c2, t2 = runtime_ns(srv.master), time.perf_counter()
     finally:
-        watch.terminate()
-        out, err = watch.communicate(timeout=30)
+        out, err = end_program(watch, signal.SIGTERM)
     if c0 is None or c1 is None or c2 is None:
         raise server_failed(srv, "left during the status queries")
     holds: dict[str, Any] = json.loads(out) if watch.returncode == 0 else {}
@@ -1517,7 +1528,7 @@ def load_cost(run: ScaleRun, srv: ScaleServer, board: str) -> dict[str, Any]:
     try:
         result = load(srv.port, run.load_clients, run.load_seconds)
     finally:
-        out, err = sampler.communicate(timeout=run.load_seconds + 30)
+        out, err = end_program(sampler, None)     # it stops on its own after load_seconds
     pids = list(dict.fromkeys(pids + children_of(srv.master)))
     cpu_ns = sum((runtime_ns(pid) or before.get(pid, 0)) - before.get(pid, 0) for pid in pids)
     if sampler.returncode != 0:
@@ -1610,6 +1621,8 @@ def bench_scale(args: argparse.Namespace) -> int:
     if not c_available():
         raise UsageError("mps bench scale runs the C backend, which is not built here")
     programs = {}
+    # Both before any server starts: no compiler is one line up front (load()
+    # finds loadgen in the cache again).
     for name in ("loadgen", "lockwatch"):
         try:
             programs[name] = build(name)
@@ -1621,8 +1634,7 @@ def bench_scale(args: argparse.Namespace) -> int:
         run = ScaleRun(sizes=tuple(args.sizes), reps=args.reps,
                        status_every=tuple(args.status_every), idle_seconds=args.idle_seconds,
                        load_clients=args.load_clients, load_seconds=args.load_seconds,
-                       workdir=Path(tmp), loadgen=programs["loadgen"],
-                       lockwatch=programs["lockwatch"])
+                       workdir=Path(tmp), lockwatch=programs["lockwatch"])
         naive = naive_memory()
         for rep in range(run.reps):
             for n in run.sizes:
