@@ -65,6 +65,11 @@ STALE_START_S = 5.0
 #: A booted child that dies this young without serving is a crash loop too:
 #: the master backs off before replacing it.
 YOUNG_S = 1.0
+#: The master's loop runs at least this often when `timeout` is set (it
+#: watches busy children's clocks), else at least every IDLE_TICK_S; signals,
+#: children's wake-ups and deadlines wake it sooner.
+TICK_S = 1.0
+IDLE_TICK_S = 5.0
 #: How often a draining master looks at its listen queue.
 DRAIN_POLL_S = 0.02
 #: How often a master not yet ready (start, upgrade) looks for idle children.
@@ -175,7 +180,7 @@ class Arbiter:
         assert self.listener is not None
         self.board = open_scoreboard(s.backend, s.max_children)
         self.board.on_stuck = self.lock_stuck
-        self.board.set_min_spare(self.min_spare)
+        self.board.set_min_spare(self.wake_below())
         if s.daemon and handoff is None:
             if not s.log_file:
                 log.warning("daemon without log_file: log lines are discarded")
@@ -333,9 +338,14 @@ class Arbiter:
         self.notify_systemd()
 
     def deadlines(self) -> float:
-        """Seconds until the next thing the loop must do (at most 1)."""
+        """Seconds until the next thing the loop must do (at most TICK_S, or
+        IDLE_TICK_S when no `timeout` is to be watched: a pass costs O(slots),
+        and an idle pool must cost nearly nothing)."""
         now = time.monotonic()
-        due = [1.0]
+        # With min_spare 0 nobody wakes the master for a connection queued
+        # behind busy children: it looks every TICK_S.
+        watch = self.settings.timeout > 0 or self.min_spare == 0
+        due = [TICK_S if watch else IDLE_TICK_S]
         if self.spawn_after > now:
             due.append(self.spawn_after - now)
         if self.surplus_since:
@@ -440,11 +450,18 @@ class Arbiter:
         connection."""
         assert self.board is not None
         if self.can_fork():
-            self.board.set_min_spare(self.min_spare)
+            self.board.set_min_spare(self.wake_below())
         drift = self.board.audit()
         if drift:
             log.warning("idle counter drifted by %d from the slots; repaired", drift)
         return self.board.snapshot()
+
+    def wake_below(self) -> int:
+        """The idle count under which a child going busy wakes the master: the
+        live min_spare, but at least 1, so that with min_spare 0 the last idle
+        child going busy still brings a pass (a queued connection then gets a
+        child at once, not at the next tick)."""
+        return max(1, self.min_spare)
 
     def can_fork(self) -> bool:
         return (len(self.children) < self.settings.max_children
@@ -911,7 +928,7 @@ class Arbiter:
         self.max_spare = min(max_spare, cap)
         self.min_spare = min(min_spare, self.max_spare)
         assert self.board is not None
-        self.board.set_min_spare(self.min_spare)
+        self.board.set_min_spare(self.wake_below())
         log.info("min_spare=%d max_spare=%d", self.min_spare, self.max_spare)
 
     # ----------------------------------------------------------- children
