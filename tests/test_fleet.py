@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import threading
+import urllib.request
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
@@ -432,3 +433,27 @@ def test_drain_delay_reports_not_ready_while_serving_then_stops(
     report("drain delay", served_while_not_ready=served, stopped_after=f"{stopped_after:.3f}s")
     assert served == [200, 200, 200] and still_delaying
     assert stopped_after >= DRAIN_DELAY
+
+
+def test_a_live_masters_metrics_parse_with_prometheus_client(start_master):
+    from prometheus_client.parser import text_string_to_metric_families
+    port = free_ports(1)[0]
+    m = start_master(app="apps.py:echo", bind="127.0.0.1:0", start_servers=3, min_spare=1,
+                     max_spare=3, max_children=6, metrics_bind=f"127.0.0.1:{port}")
+    m.wait_ready()
+    for i in range(5):
+        assert m.echo(b"m%d" % i).endswith(b": m%d" % i)
+
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+
+    status, text = get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    by_state = {s.labels["state"]: s.value for s in families["mps_children"].samples}
+    assert by_state["idle"] + by_state["busy"] >= 3
+    total = next(s.value for s in families["mps_connections"].samples
+                 if s.name == "mps_connections_total")
+    assert total >= 5 and families["mps_connections"].type == "counter"
+    assert families["mps_ready"].samples[0].value == 1
+    assert get("/live")[0] == 200 and get("/ready")[0] == 200
