@@ -1045,3 +1045,13 @@ def test_validated_apps_saw_no_violation(pool: Served) -> None:
     assert "WSGIWarning" not in out
     assert "garbage collected without being closed" not in out
     assert "closed final" in marks(pool.close_mark)
+
+
+def test_http_date_is_imf_fixdate_whatever_the_instant() -> None:
+    import random
+    from email.utils import formatdate
+
+    from mps.http.wsgi import http_date
+    rng = random.Random(7)
+    for t in [0, 784111777, 951782400, 4102444799] + [rng.uniform(0, 4e9) for _ in range(2000)]:
+        assert http_date(t).decode() == formatdate(t, usegmt=True)

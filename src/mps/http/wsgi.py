@@ -23,7 +23,6 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
@@ -84,8 +83,22 @@ class Clock:
         now = int(time.time())
         if now != self.second:
             self.second = now
-            self.header = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+            self.header = b"Date: " + http_date(now) + b"\r\n"
         return self.header
+
+
+_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct",
+           b"Nov", b"Dec")
+
+
+def http_date(seconds: float) -> bytes:
+    """IMF-fixdate (RFC 9110 5.6.7), whatever the locale: "Sun, 06 Nov 1994 08:49:37 GMT".
+    (email.utils.formatdate would cost the master the whole email package.)"""
+    t = time.gmtime(seconds)
+    return b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min,
+        t.tm_sec)
 
 
 class ErrorStream:
