@@ -1,8 +1,9 @@
 """The status document (SPEC §7): built by the master, read by ``mps status``.
 
 Protocol: connect to the master's Unix socket; it writes one JSON document
-and closes.  The master never waits for the client: a client that never
-reads, or writes garbage, costs it one non-blocking send().
+and closes.  The master never waits for the client: it sends from its loop
+as the client reads, and resets a client that has not read the whole
+document within a few seconds (see Arbiter.answer_status).
 """
 from __future__ import annotations
 
