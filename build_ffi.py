@@ -54,7 +54,7 @@ int mps_set_min_spare(mps_board *b, int64_t min_spare);
 int mps_set_lock_timeout(mps_board *b, int64_t timeout_ns);
 int64_t mps_lock_holder(mps_board *b);
 int mps_hold_lock(mps_board *b);
-int mps_begin_request(mps_board *b, int64_t slot, const char *line, size_t len);
+int mps_begin_request(mps_board *b, int64_t slot, const char *method, const char *target);
 int64_t mps_idle_count(mps_board *b);
 int mps_nop(mps_board *b, int64_t slot);
 """

@@ -477,16 +477,23 @@ static int mps_done(mps_board *b, int64_t slot)
  * many): restart the slot's timeout clock, count the request, show its line.
  * No lock: only this child writes these fields, each 8-byte store is atomic,
  * and a reader that races the line copy shows a mixed line, nothing worse. */
-static int mps_begin_request(mps_board *b, int64_t slot, const char *line, size_t len)
+static int mps_begin_request(mps_board *b, int64_t slot, const char *method,
+                             const char *target)
 {
     struct mps_slot *s;
+    size_t n = 0;
     if (slot < 0 || slot >= b->head.nslots)
         return -EINVAL;
     s = &b->slots[slot];
-    if (len > MPS_REQUEST_LEN - 1)
-        len = MPS_REQUEST_LEN - 1;
-    memcpy(s->request, line, len);
-    memset(s->request + len, 0, MPS_REQUEST_LEN - len);
+    /* "METHOD TARGET", cut to fit: both are NUL-terminated (cffi passes
+     * bytes so, and llhttp lets no NUL into either). */
+    while (*method && n < MPS_REQUEST_LEN - 1)
+        s->request[n++] = *method++;
+    if (n < MPS_REQUEST_LEN - 1)
+        s->request[n++] = ' ';
+    while (*target && n < MPS_REQUEST_LEN - 1)
+        s->request[n++] = *target++;
+    memset(s->request + n, 0, MPS_REQUEST_LEN - n);
     __atomic_store_n(&s->changed_ns, mps_now_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&s->requests, s->requests + 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&b->head.requests, 1, __ATOMIC_RELAXED);

@@ -23,9 +23,9 @@ class PoolView(Protocol):
     def wanted(self) -> bool:
         """A connection waits for a child and no child is idle to take it."""
 
-    def begin_request(self, line: bytes) -> None:
+    def begin_request(self, method: bytes, target: bytes) -> object:
         """A request starts on this connection: restart the child's `timeout`
-        clock and show ``line`` (method and path) in the status."""
+        clock and show its method and target in the status."""
 
 
 class Alone:
@@ -39,5 +39,5 @@ class Alone:
     def wanted(self) -> bool:
         return False
 
-    def begin_request(self, line: bytes) -> None:
-        pass
+    def begin_request(self, method: bytes, target: bytes) -> object:
+        return None

@@ -164,10 +164,11 @@ class Scoreboard(ABC):
     idle_count: Callable[[], int]
 
     @abstractmethod
-    def begin_request(self, slot: int, line: bytes) -> None:
-        """Child: a request starts on its connection -- restart the slot's
-        timeout clock, count it, show ``line`` (at most 63 bytes kept).  No
-        lock: only the child writes these fields."""
+    def request_marker(self, slot: int) -> Callable[[bytes, bytes], object]:
+        """Child: ``mark(method, target)`` for each request that starts on its
+        connection -- restart the slot's timeout clock, count the request,
+        show "METHOD TARGET" (at most 63 bytes kept).  No lock: only the
+        child writes these fields.  Bound once: per request it is one call."""
 
     def __init__(self, nslots: int) -> None:
         self.nslots = nslots
@@ -396,8 +397,8 @@ class CScoreboard(Scoreboard):
                              _ffi.string(s.request) if s.state == State.BUSY else b"")
                         for i, s in enumerate(self._slots)))
 
-    def begin_request(self, slot: int, line: bytes) -> None:
-        _lib.mps_begin_request(self._board, slot, line, len(line))
+    def request_marker(self, slot: int) -> Callable[[bytes, bytes], object]:
+        return partial(_lib.mps_begin_request, self._board, slot)   # no Python frame
 
     def audit(self) -> int:
         _check(self._master(_lib.mps_audit, self._drift))
@@ -656,7 +657,11 @@ class PyScoreboard(Scoreboard):
             w[base + _BUSY_NS] += now - since
             w[base + _BUSY_SINCE] = 0
 
-    def begin_request(self, slot: int, line: bytes) -> None:
+    def request_marker(self, slot: int) -> Callable[[bytes, bytes], object]:
+        return partial(self._begin_request, slot)
+
+    def _begin_request(self, slot: int, method: bytes, target: bytes) -> None:
+        line = method + b" " + target
         base = self._base(slot)
         start = 8 * (base + _REQUEST)
         line = line[:_REQUEST_LEN - 1]

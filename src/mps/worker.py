@@ -253,6 +253,8 @@ class ChildPool:
         self.worker = worker
         self.board = worker.board
         self.slot = worker.child.slot
+        #: PoolView.begin_request, bound to this child's slot: one C call.
+        self.begin_request = worker.board.request_marker(self.slot)
         # SIGTERM writes a byte to the worker's wake-up pipe, so a handler
         # parked on an idle connection (polling these fds beside it) wakes at
         # once to leave.
@@ -281,8 +283,6 @@ class ChildPool:
         # While a child is idle, it takes the waiting connection itself.
         return queued and self.board.idle_count() <= 0
 
-    def begin_request(self, line: bytes) -> None:
-        self.board.begin_request(self.slot, line)
 
 
 def drop_privileges(uid: int, gid: int) -> None:

@@ -442,7 +442,7 @@ class WSGIHandler:
                 if req is None:
                     return
                 served += 1
-                pool.begin_request(req.line())
+                pool.begin_request(req.method, req.url)
                 keep = (req.keep_alive and not reader.upgraded
                         and served < self.options.keepalive_requests and not pool.leaving())
                 if keep and time.monotonic() - began >= KEEPALIVE_SLICE_S and pool.wanted():
