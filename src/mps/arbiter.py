@@ -132,7 +132,9 @@ class Arbiter:
         self.started = False            # start() finished: on_exit and "exiting" are due
         self.owned_paths: list[str] = []    # socket files we created (not inherited)
         self.identity: tuple[int, int] | None = None
-        self.inherited: sockets.Inherited | None = None    # fd://N: to hand back as it came
+        #: fd://N: shared with its owner; made non-blocking while we serve,
+        #: handed back blocking as listeners are handed over.
+        self.inherited = False
         self.status_out: dict[socket.socket, tuple[memoryview, float]] = {}
         self.progress = Progress()              # upgrades (USR2), for reload and status
         self.check: Check | None = None         # the new release's check, while it runs
@@ -225,14 +227,14 @@ class Arbiter:
                             len(fds))
         self.listener = sockets.listen(address, s.backlog, s.reuse_port)
         if address.fd >= 0:     # shared with its owner: hand it back as it came
-            self.inherited = sockets.Inherited.of(self.listener)
+            self.inherited = True
         if address.family == socket.AF_UNIX:
             self.owned_paths.append(address.path)
         # Children sleep in epoll between connections (EPOLLEXCLUSIVE: one
         # woken per connection) and take it with a non-blocking accept.
         self.listener.setblocking(False)
         wait = getattr(self.app.handler, "client_speaks_first", 0.0)
-        if wait and self.inherited is None and \
+        if wait and not self.inherited and \
                 self.listener.family in (socket.AF_INET, socket.AF_INET6):
             # The client speaks first (HTTP, PROXY): the kernel holds a new
             # connection until its first bytes arrive, so a child is woken
@@ -252,8 +254,7 @@ class Arbiter:
         and its children on their own board, to be retired once ours serve."""
         self.listener = socket.socket(fileno=handoff.listener_fd)
         self.listener.set_inheritable(False)
-        if handoff.inherited_blocking is not None:
-            self.inherited = sockets.Inherited(handoff.inherited_blocking)
+        self.inherited = handoff.inherited
         self.listener.setblocking(False)
         if handoff.status_fd >= 0:
             self.status_sock = socket.socket(fileno=handoff.status_fd)
@@ -288,8 +289,11 @@ class Arbiter:
                 self.app.call_hook("on_exit")
             except Exception:
                 log.exception("on_exit hook failed")
-        if self.inherited is not None and self.listener is not None:
-            self.inherited.restore(self.listener)   # hand it back as we got it
+        if self.inherited and self.listener is not None:
+            try:
+                sockets.set_nonblocking(self.listener, False)   # hand it back as we got it
+            except OSError:
+                pass    # closed under us: nothing left to hand back
         for conn in list(self.status_out):
             conn.close()
         if self.metrics is not None:
@@ -431,7 +435,7 @@ class Arbiter:
         another mps master that leaves before us: make it ours again (a
         blocking accept would keep an idle child from its signals)."""
         assert self.listener is not None
-        if self.inherited is not None and not self.stopping and \
+        if self.inherited and not self.stopping and \
                 not sockets.is_nonblocking(self.listener):
             sockets.set_nonblocking(self.listener, True)
             # A child that entered accept() meanwhile sleeps in a blocking
@@ -773,7 +777,7 @@ class Arbiter:
         shared with its owner (systemd, the next master): it is never changed
         for them; we only stop accepting, and its queue stays theirs."""
         assert self.listener is not None
-        if self.inherited is not None:
+        if self.inherited:
             return False
         if self.listener.family == socket.AF_UNIX:
             path = self.listener.getsockname()
@@ -883,7 +887,7 @@ class Arbiter:
             board=self.board.handoff(),
             children=[(c.pid, c.slot, c.generation) for c in self.children.values()],
             generation=self.generation, owned_paths=self.owned_paths,
-            inherited_blocking=self.inherited.blocking if self.inherited else None,
+            inherited=self.inherited,
             progress=self.progress.as_dict(), totals=self.totals.as_dict(),
             started_at_wall=time.time() - (time.monotonic() - self.started_at),
             bind_setting=self.settings.bind)

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from .errors import AppError, SettingError
-from .proxy import Allowed, accept_proxied
+from .proxy import PROXY_TIMEOUT_S, Allowed, accept_proxied
 
 Handler = Callable[[socket.socket, Any], object]
 Hook = Callable[..., object]
@@ -63,7 +63,7 @@ class Proxied:
         if bind is not None:            # keep the inner handler's pool seam (HTTP)
             self.bind = bind
         # The PROXY header comes first, whatever the protocol behind it.
-        self.client_speaks_first = getattr(inner, "client_speaks_first", 0.0) or 3.0
+        self.client_speaks_first = getattr(inner, "client_speaks_first", 0.0) or PROXY_TIMEOUT_S
 
     def __call__(self, conn: socket.socket, addr: Any) -> None:
         real = accept_proxied(conn, addr, self.allowed)

@@ -139,7 +139,8 @@ def _adopt(fd: int) -> socket.socket:
         sock.detach()
         raise BindError(f"fd://{fd} is not a listening stream socket")
     # Shared with its owner (systemd, another master): its backlog and
-    # filters are left alone (see Inherited).
+    # filters are left alone (the master only borrows O_NONBLOCK, and hands
+    # it back blocking, as listeners are handed over).
     return sock
 
 
@@ -203,7 +204,6 @@ def listen_unix_private(path: str, backlog: int = 16) -> socket.socket:
 # TCP socket's filter sees the segment from its TCP header on, so byte 13 is
 # the flags.  struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}.
 _SO_ATTACH_FILTER = 26
-_SO_DETACH_FILTER = 27
 _SYN, _ACK = 0x02, 0x10
 _DROP_SYN = b"".join(struct.pack("HBBI", *insn) for insn in (
     (0x30, 0, 0, 13),               # ldb [13]          A = TCP flags
@@ -236,14 +236,6 @@ def refuse_new_connections(sock: socket.socket) -> bool:
     except OSError:
         return False    # the caller falls back to stopping at once
     return True
-
-
-def accept_new_connections(sock: socket.socket) -> None:
-    """Undo refuse_new_connections (a no-op if no filter is attached)."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
-    except OSError:
-        pass    # ENOENT: there was none
 
 
 def readable(sock: socket.socket) -> bool:
@@ -283,29 +275,6 @@ def handshakes_in_progress(sock: socket.socket) -> int:
     except OSError:
         return 0
     return count
-
-
-@dataclass(frozen=True)
-class Inherited:
-    """How an inherited listener was when we got it, to hand it back so.
-    Its backlog and filters are never touched; it is made non-blocking while
-    we serve (the children sleep in epoll, see Scoreboard.accept) and given
-    back blocking as it came."""
-
-    blocking: bool
-
-    @classmethod
-    def of(cls, sock: socket.socket) -> Inherited:
-        # Found non-blocking, it is another mps master's doing on the same
-        # socket (a hand-off in progress), not its owner's: systemd and
-        # servers that accept() hand listeners over blocking.
-        return cls(blocking=True)
-
-    def restore(self, sock: socket.socket) -> None:
-        try:
-            set_nonblocking(sock, not self.blocking)
-        except OSError:
-            pass    # closed under us: nothing left to hand back
 
 
 def set_nonblocking(sock: socket.socket, on: bool) -> None:

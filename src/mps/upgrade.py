@@ -69,7 +69,7 @@ class Handoff:
     children: list[tuple[int, int, int]]       # (pid, slot, generation)
     generation: int
     owned_paths: list[str]
-    inherited_blocking: bool | None             # None: the listener is ours
+    inherited: bool                             # the listener is fd://N, not ours
     progress: dict[str, Any]
     totals: dict[str, int]
     started_at_wall: float

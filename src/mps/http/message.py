@@ -127,12 +127,10 @@ class Request:
     content_length = -1             # -1: none given
     chunked = False
     expect_continue = False
-    upgrade = False
     body = _NO_BODY
     body_size = 0                   # decoded body bytes received so far
     complete = False                # the whole message has been parsed
     fields = 0                      # header fields, then trailer fields
-    field_bytes = 0
     host = False                    # a Host field was seen
     chunks = 0
     framing = 0                     # bytes read beside the decoded body
@@ -270,7 +268,6 @@ class Reader:
         if version == "1.0":
             req.expect_continue = False     # no 1xx to a 1.0 client (RFC 9110 10.1.1)
         req.keep_alive = parser.should_keep_alive()
-        req.upgrade = parser.should_upgrade()
         if req.content_length > self.limits.max_body:
             raise PayloadTooLarge()
         self.parsing = None

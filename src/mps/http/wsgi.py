@@ -155,7 +155,7 @@ class Response:
     """One response: ``start_response``, ``write``, and its framing."""
 
     __slots__ = ("conn", "request", "input", "clock", "keep", "status", "code", "headers",
-                 "head_sent", "chunked", "length", "sent", "body_allowed", "close_delimited",
+                 "head_sent", "chunked", "length", "sent", "body_allowed",
                  "heads")
 
     def __init__(self, conn: socket.socket, request: Request, body: Input, clock: Clock,
@@ -175,7 +175,6 @@ class Response:
         self.length = -1            # Content-Length the app declared, -1 none
         self.sent = 0               # body bytes sent
         self.body_allowed = True
-        self.close_delimited = False
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: ExcInfo | None = None) -> Callable[[bytes], None]:
@@ -241,12 +240,11 @@ class Response:
             if len(self.heads) >= _HEADS_MAX:
                 self.heads.clear()
             self.heads[key] = built
-        (before, dated, after, self.length, self.keep, self.chunked, self.close_delimited,
+        (before, dated, after, self.length, self.keep, self.chunked,
          self.body_allowed) = built
         return before + self.clock.date() + after if dated else before + after
 
-    def build_head(self, known_length: int) -> tuple[bytes, bool, bytes, int, bool, bool, bool,
-                                                     bool]:
+    def build_head(self, known_length: int) -> tuple[bytes, bool, bytes, int, bool, bool, bool]:
         """The head's bytes around the Date line, and the framing it decided."""
         req = self.request
         assert self.status is not None
@@ -282,7 +280,6 @@ class Response:
                 self.chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:
-                self.close_delimited = True
                 self.keep = False
         if not self.keep:
             lines.append(b"Connection: close\r\n")
@@ -291,7 +288,7 @@ class Response:
         before = b"".join(lines)
         after = (b"Server: " + SERVER + b"\r\n\r\n") if server else b"\r\n"
         return (before, date, after, self.length, self.keep, self.chunked,
-                self.close_delimited, self.body_allowed)
+                self.body_allowed)
 
     def write(self, data: bytes) -> None:
         """The ``write()`` of start_response, and every chunk of the iterable."""
@@ -337,7 +334,7 @@ class Response:
         elif self.body_allowed and 0 <= self.length != self.sent:
             self.keep = False       # the app sent less than it declared: framing lost
 
-    def send_file(self, wrapper: FileWrapper, fd: int) -> bool:
+    def send_file(self, fd: int) -> bool:
         """Send a file_wrapper's file with os.sendfile; False when it cannot be."""
         if self.chunked or not self.body_allowed:
             return False
@@ -504,7 +501,7 @@ class WSGIHandler:
         try:
             if isinstance(result, FileWrapper):
                 fd = result.fileno()
-                if fd is not None and resp.status is not None and resp.send_file(result, fd):
+                if fd is not None and resp.status is not None and resp.send_file(fd):
                     resp.finish()
                     return
             if isinstance(result, (list, tuple)) and not resp.head_sent:
