@@ -48,12 +48,13 @@ int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int epoll_fd,
                     int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
 int mps_idle(mps_board *b, int64_t slot);
 int mps_done(mps_board *b, int64_t slot);
-int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots);
+int mps_snapshot(mps_board *b, struct mps_head *head, uint8_t *states,
+                 struct mps_slot *slots);
 int mps_audit(mps_board *b, int64_t *drift);
 int mps_set_min_spare(mps_board *b, int64_t min_spare);
 int mps_set_lock_timeout(mps_board *b, int64_t timeout_ns);
 int64_t mps_lock_holder(mps_board *b);
-int mps_hold_lock(mps_board *b);
+int mps_hold_lock(mps_board *b, int64_t slot);
 int mps_begin_request(mps_board *b, int64_t slot, const char *method, const char *target);
 int64_t mps_idle_count(mps_board *b);
 int mps_nop(mps_board *b, int64_t slot);

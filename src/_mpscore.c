@@ -18,6 +18,17 @@
  * (lock_timeout_ns) and return -ETIMEDOUT; the master then reads the holder
  * (mps_lock_holder), kills it, and its retry takes the EOWNERDEAD path.
  * Children's calls keep the plain blocking lock: their hot path is unchanged.
+ *
+ * The master holds the lock for O(1) work plus at most one byte per slot,
+ * so that no child's transition waits long behind it (issue 11: a copy of
+ * every 128-byte record under the lock held it 18 us at 1024 slots).  The
+ * slot states live apart from the records, one byte each (the state array
+ * after the records): what the pool policy counts -- the states and the
+ * head's counters -- is copied under the lock as one consistent picture,
+ * and the records are copied after, without it.  A record's locked writers
+ * make its seq odd while they write it (a seqlock; the lock already orders
+ * the writers), and a reader copies it again until seq is even and
+ * unchanged, or copies it under the lock when a writer stays inside.
  */
 #include <errno.h>
 #include <linux/futex.h>
@@ -34,8 +45,10 @@
 #include <unistd.h>
 
 #define MPS_MAGIC   0x3153504dU     /* "MPS1" */
-#define MPS_VERSION 3     /* 2: lock_timeout_ns after the head; 3: requests, busy time */
+#define MPS_VERSION 4     /* 2: lock_timeout_ns after the head; 3: requests, busy time;
+                           * 4: states in a byte array, a seq in each record */
 #define MPS_REQUEST_LEN 64  /* bytes of a slot's request line, NUL-padded */
+#define MPS_MAX_SLOTS (1 << 20)
 
 /* pthread_mutex_clocklock (glibc >= 2.30, declared under _GNU_SOURCE, which
  * glibc turns into __USE_GNU) waits on CLOCK_MONOTONIC; the portable
@@ -55,9 +68,11 @@ enum mps_state {
     MPS_EXITING = 4     /* child told to leave, or leaving on its own */
 };
 
-struct mps_slot {
+/* One child's record in the shared mapping; its state is in the board's
+ * state array (mps_states), not here. */
+struct mps_cell {
     int64_t pid;
-    int64_t state;          /* enum mps_state */
+    int64_t seq;            /* odd while a locked writer updates this record */
     int64_t connections;    /* connections this child accepted */
     int64_t changed_ns;     /* CLOCK_MONOTONIC time of the last state change */
     int64_t retire;         /* set by the master: leave after this connection */
@@ -65,6 +80,19 @@ struct mps_slot {
     int64_t busy_since;     /* when the current connection was accepted, 0 when idle */
     int64_t busy_ns;        /* time spent serving connections, accumulated */
     char request[MPS_REQUEST_LEN];  /* the request being served (method and path) */
+};
+
+/* A slot as mps_snapshot copies it out: the record and its state. */
+struct mps_slot {
+    int64_t pid;
+    int64_t state;          /* enum mps_state */
+    int64_t connections;
+    int64_t changed_ns;
+    int64_t retire;
+    int64_t requests;
+    int64_t busy_since;
+    int64_t busy_ns;
+    char request[MPS_REQUEST_LEN];
 };
 
 struct mps_head {
@@ -85,8 +113,42 @@ typedef struct mps_board {
     struct mps_head head;
     int64_t lock_timeout_ns;    /* the master's calls give up after this (0: never) */
     pthread_mutex_t lock;
-    struct mps_slot slots[];
+    struct mps_cell slots[];    /* then uint8_t states[nslots] (mps_states) */
 } mps_board;
+
+/* Bytes of a board of nslots slots: the records, then one state byte per
+ * slot (padded to 8).  Packed, a whole-board pass under the lock reads
+ * nslots bytes, not nslots cache lines. */
+static size_t mps_board_size(int64_t nslots)
+{
+    return sizeof(mps_board) + (size_t)nslots * sizeof(struct mps_cell) +
+           (((size_t)nslots + 7) & ~(size_t)7);
+}
+
+/* The state array (enum mps_state, one byte a slot): written and read under
+ * the lock only.  An offset from the board, never a stored pointer. */
+static inline uint8_t *mps_states(mps_board *b)
+{
+    return (uint8_t *)(b->slots + b->head.nslots);
+}
+
+/* Caller holds the lock: begin updating a record (seq odd, then the stores).
+ * The lock serialises writers, so no atomic increment is needed, only the
+ * order.  It starts from seq | 1, so a writer that died mid-update (seq left
+ * odd) is followed by one that keeps it odd while it writes. */
+static inline int64_t mps_write_begin(struct mps_cell *s)
+{
+    int64_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED) | 1;
+    __atomic_store_n(&s->seq, seq, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return seq;
+}
+
+/* Caller holds the lock: the record's stores are done (seq even again). */
+static inline void mps_write_end(struct mps_cell *s, int64_t seq)
+{
+    __atomic_store_n(&s->seq, seq + 1, __ATOMIC_RELEASE);
+}
 
 static int64_t mps_now_ns(void)
 {
@@ -95,16 +157,39 @@ static int64_t mps_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Caller holds the lock: the IDLE states, counted 8 at a time -- the array
+ * is padded to 8 bytes with zeros (EMPTY).  In each word, IDLE bytes are
+ * made 0, then each 0 byte is marked 0x80 (the usual exact zero-byte test:
+ * no carry crosses a byte) and the marks are added up by one multiply. */
+static int64_t mps_count_idle(mps_board *b)
+{
+    const uint64_t ones = 0x0101010101010101ULL, low7 = 0x7f7f7f7f7f7f7f7fULL;
+    const uint8_t *states = mps_states(b);
+    size_t words = ((size_t)b->head.nslots + 7) / 8, i;
+    int64_t idle = 0;
+    for (i = 0; i < words; i++) {
+        uint64_t x;
+        memcpy(&x, states + 8 * i, 8);
+        x ^= ones * MPS_IDLE;
+        x = ~(((x & low7) + low7) | x | low7);
+        idle += (int64_t)(((x >> 7) * ones) >> 56);
+    }
+    return idle;
+}
+
 /* Caller holds the lock.  Returns how far the counter had drifted. */
 static int64_t mps_recount(mps_board *b)
 {
-    int64_t idle = 0, i;
-    for (i = 0; i < b->head.nslots; i++)
-        idle += b->slots[i].state == MPS_IDLE;
+    int64_t idle = mps_count_idle(b);
     idle -= b->head.idle;
     b->head.idle += idle;
     return idle;
 }
+
+#ifndef MPS_ON_LOCKED     /* lockwatch defines these to time each hold */
+#define MPS_ON_LOCKED() ((void)0)
+#define MPS_ON_UNLOCK() ((void)0)
+#endif
 
 /* Every transition locks through here; timeout_ns 0 blocks, else the wait
  * ends with -ETIMEDOUT.  EOWNERDEAD means a process died holding the lock,
@@ -134,11 +219,14 @@ static inline int mps_lock_within_(mps_board *b, int64_t timeout_ns)
 #endif
     }
     if (rc == EOWNERDEAD) {
+        MPS_ON_LOCKED();
         mps_recount(b);
         b->head.repairs++;
         pthread_mutex_consistent(&b->lock);
         return 0;
     }
+    if (rc == 0)
+        MPS_ON_LOCKED();
     return -rc;
 }
 
@@ -158,12 +246,13 @@ static int mps_lock_master_(mps_board *b)
 
 static void mps_unlock_(mps_board *b)
 {
+    MPS_ON_UNLOCK();
     pthread_mutex_unlock(&b->lock);
 }
 
 /* Every per-slot transition starts here: check the index, take the lock
  * (timeout_ns as in mps_lock_within_: children pass 0). */
-static inline int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s,
+static inline int mps_lock_slot(mps_board *b, int64_t slot, struct mps_cell **s,
                                 int64_t timeout_ns)
 {
     int rc;
@@ -176,7 +265,7 @@ static inline int mps_lock_slot(mps_board *b, int64_t slot, struct mps_slot **s,
 }
 
 /* A connection ends (or its child dies): add its time to the slot's busy time. */
-static void mps_end_busy(struct mps_slot *s, int64_t now)
+static void mps_end_busy(struct mps_cell *s, int64_t now)
 {
     if (s->busy_since) {
         s->busy_ns += now - s->busy_since;
@@ -184,11 +273,12 @@ static void mps_end_busy(struct mps_slot *s, int64_t now)
     }
 }
 
-/* `now` is read before locking: the clock stays out of the critical section. */
-static void mps_set_state(struct mps_slot *s, int64_t state, int64_t now)
+/* `now` is read before locking: the clock stays out of the critical section.
+ * Caller holds the lock, inside mps_write_begin/end of the slot's record. */
+static void mps_set_state(mps_board *b, int64_t slot, int64_t state, int64_t now)
 {
-    s->state = state;
-    s->changed_ns = now;
+    mps_states(b)[slot] = (uint8_t)state;
+    b->slots[slot].changed_ns = now;
 }
 
 /* Master, before any fork: map and initialise a board of nslots slots, in
@@ -201,9 +291,9 @@ static int mps_create_fd(int64_t nslots, int fd, mps_board **out)
     size_t size;
     int rc;
 
-    if (nslots < 1 || nslots > 1 << 20)
+    if (nslots < 1 || nslots > MPS_MAX_SLOTS)
         return -EINVAL;
-    size = sizeof(mps_board) + (size_t)nslots * sizeof(struct mps_slot);
+    size = mps_board_size(nslots);
     if (fd >= 0 && ftruncate(fd, (off_t)size) != 0)
         return -errno;
     b = mmap(NULL, size, PROT_READ | PROT_WRITE,
@@ -252,7 +342,8 @@ static int mps_attach(int fd, mps_board **out)
     if (b == MAP_FAILED)
         return -errno;
     if (b->magic != MPS_MAGIC || b->version != MPS_VERSION || b->size != (size_t)st.st_size ||
-        b->size != sizeof(mps_board) + (size_t)b->head.nslots * sizeof(struct mps_slot)) {
+        b->head.nslots < 1 || b->head.nslots > MPS_MAX_SLOTS ||
+        b->size != mps_board_size(b->head.nslots)) {
         munmap(b, (size_t)st.st_size);
         return -EPROTO;
     }
@@ -267,41 +358,48 @@ static int mps_destroy(mps_board *b)
 
 /* Master, before fork(): claim the first empty slot as STARTING.
  * Locks (master: -ETIMEDOUT past lock_timeout_ns, as every "Locks (master)"
- * below).  Returns the slot index, or -ENOSPC when every slot is taken. */
+ * below); the search reads one byte a slot.  Returns the slot index, or
+ * -ENOSPC when every slot is taken. */
 static int64_t mps_reserve(mps_board *b)
 {
-    int64_t now = mps_now_ns();
-    int64_t i;
+    int64_t now = mps_now_ns(), i, seq;
+    const uint8_t *free_at;
+    struct mps_cell *s;
     int rc = mps_lock_master_(b);
     if (rc < 0)
         return rc;
-    for (i = 0; i < b->head.nslots; i++) {
-        struct mps_slot *s = &b->slots[i];
-        if (s->state == MPS_EMPTY) {
-            s->pid = 0;
-            s->connections = 0;
-            s->retire = 0;
-            s->requests = 0;
-            s->busy_since = 0;
-            s->busy_ns = 0;
-            s->request[0] = 0;
-            mps_set_state(s, MPS_STARTING, now);
-            mps_unlock_(b);
-            return i;
-        }
+    free_at = memchr(mps_states(b), MPS_EMPTY, (size_t)b->head.nslots);
+    if (free_at == NULL) {
+        mps_unlock_(b);
+        return -ENOSPC;
     }
+    i = free_at - mps_states(b);
+    s = &b->slots[i];
+    seq = mps_write_begin(s);
+    s->pid = 0;
+    s->connections = 0;
+    s->retire = 0;
+    s->requests = 0;
+    s->busy_since = 0;
+    s->busy_ns = 0;
+    s->request[0] = 0;
+    mps_set_state(b, i, MPS_STARTING, now);
+    mps_write_end(s, seq);
     mps_unlock_(b);
-    return -ENOSPC;
+    return i;
 }
 
 /* Master, after fork() returned pid for this slot.  Locks (master). */
 static int mps_started(mps_board *b, int64_t slot, int64_t pid)
 {
-    struct mps_slot *s;
+    struct mps_cell *s;
+    int64_t seq;
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s, b->lock_timeout_ns)) < 0)
         return rc;
+    seq = mps_write_begin(s);
     s->pid = pid;
+    mps_write_end(s, seq);
     mps_unlock_(b);
     return 0;
 }
@@ -312,20 +410,22 @@ static int mps_started(mps_board *b, int64_t slot, int64_t pid)
 static int mps_release(mps_board *b, int64_t slot)
 {
     int64_t now = mps_now_ns();
-    struct mps_slot *s;
-    int64_t was;
+    struct mps_cell *s;
+    int64_t was, seq;
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s, b->lock_timeout_ns)) < 0)
         return rc;
-    was = s->state;
+    was = mps_states(b)[slot];
     if (was == MPS_IDLE)
         b->head.idle--;
+    seq = mps_write_begin(s);
     mps_end_busy(s, now);
     b->head.busy_ns_done += s->busy_ns;
     s->busy_ns = 0;
     s->pid = 0;
     s->retire = 0;
-    mps_set_state(s, MPS_EMPTY, now);
+    mps_set_state(b, slot, MPS_EMPTY, now);
+    mps_write_end(s, seq);
     mps_unlock_(b);
     return (int)was;
 }
@@ -337,18 +437,20 @@ static int mps_release(mps_board *b, int64_t slot)
 static int mps_retire(mps_board *b, int64_t slot)
 {
     int64_t now = mps_now_ns();
-    struct mps_slot *s;
-    int64_t was;
+    struct mps_cell *s;
+    int64_t was, seq;
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s, b->lock_timeout_ns)) < 0)
         return rc;
-    was = s->state;
+    was = mps_states(b)[slot];
+    seq = mps_write_begin(s);
     if (was == MPS_IDLE) {
         b->head.idle--;
-        mps_set_state(s, MPS_EXITING, now);
+        mps_set_state(b, slot, MPS_EXITING, now);
     } else if (was == MPS_STARTING || was == MPS_BUSY) {
         s->retire = 1;
     }
+    mps_write_end(s, seq);
     mps_unlock_(b);
     return (int)was;
 }
@@ -359,20 +461,22 @@ static int mps_retire(mps_board *b, int64_t slot)
  * was accepting stays EXITING: it serves this connection, then leaves. */
 static int mps_busy(mps_board *b, int64_t slot)
 {
-    int64_t now = mps_now_ns();
-    struct mps_slot *s;
+    int64_t now = mps_now_ns(), seq;
+    struct mps_cell *s;
     int rc, wake;
     if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
-    if (s->state == MPS_IDLE) {
+    seq = mps_write_begin(s);
+    if (mps_states(b)[slot] == MPS_IDLE) {
         b->head.idle--;
-        mps_set_state(s, MPS_BUSY, now);
+        mps_set_state(b, slot, MPS_BUSY, now);
     } else {
         s->changed_ns = now;    /* the timeout clock starts now */
     }
     mps_end_busy(s, now);       /* (never set here; a guard against a lost idle) */
     s->busy_since = now;
     s->connections++;
+    mps_write_end(s, seq);
     b->head.connections++;
     /* Edge-triggered: one wake-up until the master re-arms, so a pool held
      * below min_spare (saturated) does not cost the master a pass per
@@ -389,22 +493,24 @@ static int mps_busy(mps_board *b, int64_t slot)
  * EXITING and the child must leave), else 0 (the slot is IDLE). */
 static int mps_idle(mps_board *b, int64_t slot)
 {
-    int64_t now = mps_now_ns();
-    struct mps_slot *s;
-    int rc;
+    int64_t now = mps_now_ns(), seq;
+    struct mps_cell *s;
+    int rc, leave = 0;
     if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
+    seq = mps_write_begin(s);
     mps_end_busy(s, now);
-    if (s->retire || s->state == MPS_EXITING) {
-        mps_set_state(s, MPS_EXITING, now);
-        mps_unlock_(b);
-        return 1;
+    if (s->retire || mps_states(b)[slot] == MPS_EXITING) {
+        leave = 1;
+        mps_set_state(b, slot, MPS_EXITING, now);
+    } else {
+        if (mps_states(b)[slot] != MPS_IDLE)
+            b->head.idle++;
+        mps_set_state(b, slot, MPS_IDLE, now);
     }
-    if (s->state != MPS_IDLE)
-        b->head.idle++;
-    mps_set_state(s, MPS_IDLE, now);
+    mps_write_end(s, seq);
     mps_unlock_(b);
-    return 0;
+    return leave;
 }
 
 /* Child, between connections: one call (the caller released the GIL) for
@@ -460,27 +566,30 @@ static int mps_accept_busy(mps_board *b, int64_t slot, int listen_fd, int epoll_
 /* Child, when it leaves on its own (connection budget spent, stop).  Locks. */
 static int mps_done(mps_board *b, int64_t slot)
 {
-    int64_t now = mps_now_ns();
-    struct mps_slot *s;
+    int64_t now = mps_now_ns(), seq;
+    struct mps_cell *s;
     int rc;
     if ((rc = mps_lock_slot(b, slot, &s, 0)) < 0)
         return rc;
-    if (s->state == MPS_IDLE)
+    if (mps_states(b)[slot] == MPS_IDLE)
         b->head.idle--;
+    seq = mps_write_begin(s);
     mps_end_busy(s, now);
-    mps_set_state(s, MPS_EXITING, now);
+    mps_set_state(b, slot, MPS_EXITING, now);
+    mps_write_end(s, seq);
     mps_unlock_(b);
     return 0;
 }
 
 /* Child, when a request starts on its connection (HTTP keep-alive serves
  * many): restart the slot's timeout clock, count the request, show its line.
- * No lock: only this child writes these fields, each 8-byte store is atomic,
- * and a reader that races the line copy shows a mixed line, nothing worse. */
+ * No lock, and outside the record's seq (only locked writers may move it):
+ * only this child writes these fields, each 8-byte store is atomic, and a
+ * reader that races the line copy shows a mixed line, nothing worse. */
 static int mps_begin_request(mps_board *b, int64_t slot, const char *method,
                              const char *target)
 {
-    struct mps_slot *s;
+    struct mps_cell *s;
     size_t n = 0;
     if (slot < 0 || slot >= b->head.nslots)
         return -EINVAL;
@@ -507,15 +616,70 @@ static int64_t mps_idle_count(mps_board *b)
     return __atomic_load_n(&b->head.idle, __ATOMIC_RELAXED);
 }
 
-/* Master or status: copy the header and every slot out.  Locks (master). */
-static int mps_snapshot(mps_board *b, struct mps_head *head, struct mps_slot *slots)
+/* The fields of one record into a snapshot's slot (not its state). */
+static void mps_cell_out(const struct mps_cell *s, struct mps_slot *out)
 {
+    out->pid = __atomic_load_n(&s->pid, __ATOMIC_RELAXED);
+    out->connections = __atomic_load_n(&s->connections, __ATOMIC_RELAXED);
+    out->changed_ns = __atomic_load_n(&s->changed_ns, __ATOMIC_RELAXED);
+    out->retire = __atomic_load_n(&s->retire, __ATOMIC_RELAXED);
+    out->requests = __atomic_load_n(&s->requests, __ATOMIC_RELAXED);
+    out->busy_since = __atomic_load_n(&s->busy_since, __ATOMIC_RELAXED);
+    out->busy_ns = __atomic_load_n(&s->busy_ns, __ATOMIC_RELAXED);
+    memcpy(out->request, s->request, MPS_REQUEST_LEN);
+}
+
+/* Tries at a whole copy of a record before mps_snapshot copies it under the
+ * lock: a live writer is inside for tens of ns, unless it lost its CPU. */
+#define MPS_COPY_TRIES 64
+
+/* Copy a record without the lock.  1 when the copy is whole (seq even, and
+ * the same after the copy), 0 when a writer was inside at every try. */
+static int mps_copy_cell(const struct mps_cell *s, struct mps_slot *out)
+{
+    int try;
+    for (try = 0; try < MPS_COPY_TRIES; try++) {
+        int64_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        if (seq & 1)
+            continue;
+        mps_cell_out(s, out);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&s->seq, __ATOMIC_RELAXED) == seq)
+            return 1;
+    }
+    return 0;
+}
+
+/* Master or status: copy the header and every slot out.  Locks (master)
+ * only while it copies the header and the state array (one byte a slot):
+ * the counts the pool policy acts on -- the idle counter, which slots are
+ * idle, busy, starting, free -- come from one instant.  Each slot's record
+ * is copied after the unlock, whole (its seq), so the fields beside a state
+ * are as new as that state or newer: an age from changed_ns never exceeds
+ * the state's real age, and a torn busy_since/busy_ns pair is never seen.
+ * The pid and retire fields only the master writes.  A record a writer
+ * stays inside (stopped, or dead and not yet reaped) is copied under the
+ * lock, as every record used to be.  states: nslots bytes of scratch. */
+static int mps_snapshot(mps_board *b, struct mps_head *head, uint8_t *states,
+                        struct mps_slot *slots)
+{
+    int64_t i, n;
     int rc = mps_lock_master_(b);
     if (rc < 0)
         return rc;
     *head = b->head;
-    memcpy(slots, b->slots, (size_t)b->head.nslots * sizeof(struct mps_slot));
+    n = head->nslots;
+    memcpy(states, mps_states(b), (size_t)n);
     mps_unlock_(b);
+    for (i = 0; i < n; i++) {
+        slots[i].state = states[i];
+        if (mps_copy_cell(&b->slots[i], &slots[i]))
+            continue;
+        if ((rc = mps_lock_master_(b)) < 0)
+            return rc;
+        mps_cell_out(&b->slots[i], &slots[i]);
+        mps_unlock_(b);
+    }
     return 0;
 }
 
@@ -583,8 +747,13 @@ static int mps_nop(mps_board *b, int64_t slot)
     return (int)(slot & 0);
 }
 
-/* Tests only: take the lock and keep it (the caller then dies holding it). */
-static int mps_hold_lock(mps_board *b)
+/* Tests only: take the lock and keep it (the caller then dies holding it);
+ * with a slot (>= 0), also begin updating its record and stop there, as a
+ * child stopped or killed in the middle of a transition would. */
+static int mps_hold_lock(mps_board *b, int64_t slot)
 {
-    return mps_lock_(b);
+    int rc = mps_lock_(b);
+    if (rc == 0 && slot >= 0 && slot < b->head.nslots)
+        mps_write_begin(&b->slots[slot]);
+    return rc;
 }

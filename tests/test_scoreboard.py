@@ -46,6 +46,13 @@ def consistent(snap: Snapshot) -> bool:
     return snap.idle_counter == snap.count(State.IDLE)
 
 
+def whole_records(snap: Snapshot) -> bool:
+    """Each slot's record comes from between two transitions, never from
+    inside one: busy() sets busy_since and changed_ns to one instant, idle()
+    clears busy_since (so it holds while nothing else writes the slots)."""
+    return all(s.busy_since in (0, s.changed_ns) for s in snap.slots)
+
+
 def state(board: Scoreboard, slot: int) -> State:
     return board.snapshot().slots[slot].state
 
@@ -483,11 +490,13 @@ def test_concurrent_children_lose_no_update(board: Scoreboard) -> None:
                    what="every child to report idle")
     finally:
         os.close(go_w)                  # go (and never leave a child blocked)
-    # The master's view while they hammer: every snapshot is consistent.
+    # The master's view while they hammer: every snapshot is consistent --
+    # the counter with the states, each slot's record in itself.
     deadline = time.monotonic() + DEADLINE
     while True:
         snap = board.snapshot()
         assert consistent(snap), snap
+        assert whole_records(snap), snap
         if snap.connections >= N_PROCS * pairs or time.monotonic() > deadline:
             break
     codes = [reap(pid) for pid in pids]
@@ -784,15 +793,16 @@ RECOVERY = LOCK_TIMEOUT + 3.0
 
 class StoppedHolder:
     """A forked process that takes the lock, leaves a half-done update (the
-    counter moved by -1, no slot did) and SIGSTOPs itself, lock in hand:
-    what a child looks like to a master when a debugger or freezer stops it."""
+    counter moved by -1, no slot did; with ``updating``, that slot's record
+    opened for writing too) and SIGSTOPs itself, lock in hand: what a child
+    looks like to a master when a debugger or freezer stops it."""
 
-    def __init__(self, board: Scoreboard) -> None:
+    def __init__(self, board: Scoreboard, updating: int = -1) -> None:
         self._ready_r, ready_w = os.pipe()
 
         def hold() -> None:
             os.close(self._ready_r)
-            board.hold_lock()
+            board.hold_lock(updating)
             shift_idle_counter(board, -1)
             os.write(ready_w, b"h")
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -822,12 +832,12 @@ class StoppedHolder:
 
 
 @pytest.fixture
-def stop_a_holder() -> Iterator[Callable[[Scoreboard], StoppedHolder]]:
+def stop_a_holder() -> Iterator[Callable[..., StoppedHolder]]:
     """Factory: a stopped lock holder on the board; killed and reaped at teardown."""
     made: list[StoppedHolder] = []
 
-    def make(board: Scoreboard) -> StoppedHolder:
-        holder = StoppedHolder(board)
+    def make(board: Scoreboard, updating: int = -1) -> StoppedHolder:
+        holder = StoppedHolder(board, updating)
         made.append(holder)
         holder.wait_stopped()
         return holder
@@ -1050,6 +1060,60 @@ def test_children_blocked_behind_a_stopped_holder_serve_again_once_it_is_killed(
     assert snap.repairs == 1
     assert [snap.slots[s].state for s in (idle_slot, busy_slot)] == [State.IDLE, State.IDLE]
     assert snap.idle_counter == 2 == snap.count(State.IDLE)
+
+
+def test_a_snapshot_gets_past_a_holder_stopped_inside_a_slots_update(
+        board: Scoreboard, stop_a_holder: Callable[..., StoppedHolder]) -> None:
+    """C copies the records after the lock, each until it is read whole: a
+    record whose writer stopped inside it must not wedge the master's
+    snapshot (on_stuck kills the writer, the record is read under the lock)."""
+    idle_slot, busy_slot, _ = stuck_board(board)
+    before = board.snapshot().slots[busy_slot]
+    holder = stop_a_holder(board, updating=busy_slot)
+
+    def master() -> dict[str, Any]:
+        board.on_stuck = killer(holder.pid)
+        snap = board.snapshot()
+        s = snap.slots[busy_slot]
+        return {"state": int(s.state), "pid": s.pid, "connections": s.connections,
+                "busy_since": s.busy_since, "consistent": consistent(snap)}
+
+    seen = call_in_child(master)
+    assert seen == {"state": State.BUSY, "pid": before.pid, "connections": 1,
+                    "busy_since": before.busy_since, "consistent": True}
+    assert holder.reap() == -signal.SIGKILL
+    # The record's next writer ends what the dead one began: the slot works on.
+    assert board.idle(busy_slot) == 0
+    assert board.busy(busy_slot) >= 0
+    snap = board.snapshot()
+    assert snap.slots[busy_slot].connections == 2
+    assert snap.slots[busy_slot].state == State.BUSY and whole_records(snap)
+    assert snap.idle_counter == 1 == snap.count(State.IDLE) and snap.repairs == 1
+
+
+def test_a_record_left_open_by_a_dead_holder_does_not_stall_the_snapshot(
+        board: Scoreboard) -> None:
+    """The holder dies inside a slot's update: the next snapshot, with no
+    on_stuck at all, reads that record (under the lock) at once."""
+    idle_slot, busy_slot = child_slot(board), child_slot(board)
+    board.busy(busy_slot)
+    board.lock_timeout = LOCK_TIMEOUT
+    assert reap(fork_call(lambda: board.hold_lock(busy_slot))) == 0    # died inside it
+
+    def master() -> dict[str, Any]:
+        start = time.monotonic()
+        snap = board.snapshot()
+        return {"elapsed": time.monotonic() - start, "repairs": snap.repairs,
+                "states": [int(snap.slots[s].state) for s in (idle_slot, busy_slot)],
+                "connections": snap.slots[busy_slot].connections}
+
+    seen = call_in_child(master)
+    assert seen["elapsed"] < LOCK_TIMEOUT
+    assert (seen["repairs"], seen["states"], seen["connections"]) == \
+        (1, [State.IDLE, State.BUSY], 1)
+    assert board.idle(busy_slot) == 0
+    snap = board.snapshot()
+    assert snap.idle_counter == 2 == snap.count(State.IDLE) and whole_records(snap)
 
 
 def test_lock_holder_is_zero_when_the_lock_is_free(board: Scoreboard) -> None:

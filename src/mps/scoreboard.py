@@ -224,7 +224,13 @@ class Scoreboard(ABC):
 
     @abstractmethod
     def snapshot(self) -> Snapshot:
-        """A consistent copy of the header and every slot."""
+        """A copy of the header and every slot.  The counters and every
+        slot's state are one instant's (idle_counter == the IDLE slots, and
+        whatever the pool policy counts, never mixed from two moments).  Each
+        slot's other fields are consistent among themselves and read no
+        earlier than its state: an age from changed_ns never exceeds the
+        state's.  (C copies only the counters and a byte per state under the
+        lock: the children never wait behind a whole-board copy.)"""
 
     @abstractmethod
     def audit(self) -> int:
@@ -236,8 +242,10 @@ class Scoreboard(ABC):
         wake-up: after one wake, children stay quiet until the master re-arms."""
 
     @abstractmethod
-    def hold_lock(self) -> None:
-        """Tests only: take the lock and never release it."""
+    def hold_lock(self, updating: int = -1) -> None:
+        """Tests only: take the lock and never release it; with a slot, also
+        stop in the middle of updating that slot, as a child stopped or
+        killed inside a transition would."""
 
     @abstractmethod
     def close(self) -> None:
@@ -324,6 +332,7 @@ class CScoreboard(Scoreboard):
                 raise
         self._board = out[0]
         self._head = _ffi.new("struct mps_head *")
+        self._states = _ffi.new("uint8_t[]", nslots)     # the snapshot's scratch
         self._slots = _ffi.new("struct mps_slot[]", nslots)
         self._addrlen = _ffi.new("uint32_t *")
         self._drift = _ffi.new("int64_t *")
@@ -387,7 +396,7 @@ class CScoreboard(Scoreboard):
                 peers.decode(self._addrlen[0]))
 
     def snapshot(self) -> Snapshot:
-        _check(self._master(_lib.mps_snapshot, self._head, self._slots))
+        _check(self._master(_lib.mps_snapshot, self._head, self._states, self._slots))
         h = self._head
         return Snapshot(
             idle_counter=h.idle, min_spare=h.min_spare, connections=h.connections,
@@ -407,8 +416,8 @@ class CScoreboard(Scoreboard):
     def set_min_spare(self, value: int) -> None:
         _check(self._master(_lib.mps_set_min_spare, value))
 
-    def hold_lock(self) -> None:
-        _check(_lib.mps_hold_lock(self._board))
+    def hold_lock(self, updating: int = -1) -> None:
+        _check(_lib.mps_hold_lock(self._board, updating))
 
     def close(self) -> None:
         if self._board is not None:
@@ -439,7 +448,10 @@ class PyScoreboard(Scoreboard):
 
     Stores go through ``memoryview.cast("q")`` item assignment, one 8-byte
     store each: ``struct.pack_into`` zero-fills before storing, so an
-    unlocked reader could see a transient 0.
+    unlocked reader could see a transient 0.  Its snapshot still copies the
+    whole board under the lock (the contract's stronger form: this backend's
+    holds are fcntl system calls first, and it is the baseline, not the
+    fast path).
     """
 
     name = "python"
@@ -719,7 +731,8 @@ class PyScoreboard(Scoreboard):
         finally:
             self._unlock(w)
 
-    def hold_lock(self) -> None:
+    def hold_lock(self, updating: int = -1) -> None:
+        # The dirty word already says "mid-update"; the snapshot locks.
         self._lock()
 
     def close(self) -> None:

@@ -91,14 +91,16 @@ int main(int argc, char **argv)
     {
         struct mps_head head = {0};
         struct mps_slot *slots = calloc((size_t)procs, sizeof *slots);
+        uint8_t *states = calloc((size_t)procs, 1);
         int64_t idle = 0;
-        mps_snapshot(b, &head, slots);
+        mps_snapshot(b, &head, states, slots);
         for (i = 0; i < procs; i++)
             idle += slots[i].state == MPS_IDLE;
         printf("], \"ops\": %lld, \"connections\": %lld, \"idle_counter\": %lld, "
                "\"idle_slots\": %lld}\n", (long long)total, (long long)head.connections,
                (long long)head.idle, (long long)idle);
         free(slots);
+        free(states);
     }
     return 0;
 }

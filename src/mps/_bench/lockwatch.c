@@ -8,10 +8,17 @@
  *     cc -O2 -Wall -Wextra -Wno-unused-function -I"$CORE" -o lockwatch lockwatch.c -lpthread
  * Usage:
  *   lockwatch hold NSLOTS REPS
- *       C only, no server: a board of NSLOTS slots, every slot in use; times
- *       REPS calls each of the master's two whole-board calls, mps_snapshot
- *       (copies every slot out under the lock) and mps_audit (recounts the
- *       idle slots under the lock).  Their duration is the lock hold.
+ *       C only, no server: a board of NSLOTS slots, every slot in use.
+ *       Before each of REPS rounds a forked helper makes a busy and an idle
+ *       transition on every slot, as the children would, so the master's
+ *       reads find the lines where the children last wrote them; then it
+ *       times the master's whole-board calls: mps_snapshot (the counters and
+ *       the state bytes under the lock, each record after it), mps_audit
+ *       (recounts the idle states under the lock) and mps_reserve on the
+ *       full board (searches every state byte under the lock).  Each hold is
+ *       timed from inside (the core's MPS_ON_LOCKED/MPS_ON_UNLOCK hooks,
+ *       which add a clock read, ~20 ns, to it); the longest hold per call is
+ *       reported, and the snapshot's whole call beside it.
  *   lockwatch watch BOARD MASTER_PID SECONDS
  *       BOARD is a live server's scoreboard (/proc/PID/fd/N of its memfd),
  *       mapped read-only.  For SECONDS, spin reading the mutex's owner word
@@ -29,18 +36,8 @@
  * Each mode prints one JSON line; times in ns.
  */
 #define _GNU_SOURCE
-#include "_mpscore.c"
-
-#include <fcntl.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-
-#define MAX_SAMPLES (1 << 20)
-#define MAX_GAP_NS 2000     /* watch: reads further apart than this were interrupted */
-
-static volatile sig_atomic_t stop;
-static void on_term(int sig) { (void)sig; stop = 1; }
+#include <stdint.h>
+#include <time.h>
 
 static int64_t now_ns(void)
 {
@@ -48,6 +45,33 @@ static int64_t now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
+
+/* hold: the core calls these as it takes and releases the lock. */
+static int timing_holds;            /* only hold mode pays for the clock reads */
+static int64_t held_at, held_max;   /* when this hold began; the longest since reset */
+
+static void hold_ended(void)
+{
+    int64_t held = now_ns() - held_at;
+    if (held > held_max)
+        held_max = held;
+}
+
+#define MPS_ON_LOCKED() do { if (timing_holds) held_at = now_ns(); } while (0)
+#define MPS_ON_UNLOCK() do { if (timing_holds) hold_ended(); } while (0)
+#include "_mpscore.c"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+
+#define MAX_SAMPLES (1 << 20)
+#define MAX_GAP_NS 2000     /* watch: reads further apart than this were interrupted */
+
+static volatile sig_atomic_t stop;
+static void on_term(int sig) { (void)sig; stop = 1; }
 
 static int cmp_i64(const void *a, const void *b)
 {
@@ -83,15 +107,38 @@ static int64_t *samples(void)
     return v;
 }
 
+/* hold's helper: on each byte from go, a busy and an idle transition on
+ * every slot (the children's writes), then a byte to done; EOF ends it. */
+static void touch_every_slot(mps_board *b, int64_t nslots, int go, int done)
+{
+    char c;
+    int64_t i;
+    while (read(go, &c, 1) == 1) {
+        for (i = 0; i < nslots; i++) {
+            mps_busy(b, i);
+            mps_idle(b, i);
+        }
+        if (write(done, "d", 1) != 1)
+            break;
+    }
+    _exit(0);
+}
+
 static int mode_hold(int64_t nslots, int64_t reps)
 {
     mps_board *b = NULL;
     struct mps_head head;
     struct mps_slot *copy;
-    int64_t *snap = samples(), *audit = samples(), i, drift;
+    uint8_t *states;
+    int64_t *snap = samples(), *call = samples(), *audit = samples(), *reserve = samples();
+    int64_t i, drift;
+    int go[2], done[2];
+    pid_t helper;
+    char c;
 
     if (reps > MAX_SAMPLES || mps_create(nslots, &b) < 0 ||
-        (copy = calloc((size_t)nslots, sizeof *copy)) == NULL) {
+        (copy = calloc((size_t)nslots, sizeof *copy)) == NULL ||
+        (states = malloc((size_t)nslots)) == NULL) {
         fprintf(stderr, "lockwatch: cannot create a board of %lld slots\n", (long long)nslots);
         return 1;
     }
@@ -100,19 +147,44 @@ static int mode_hold(int64_t nslots, int64_t reps)
         mps_started(b, slot, 1000 + slot);
         mps_idle(b, slot);
     }
-    for (i = 0; i < reps; i++) {
-        int64_t t0 = now_ns(), t1, t2;
-        mps_snapshot(b, &head, copy);
-        t1 = now_ns();
-        mps_audit(b, &drift);
-        t2 = now_ns();
-        snap[i] = t1 - t0;
-        audit[i] = t2 - t1;
+    if (pipe(go) < 0 || pipe(done) < 0 || (helper = fork()) < 0) {
+        perror("lockwatch: helper");
+        return 1;
     }
+    if (helper == 0) {
+        close(go[1]);
+        close(done[0]);
+        touch_every_slot(b, nslots, go[0], done[1]);
+    }
+    close(go[0]);
+    close(done[1]);
+    timing_holds = 1;
+    for (i = 0; i < reps; i++) {
+        int64_t t0;
+        if (write(go[1], "g", 1) != 1 || read(done[0], &c, 1) != 1) {
+            fprintf(stderr, "lockwatch: the helper left\n");
+            return 1;
+        }
+        held_max = 0;
+        t0 = now_ns();
+        mps_snapshot(b, &head, states, copy);
+        call[i] = now_ns() - t0;
+        snap[i] = held_max;
+        held_max = 0;
+        mps_audit(b, &drift);
+        audit[i] = held_max;
+        held_max = 0;
+        mps_reserve(b);         /* -ENOSPC after searching every slot */
+        reserve[i] = held_max;
+    }
+    close(go[1]);
+    waitpid(helper, NULL, 0);
     printf("{\"nslots\": %lld, \"slot_bytes\": %zu, ", (long long)nslots,
-           sizeof(struct mps_slot));
+           sizeof(struct mps_cell));
     print_stats("snapshot_ns", snap, reps, 0);
-    print_stats("audit_ns", audit, reps, 1);
+    print_stats("audit_ns", audit, reps, 0);
+    print_stats("reserve_ns", reserve, reps, 0);
+    print_stats("snapshot_call_ns", call, reps, 1);
     return 0;
 }
 
