@@ -12,9 +12,11 @@ import errno
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from typing import Any
 import pytest
 
 from conftest import wait_until
-from mps import scoreboard
+from mps import bench, scoreboard
 from mps.scoreboard import BACKENDS, PyScoreboard, Scoreboard, Snapshot, State
 
 NSLOTS = 8
@@ -508,6 +510,27 @@ def test_concurrent_children_lose_no_update(board: Scoreboard) -> None:
     assert snap.idle_counter == snap.count(State.IDLE) == N_PROCS
     assert snap.repairs == 0
     assert board.audit() == 0
+
+
+@pytest.mark.skipif(not scoreboard.c_available() or not (
+    os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")),
+    reason="the C core and a C compiler are needed")
+def test_c_snapshots_at_c_speed_are_never_inconsistent_or_torn(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The C core only: its snapshot copies the records without the lock, so
+    a record must never be copied from inside a writer's update.  Python
+    calls are too slow to catch that window; lockwatch's race mode snapshots
+    in a C loop against a writer that stretches its updates (and starts from
+    records a dead writer left open).  It caught a reader that ignored the
+    record's seq with 8-10 torn copies per run on a loaded 2-core machine."""
+    monkeypatch.setenv("MPS_BENCH_CACHE", str(tmp_path))
+    program = bench.build("lockwatch")      # against the installed core's source
+    out = subprocess.run([program, "race", "256", "0.5"], capture_output=True, text=True,
+                         timeout=DEADLINE)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert (seen["inconsistent"], seen["torn"]) == (0, 0), seen
+    assert seen["snapshots"] > 1000, seen
 
 
 def test_master_retires_a_child_that_is_serving_in_another_process(board: Scoreboard) -> None:

@@ -33,6 +33,17 @@
  *       Take and release a live board's lock every INTERVAL_US, the way a
  *       child's transition does, and time the wait: what a transition
  *       arriving at a random moment waits behind the other holders.
+ *   lockwatch race NSLOTS SECONDS
+ *       The snapshot's promise under fire, at C speed (the tests run it): a
+ *       forked writer goes round the slots making a busy and an idle
+ *       transition on each, then a slow update (a writer that loses its CPU
+ *       inside one: busy_since stored, ~1 us, then changed_ns) while this
+ *       process snapshots in a loop.  It counts snapshots whose idle counter
+ *       differs from their IDLE states ("inconsistent") and records copied
+ *       from inside an update ("torn": between updates busy_since is 0 or
+ *       equals changed_ns).  Both must be 0.  Every record starts as a
+ *       writer that died inside it leaves it (seq odd): the next writer
+ *       must keep it odd while it writes.
  * Each mode prints one JSON line; times in ns.
  */
 #define _GNU_SOURCE
@@ -279,6 +290,75 @@ static int mode_sample(const char *path, double seconds, int64_t interval_us)
     return 0;
 }
 
+/* race's writer: an update of slot's record stretched to about 1 us, under
+ * the lock, in the order that leaves it torn until it ends. */
+static void slow_update(mps_board *b, int64_t slot)
+{
+    struct mps_cell *s = &b->slots[slot];
+    int64_t t = now_ns(), seq;
+    mps_lock_(b);
+    seq = mps_write_begin(s);
+    __atomic_store_n(&s->busy_since, t, __ATOMIC_RELAXED);
+    while (now_ns() < t + 1000)
+        ;
+    __atomic_store_n(&s->changed_ns, t, __ATOMIC_RELAXED);
+    mps_write_end(s, seq);
+    mps_unlock_(b);
+}
+
+static int mode_race(int64_t nslots, double seconds)
+{
+    mps_board *b = NULL;
+    struct mps_head head;
+    struct mps_slot *copy;
+    uint8_t *states;
+    int64_t i, snapshots = 0, inconsistent = 0, torn = 0, deadline;
+    pid_t writer;
+
+    if (mps_create(nslots, &b) < 0 || (copy = calloc((size_t)nslots, sizeof *copy)) == NULL ||
+        (states = malloc((size_t)nslots)) == NULL) {
+        fprintf(stderr, "lockwatch: cannot create a board of %lld slots\n", (long long)nslots);
+        return 1;
+    }
+    for (i = 0; i < nslots; i++) {
+        int64_t slot = mps_reserve(b);
+        mps_started(b, slot, 1000 + slot);
+        mps_idle(b, slot);
+        mps_write_begin(&b->slots[slot]);       /* and never ended */
+    }
+    deadline = now_ns() + (int64_t)(seconds * 1e9);
+    if ((writer = fork()) < 0) {
+        perror("lockwatch: writer");
+        return 1;
+    }
+    if (writer == 0) {
+        for (i = 0; now_ns() < deadline; i = (i + 1) % nslots) {
+            mps_busy(b, i);
+            mps_idle(b, i);
+            slow_update(b, i);
+        }
+        _exit(0);
+    }
+    while (now_ns() < deadline) {
+        int64_t idle = 0;
+        if (mps_snapshot(b, &head, states, copy) < 0) {
+            fprintf(stderr, "lockwatch: snapshot failed\n");
+            return 1;
+        }
+        snapshots++;
+        for (i = 0; i < nslots; i++) {
+            idle += copy[i].state == MPS_IDLE;
+            torn += copy[i].busy_since != 0 && copy[i].busy_since != copy[i].changed_ns;
+        }
+        inconsistent += idle != head.idle;
+    }
+    waitpid(writer, NULL, 0);
+    printf("{\"nslots\": %lld, \"snapshots\": %lld, \"inconsistent\": %lld, "
+           "\"torn\": %lld}\n", (long long)nslots, (long long)snapshots,
+           (long long)inconsistent, (long long)torn);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 4 && strcmp(argv[1], "hold") == 0 && atoll(argv[2]) > 0 && atoll(argv[3]) > 0)
@@ -287,7 +367,9 @@ int main(int argc, char **argv)
         return mode_watch(argv[2], atoll(argv[3]), atof(argv[4]));
     if (argc == 5 && strcmp(argv[1], "sample") == 0 && atof(argv[3]) > 0 && atoll(argv[4]) > 0)
         return mode_sample(argv[2], atof(argv[3]), atoll(argv[4]));
+    if (argc == 4 && strcmp(argv[1], "race") == 0 && atoll(argv[2]) > 0 && atof(argv[3]) > 0)
+        return mode_race(atoll(argv[2]), atof(argv[3]));
     fprintf(stderr, "usage: %s hold NSLOTS REPS | watch BOARD MASTER_PID SECONDS | "
-            "sample BOARD SECONDS INTERVAL_US\n", argv[0]);
+            "sample BOARD SECONDS INTERVAL_US | race NSLOTS SECONDS\n", argv[0]);
     return 2;
 }
