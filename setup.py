@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
@@ -40,8 +40,8 @@ class OptionalBuildExt(build_ext):
     @staticmethod
     def _warn(exc: BaseException) -> None:
         print(
-            "WARNING: mps could not build its C scoreboard core (%s); "
-            "mps will run on the pure-Python backend." % exc,
+            "WARNING: mps could not build a C extension (%s); mps will run on "
+            "the pure-Python scoreboard backend and HTTP layer." % exc,
             file=sys.stderr,
         )
 
@@ -60,5 +60,8 @@ class BuildPyWithCore(build_py):
 
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],
+    # The HTTP layer's per-request string work (a CPython extension: it builds
+    # dicts and bytes, which cffi cannot hand back cheaply).
+    ext_modules=[Extension("mps.http._speedups", ["src/_mpshttp.c"])],
     cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithCore},
 )

@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import Master, wait_until
-from mps.http.message import SHED_AFTER_S
+from mps.http.message import NO_SPEEDUPS_ENV, SHED_AFTER_S, SPEEDUPS
 
 #: Small limits, so that "too large" inputs are cheap to generate.
 FUZZ_LIMITS = {"limit_request_line": 1024, "limit_request_fields": 20,
@@ -419,13 +419,21 @@ def mutated_requests(draw: st.DrawFn) -> bytes:
     return data
 
 
-def fuzz_server(start_master: Callable[..., Master]) -> tuple[Master, dict[str, Any]]:
-    m = start_http(start_master, "wsgi_apps:echo", **FUZZ_POOL, **FUZZ_LIMITS)
+#: The HTTP layer's two builds: its C parts (mps.http._speedups), and the
+#: Python versions that serve where no compiler built them.
+LAYERS = ["c", "python"] if SPEEDUPS else ["python"]
+
+
+def fuzz_server(start_master: Callable[..., Master], layer: str
+                ) -> tuple[Master, dict[str, Any]]:
+    env = {NO_SPEEDUPS_ENV: "1"} if layer == "python" else {}
+    m = start_http(start_master, "wsgi_apps:echo", **FUZZ_POOL, **FUZZ_LIMITS, env=env)
     return m, m.status()
 
 
-def test_fuzzed_mutations_of_valid_requests(start_master):
-    m, before = fuzz_server(start_master)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_fuzzed_mutations_of_valid_requests(start_master, layer):
+    m, before = fuzz_server(start_master, layer)
     statuses: collections.Counter[int] = collections.Counter()
 
     @FUZZ
@@ -439,8 +447,9 @@ def test_fuzzed_mutations_of_valid_requests(start_master):
     assert_unharmed(m, before)
 
 
-def test_fuzzed_valid_requests_are_all_answered(start_master):
-    m, before = fuzz_server(start_master)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_fuzzed_valid_requests_are_all_answered(start_master, layer):
+    m, before = fuzz_server(start_master, layer)
 
     @settings(FUZZ, max_examples=60)
     @given(data=st.lists(valid_requests(), min_size=1, max_size=3))
@@ -457,8 +466,9 @@ def test_fuzzed_valid_requests_are_all_answered(start_master):
     assert_unharmed(m, before)
 
 
-def test_fuzzed_random_bytes(start_master):
-    m, before = fuzz_server(start_master)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_fuzzed_random_bytes(start_master, layer):
+    m, before = fuzz_server(start_master, layer)
     statuses: collections.Counter[int] = collections.Counter()
     prefixes = st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"POST / HTTP/1.1\r\nHost: x\r\n",
                                 b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])
@@ -508,7 +518,7 @@ HOSTILE = [
 
 
 def test_each_kind_of_bad_input_gets_its_status_and_never_reaches_the_app(start_master):
-    m, before = fuzz_server(start_master)
+    m, before = fuzz_server(start_master, "c" if SPEEDUPS else "python")
     got = {}
     for request, status in HOSTILE:
         replies = exchange(m.port, request)
@@ -535,7 +545,7 @@ def test_each_kind_of_bad_input_gets_its_status_and_never_reaches_the_app(start_
 
 def test_an_asterisk_form_target_reaches_the_app(start_master):
     # PATH_INFO "*" would fail wsgiref.validate (PEP 3333: "" or "/..."): a 500.
-    m, before = fuzz_server(start_master)
+    m, before = fuzz_server(start_master, "c" if SPEEDUPS else "python")
     replies = exchange(m.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
     assert [r.status for r in replies] == [200]
     assert b'"PATH_INFO": ""' in replies[0].body

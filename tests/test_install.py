@@ -152,7 +152,7 @@ def test_sdist_installs_with_a_compiler_and_serves_on_the_c_backend(
 def test_sdist_installs_without_a_compiler_and_serves_on_python(
         dists: dict[str, Path], tmp_path: Path) -> None:
     py, output = install_sdist(dists["sdist"], tmp_path / "venv", {**ENV, **NO_CC})
-    assert "mps could not build its C scoreboard core" in output
+    assert "mps could not build a C extension" in output
     probe = subprocess.run([py, "-c", "from mps.scoreboard import c_available; "
                                       "print(c_available())"],
                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
@@ -169,7 +169,7 @@ def test_sdist_installs_without_a_compiler_and_serves_on_python(
     assert "no working C compiler" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_c_core_is_built_where_a_compiler_exists():
+def test_the_c_extensions_are_built_where_a_compiler_exists():
     # Without a compiler the install falls back to the Python backend (by
     # design, tested above); with one, a C core that fails to build must not
     # hide behind that fallback -- every C-backend test would then vanish.
@@ -179,3 +179,6 @@ def test_the_c_core_is_built_where_a_compiler_exists():
                     "(apt-get install gcc to build the C core)")
     assert c_available(), "a C compiler exists but mps._mpscore was not built: " \
                           "see the pip install output for the compiler's error"
+    from mps.http.message import SPEEDUPS
+    assert SPEEDUPS, "a C compiler exists but mps.http._speedups was not built (or " \
+                     "MPS_NO_SPEEDUPS is set): see the pip install output"

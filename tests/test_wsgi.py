@@ -33,6 +33,7 @@ import requests
 
 import wsgi_apps
 from conftest import BACKENDS, TESTS, Master, pid_alive, run_mps, wait_until
+from mps.http.message import NO_SPEEDUPS_ENV
 
 #: Turns the validator's warnings into errors in the server: a 500 then.
 STRICT_ENV = {"PYTHONWARNINGS": "error::wsgiref.validate.WSGIWarning"}
@@ -211,8 +212,11 @@ class Served:
 
 def serve(tmp: Path, backend: str, target: str, settings: dict[str, Any],
           env: dict[str, str] | None = None) -> Iterator[Served]:
+    # The Python scoreboard comes with the Python HTTP layer, as where no
+    # compiler built either; the C one with mps.http._speedups.
+    layer = {NO_SPEEDUPS_ENV: "1"} if backend == "python" else {}
     master = Master(tmp, "", backend, settings, {"CLOSE_MARK": str(tmp / "closed"), **STRICT_ENV,
-                                                 **(env or {})}, wsgi=target)
+                                                 **layer, **(env or {})}, wsgi=target)
     try:
         master.wait_ready()
         yield Served(master, tmp)

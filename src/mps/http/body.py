@@ -23,17 +23,19 @@ _DISCARD_MAX = 64 * 1024
 class Input:
     """The file-like ``wsgi.input`` (PEP 3333: read, readline, readlines, iter)."""
 
+    # Class defaults, set on the instance when they change (one per request).
+    _buffer = b""
+    _withheld = False       # the final response began first: no 100 ever
+    _started = 0.0
+    #: Bad input met while reading (413, 408, 400), kept in case the app
+    #: swallows it (a framework's catch-all): the response says it anyway.
+    failed: HTTPError | None = None
+
     def __init__(self, reader: Reader, request: Request, send: Callable[[bytes], None]) -> None:
         self._reader = reader
         self._request = request
         self._send = send
-        self._buffer = b""
         self._expecting = request.expect_continue     # a 100 Continue is owed
-        self._withheld = False      # the final response began first: no 100 ever
-        self._started = 0.0
-        #: Bad input met while reading (413, 408, 400), kept in case the app
-        #: swallows it (a framework's catch-all): the response says it anyway.
-        self.failed: HTTPError | None = None
 
     # What the reader still holds for us, then more from the socket.
     def _more(self) -> bytes:

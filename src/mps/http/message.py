@@ -11,6 +11,7 @@ needs more, so what is parsed ahead is bounded by one read buffer.
 from __future__ import annotations
 
 import collections
+import os
 import select
 import socket
 import struct
@@ -20,6 +21,16 @@ from dataclasses import dataclass
 import httptools
 
 from ..pool import PoolView
+
+#: Set (to anything but "" or "0") to serve with the Python versions of what
+#: mps.http._speedups does in C, as where it could not be built.
+NO_SPEEDUPS_ENV = "MPS_NO_SPEEDUPS"
+try:    # the parser's callbacks and more in C (src/_mpshttp.c), where it was built
+    from . import _speedups as speedups
+    #: The C versions serve (else the Python ones, which mirror them).
+    SPEEDUPS = os.environ.get(NO_SPEEDUPS_ENV, "0") in ("", "0")
+except ImportError:
+    SPEEDUPS = False
 
 
 class HTTPError(Exception):
@@ -115,7 +126,8 @@ _NO_BODY: collections.deque[bytes] = collections.deque(maxlen=0)
 
 
 class Request:
-    """One parsed request: its head, and its body as it arrives.
+    """One parsed request: its head, and its body as it arrives
+    (speedups.Request is the same in C).
 
     Fields that most requests never change are class defaults, set on the
     instance only when they do: a request costs two stores, not eighteen."""
@@ -143,6 +155,10 @@ class Request:
         """Method and path, bounded: what the status shows for a busy child."""
         return self.method + b" " + self.url[:120]
 
+
+if SPEEDUPS:
+    speedups.configure(BadRequest, URITooLong, HeadersTooLarge, PayloadTooLarge,
+                       NotImplementedCoding, NotImplementedMethod, VersionNotSupported, _NO_BODY)
 
 #: Longest one response write may wait for a client that does not read.
 SEND_TIMEOUT_S = 30.0
@@ -175,35 +191,24 @@ def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
             raise ClientGone() from None
 
 
-class Reader:
-    """The requests of one connection, parsed as their bytes arrive."""
+class Sink:
+    """What httptools calls as it parses one connection's bytes: the requests
+    it makes, checked against the limits (speedups.Sink is the same in C).
+    Bad input is raised as an HTTPError from the callback."""
 
-    def __init__(self, sock: socket.socket, limits: Limits, pool: PoolView,
-                 buf: memoryview) -> None:
-        self.sock = sock
-        self.limits = limits
-        self.pool = pool
-        self.parser = httptools.HttpRequestParser(self)
-        self.buf = buf                  # the child's one read buffer
-        self.ready: collections.deque[Request] = collections.deque()
-        self.parsing: Request | None = None   # head not complete yet
-        self.last: Request | None = None      # the latest message begun
-        self.head_bytes = 0             # bytes of the head being parsed
-        self.error: HTTPError | None = None     # stops parsing; raised in turn
-        self.serving: Request | None = None     # handed to the app, body maybe arriving
-        self.eof = False
-        self.upgraded = False
-        self.timed = False      # SO_RCVTIMEO set for turnaround()
-        #: The first head's clock starts when the connection does: a client
-        #: that connects and sends nothing (or only CRLFs, which begin no
-        #: message) holds its child no longer than one that trickles.
-        self.opened = time.monotonic()
-
-    def send_interim(self, data: bytes) -> None:
-        """An interim response (100 Continue), for wsgi.input."""
-        send_all(self.sock, data)
-
-    # ------------------------------------------------ parser callbacks
+    def __init__(self, request_line: int, fields: int, field_size: int, max_body: int,
+                 opened: float, ready: collections.deque[Request]) -> None:
+        self.request_line = request_line
+        self.fields = fields
+        self.field_size = field_size
+        self.max_body = max_body
+        #: The first head's clock starts when the connection does (see Reader).
+        self.opened = opened
+        self.ready = ready                      # heads complete, not yet served
+        self.parsing: Request | None = None     # head not complete yet
+        self.last: Request | None = None        # the latest message begun
+        self.head_bytes = 0                     # bytes of the head being parsed
+        self.parser: httptools.HttpRequestParser | None = None
 
     def on_message_begin(self) -> None:
         started = time.monotonic() if self.last is not None else self.opened
@@ -213,7 +218,7 @@ class Reader:
     def on_url(self, url: bytes) -> None:
         assert self.parsing is not None
         self.parsing.url += url
-        if len(self.parsing.url) > self.limits.request_line:
+        if len(self.parsing.url) > self.request_line:
             raise URITooLong()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -223,9 +228,9 @@ class Reader:
             req = self.last
             assert req is not None
         req.fields += 1
-        if req.fields > self.limits.fields:
+        if req.fields > self.fields:
             raise HeadersTooLarge()
-        if len(name) + len(value) > self.limits.field_size:
+        if len(name) + len(value) > self.field_size:
             raise HeadersTooLarge()
         if trailer or b"_" in name:
             # Trailers: WSGI has no place for them.  "_": would alias "-"
@@ -254,6 +259,7 @@ class Reader:
         req = self.parsing
         assert req is not None
         parser = self.parser
+        assert parser is not None
         req.method = parser.get_method()
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -268,7 +274,7 @@ class Reader:
         if version == "1.0":
             req.expect_continue = False     # no 1xx to a 1.0 client (RFC 9110 10.1.1)
         req.keep_alive = parser.should_keep_alive()
-        if req.content_length > self.limits.max_body:
+        if req.content_length > self.max_body:
             raise PayloadTooLarge()
         self.parsing = None
         self.ready.append(req)
@@ -277,7 +283,7 @@ class Reader:
         req = self.last
         assert req is not None
         req.body_size += len(body)
-        if req.body_size > self.limits.max_body:
+        if req.body_size > self.max_body:
             raise PayloadTooLarge()
         if req.body is _NO_BODY:
             req.body = collections.deque()
@@ -290,6 +296,39 @@ class Reader:
     def on_chunk_header(self) -> None:
         assert self.last is not None
         self.last.chunks += 1
+
+
+class Reader:
+    """The requests of one connection, parsed as their bytes arrive."""
+
+    def __init__(self, sock: socket.socket, limits: Limits, pool: PoolView,
+                 buf: memoryview) -> None:
+        self.sock = sock
+        self.limits = limits
+        self.pool = pool
+        self.buf = buf                  # the child's one read buffer
+        self.ready: collections.deque[Request] = collections.deque()
+        #: The first head's clock starts when the connection does: a client
+        #: that connects and sends nothing (or only CRLFs, which begin no
+        #: message) holds its child no longer than one that trickles.
+        self.sink = (speedups.Sink if SPEEDUPS else Sink)(
+            limits.request_line, limits.fields, limits.field_size, limits.max_body,
+            time.monotonic(), self.ready)
+        self.parser = httptools.HttpRequestParser(self.sink)
+        self.sink.parser = self.parser
+        self.error: HTTPError | None = None     # stops parsing; raised in turn
+        self.serving: Request | None = None     # handed to the app, body maybe arriving
+        self.eof = False
+        self.upgraded = False
+        self.timed = False      # SO_RCVTIMEO set for turnaround()
+
+    def close(self) -> None:
+        """Break the parser <-> sink cycle (else only the collector frees it)."""
+        self.sink.parser = None
+
+    def send_interim(self, data: bytes) -> None:
+        """An interim response (100 Continue), for wsgi.input."""
+        send_all(self.sock, data)
 
     # ------------------------------------------------ reading
 
@@ -305,10 +344,10 @@ class Reader:
             if self.error is not None:
                 raise self.error
             if self.eof or self.upgraded:
-                if self.parsing is not None:
+                if self.sink.parsing is not None:
                     raise ClientGone()      # half a head, then EOF: nobody to answer
                 return None
-            if self.parsing is None and not first:
+            if self.sink.parsing is None and not first:
                 if turnaround:
                     turnaround = False
                     if self.turnaround():
@@ -323,9 +362,9 @@ class Reader:
         """When the head being waited for started: its first byte, or for a
         connection's first head the connection itself.  None between
         requests (keep-alive has its own wait) and while a body arrives."""
-        if self.parsing is not None:
-            return self.parsing.started
-        return self.opened if self.last is None else None
+        if self.sink.parsing is not None:
+            return self.sink.parsing.started
+        return self.sink.opened if self.sink.last is None else None
 
     def head_deadline(self) -> float:
         started = self.head_started()
@@ -390,8 +429,8 @@ class Reader:
         if n == 0:
             self.eof = True
             return
-        last = self.last
-        in_body = self.parsing is None and last is not None and not last.complete
+        last = self.sink.last
+        in_body = self.sink.parsing is None and last is not None and not last.complete
         decoded = last.body_size if last is not None else 0
         self.feed(self.buf[:n])
         if in_body:
@@ -402,9 +441,9 @@ class Reader:
             if not last.complete and \
                     last.framing > self.limits.head_bytes + _FRAMING_PER_CHUNK * last.chunks:
                 self.fail(HeadersTooLarge())
-        elif self.parsing is not None:
-            self.head_bytes += n
-            if self.head_bytes > self.limits.head_bytes:
+        elif self.sink.parsing is not None:
+            self.sink.head_bytes += n
+            if self.sink.head_bytes > self.limits.head_bytes:
                 self.fail(HeadersTooLarge())
 
     def recv(self, deadline: float) -> int:
@@ -459,7 +498,7 @@ class Reader:
         if self.error is None:
             self.error = exc
         serving = self.serving
-        if serving is not None and not serving.complete and self.last is serving:
+        if serving is not None and not serving.complete and self.sink.last is serving:
             raise self.error
 
     # ------------------------------------------------ the body

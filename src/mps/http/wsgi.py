@@ -32,8 +32,11 @@ from ..pool import Alone, PoolView
 from ..proxy import Allowed
 from . import accesslog
 from .body import Input
-from .message import (SEND_TIMEOUT_S, ClientGone, HTTPError, Limits, Reader, Request,
+from .message import (SEND_TIMEOUT_S, SPEEDUPS, ClientGone, HTTPError, Limits, Reader, Request,
                       send_all)
+
+if SPEEDUPS:
+    from . import _speedups as speedups
 
 log = logging.getLogger("mps")
 
@@ -76,14 +79,15 @@ class Clock:
     """The ``Date`` header, formatted at most once a second."""
 
     def __init__(self) -> None:
-        self.second = -1
+        self.until = 0.0        # the header is good until this time.time()
         self.header = b""
 
     def date(self) -> bytes:
-        now = int(time.time())
-        if now != self.second:
-            self.second = now
-            self.header = b"Date: " + http_date(now) + b"\r\n"
+        now = time.time()
+        if now >= self.until or now < self.until - 1:     # (or the clock was set back)
+            second = int(now)
+            self.until = second + 1.0
+            self.header = b"Date: " + http_date(second) + b"\r\n"
         return self.header
 
 
@@ -154,27 +158,27 @@ class FileWrapper:
 class Response:
     """One response: ``start_response``, ``write``, and its framing."""
 
-    __slots__ = ("conn", "request", "input", "clock", "keep", "status", "code", "headers",
-                 "head_sent", "chunked", "length", "sent", "body_allowed",
-                 "heads")
+    # What every response starts with: class defaults, set on the instance
+    # only when they change (a response costs six stores, not fourteen).
+    status: str | None = None
+    code = 0
+    headers: list[tuple[str, str]] = []     # never mutated: replaced by start_response
+    head_sent = False
+    chunked = False
+    length = -1             # Content-Length the app declared, -1 none
+    sent = 0                # body bytes sent
+    body_allowed = True
 
     def __init__(self, conn: socket.socket, request: Request, body: Input, clock: Clock,
-                 keep: bool, heads: dict[Any, Any] | None = None) -> None:
-        #: The handler's memo of checked (status, headers) and built heads.
-        self.heads: dict[Any, Any] = {} if heads is None else heads
+                 keep: bool, heads: dict[Any, Any] | None) -> None:
+        #: The handler's memo of checked (status, headers) and built heads,
+        #: for the Python versions; None: mps.http._speedups does the work.
+        self.heads = heads
         self.conn = conn
         self.request = request
         self.input = body
         self.clock = clock
         self.keep = keep
-        self.status: str | None = None
-        self.code = 0
-        self.headers: list[tuple[str, str]] = []
-        self.head_sent = False
-        self.chunked = False
-        self.length = -1            # Content-Length the app declared, -1 none
-        self.sent = 0               # body bytes sent
-        self.body_allowed = True
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: ExcInfo | None = None) -> Callable[[bytes], None]:
@@ -186,6 +190,20 @@ class Response:
                 exc_info = None     # no cycle through the traceback
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
+        if self.heads is None:
+            if not speedups.valid(status, headers):
+                self.check(status, headers)     # raises, saying what is wrong
+                raise HeaderError(f"start_response({status!r}, {headers!r}) refused")
+        else:
+            self.remember(status, headers)
+        self.status = status
+        self.code = int(status[:3])
+        self.headers = headers
+        return self.write
+
+    def remember(self, status: str, headers: list[tuple[str, str]]) -> None:
+        """The Python check of start_response's arguments, memoized."""
+        assert self.heads is not None
         try:
             # Apps send the same few (status, headers) again and again: once
             # checked, a combination is known good (the strings are compared,
@@ -200,10 +218,6 @@ class Response:
                 if len(self.heads) >= _HEADS_MAX:
                     self.heads.clear()
                 self.heads[key] = None
-        self.status = status
-        self.code = int(status[:3])
-        self.headers = headers
-        return self.write
 
     @staticmethod
     def check(status: str, headers: list[tuple[str, str]]) -> None:
@@ -232,6 +246,14 @@ class Response:
             raise self.input.failed
         if not self.input.response_begins():
             self.keep = False       # the body is not read and will not be: say so
+        if self.heads is None:
+            try:
+                head, self.length, self.keep, self.chunked, self.body_allowed = speedups.head(
+                    self.status, self.code, self.headers, known_length, req.method == b"HEAD",
+                    req.version == "HTTP/1.1", self.keep, self.clock.date())
+            except ValueError as exc:   # a bad Content-Length, or beyond latin-1
+                raise HeaderError(str(exc)) from None
+            return head
         key = ("head", self.status, *self.headers, known_length, req.method == b"HEAD",
                req.version, self.keep)
         built = self.heads.get(key)
@@ -256,7 +278,8 @@ class Response:
                 # One, and digits only: int() also takes "-5", "+5" and "1_0",
                 # which would be sent as they are while the body is framed
                 # by another reading (or chunked beside them).
-                if not (value.isascii() and value.isdigit()) or self.length >= 0:
+                if not (value.isascii() and value.isdigit()) or len(value) > 18 \
+                        or self.length >= 0:
                     raise HeaderError(f"Content-Length {value!r} is not one length")
                 self.length = int(value)
             elif low in _HOP_BY_HOP:
@@ -386,7 +409,9 @@ class WSGIHandler:
         self.trusted = Allowed(",".join(self.options.forwarded_allow_ips))
         self.pool: PoolView = Alone()
         self.clock = Clock()
-        self.heads: dict[Any, Any] = {}     # see Response.start_response and head
+        #: mps.http._speedups serves (None), else the Python versions' memo
+        #: (see Response.remember and head).
+        self.heads: dict[Any, Any] | None = None if SPEEDUPS else {}
         self.errors = ErrorStream()
         self.buf = memoryview(bytearray(65536))
         self.keys: dict[bytes, str] = {}
@@ -451,14 +476,12 @@ class WSGIHandler:
         except ClientGone:
             pass
         finally:
-            # The parser holds the reader's bound callbacks and the reader the
-            # parser: a cycle per connection that only the collector would free.
-            reader.parser = None    # type: ignore[assignment]
+            reader.close()
 
     def respond(self, conn: socket.socket, addr: Any, reader: Reader, req: Request,
                 keep: bool) -> bool:
         """Run the app for one request; True when the connection goes on."""
-        started = time.monotonic()
+        started = time.monotonic() if self.access is not None else 0.0
         body = Input(reader, req, reader.send_interim)
         resp = Response(conn, req, body, self.clock, keep, self.heads)
         environ = self.environ(req, addr, body)
@@ -490,15 +513,23 @@ class WSGIHandler:
             resp.start_response("500 Internal Server Error",
                                 [("Content-Type", "text/plain"), ("Content-Length", "26")])
             resp.write(b"500 Internal Server Error\n")
-        self.log_access(logged, resp, started)
+        if self.access is not None:
+            self.log_access(logged, resp, started)
+        if not resp.keep:
+            return False
+        if req.complete and not req.body:
+            return True     # nothing of the body left to read (discard's fast case)
         try:
-            return resp.keep and body.discard()
+            return body.discard()
         except HTTPError:
             return False    # the rest of the body is bad: this response was the last
 
     def run_app(self, environ: dict[str, Any], resp: Response) -> None:
         result = self.app(environ, resp.start_response)
         try:
+            if type(result) is list and not resp.head_sent:
+                self.send_whole(resp, result)   # the commonest: first, with no other test
+                return
             if isinstance(result, FileWrapper):
                 fd = result.fileno()
                 if fd is not None and resp.status is not None and resp.send_file(fd):
@@ -521,16 +552,32 @@ class WSGIHandler:
     def send_whole(self, resp: Response, parts: Sequence[bytes]) -> None:
         """A list body (the common case): its length is known, so it gets a
         Content-Length and goes out with the head in one send."""
-        for part in parts:
-            if not isinstance(part, (bytes, bytearray)):
-                raise TypeError(f"the app returned {type(part).__name__}, not bytes")
-        size = sum(len(p) for p in parts)
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            data = parts[0]     # the commonest of all: one bytes
+        else:
+            for part in parts:
+                if not isinstance(part, (bytes, bytearray)):
+                    raise TypeError(f"the app returned {type(part).__name__}, not bytes")
+            data = b"".join(parts)
+        size = len(data)
         head = resp.head(size)
         resp.head_sent = True
         if not resp.body_allowed or not size:
             send_all(resp.conn, head)
+        elif resp.length == size and not resp.chunked:
+            resp.sent = size    # frame()'s count, where it would change nothing else
+            payload = head + data
+            try:    # send_all's first send, inline: it is nearly always the only one
+                sent = resp.conn.send(payload, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                raise ClientGone() from None
+            if sent != len(payload):
+                send_all(resp.conn, memoryview(payload)[sent:])
+            return      # finish() has nothing to add: all declared was sent
         else:
-            send_all(resp.conn, head + resp.frame(b"".join(parts)))
+            send_all(resp.conn, head + resp.frame(data))
         resp.finish()
 
     def refuse(self, conn: socket.socket, addr: Any, exc: HTTPError) -> None:
@@ -548,6 +595,26 @@ class WSGIHandler:
     # ------------------------------------------------------ the environ
 
     def environ(self, req: Request, addr: Any, body: Input) -> dict[str, Any]:
+        if self.heads is None:
+            env = speedups.environ(self.base, req.method, req.url, req.version, req.headers,
+                                   self.keys)
+        else:
+            env = self.request_environ(req)
+        env["wsgi.input"] = body
+        if isinstance(addr, tuple):
+            env["REMOTE_ADDR"] = addr[0]
+            env["REMOTE_PORT"] = str(addr[1])
+        else:
+            env["REMOTE_ADDR"] = ""
+        if self.server is None:
+            self.server = _server_name(body)
+        env["SERVER_NAME"], env["SERVER_PORT"] = self.server
+        if "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env:
+            self.forwarded(env)
+        return env
+
+    def request_environ(self, req: Request) -> dict[str, Any]:
+        """The request's own keys (the Python version of speedups.environ)."""
         env = self.base.copy()
         url = req.url
         if url[:1] != b"/":
@@ -561,12 +628,6 @@ class WSGIHandler:
         env["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
         env["QUERY_STRING"] = query.decode("latin-1")
         env["SERVER_PROTOCOL"] = req.version
-        env["wsgi.input"] = body
-        if isinstance(addr, tuple):
-            env["REMOTE_ADDR"] = addr[0]
-            env["REMOTE_PORT"] = str(addr[1])
-        else:
-            env["REMOTE_ADDR"] = ""
         keys = self.keys
         for name, value in req.headers:
             key = keys.get(name)
@@ -580,11 +641,6 @@ class WSGIHandler:
                     env[key] += "," + text
             else:
                 env[key] = text
-        if self.server is None:
-            self.server = _server_name(body)
-        env["SERVER_NAME"], env["SERVER_PORT"] = self.server
-        if "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env:
-            self.forwarded(env)
         return env
 
     def forwarded(self, env: dict[str, Any]) -> None:

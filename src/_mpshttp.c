@@ -1,0 +1,1113 @@
+/*
+ * _mpshttp.c - mps.http._speedups: the WSGI layer's per-request string work.
+ *
+ * Three pure functions of their arguments, no I/O and no state of their own,
+ *
+ *   valid(status, headers) -> bool
+ *       What start_response must refuse, checked (False: the Python check in
+ *       mps/http/wsgi.py runs and raises with its message).
+ *   head(status, code, headers, known_length, is_head, http11, keep, date)
+ *       -> (head, length, keep, chunked, body_allowed)
+ *       The response's status line and header fields, framing decided: the
+ *       app's Content-Length checked (ValueError), hop-by-hop fields dropped,
+ *       our Date and Server unless the app gave its own.  For headers that
+ *       valid() accepted.
+ *   environ(base, method, target, version, headers, keys) -> dict
+ *       A copy of ``base`` with the request's CGI keys and HTTP_* fields.
+ *
+ * and two types for parsing, driven by httptools (llhttp):
+ *
+ *   Sink(request_line, fields, field_size, max_body, opened, ready)
+ *       The parser's on_* callbacks: each request's head checked against
+ *       the limits as it is parsed (smuggling, codings, Host, versions).
+ *   Request(started)
+ *       One parsed request, as the rest of mps.http reads and updates it.
+ *
+ * mps/http/wsgi.py and message.py hold the Python versions of all five (used
+ * where this module is not built, or with MPS_NO_SPEEDUPS=1);
+ * tests/test_speedups.py checks that both give the same answer for the same
+ * input, hypothesis-generated, and the live suites run both.  Per request
+ * these were the Python layer's costliest steps after the app itself (each
+ * parser callback a Python frame); in C each is a fraction of a microsecond.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+/* Longest Content-Length the app may declare: 18 digits (below 2**63). */
+#define MAX_LENGTH_DIGITS 18
+
+/* ------------------------------------------------------------ helpers */
+
+static int is_tchar(Py_UCS4 c)
+{
+    /* RFC 9110 5.6.2 token characters. */
+    if (c >= 0x80)
+        return 0;
+    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'))
+        return 1;
+    return c != 0 && strchr("!#$%&'*+-.^_`|~", (int)c) != NULL;
+}
+
+/* True when ``s`` holds none of CR, LF, NUL. */
+static int sendable(PyObject *s)
+{
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c == '\r' || c == '\n' || c == 0)
+            return 0;
+    }
+    return 1;
+}
+
+static int valid_status(PyObject *status)
+{
+    if (!PyUnicode_Check(status) || PyUnicode_READY(status) < 0)
+        return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(status);
+    if (n < 4)
+        return 0;
+    int kind = PyUnicode_KIND(status);
+    const void *data = PyUnicode_DATA(status);
+    Py_UCS4 a = PyUnicode_READ(kind, data, 0), b = PyUnicode_READ(kind, data, 1),
+            c = PyUnicode_READ(kind, data, 2), sp = PyUnicode_READ(kind, data, 3);
+    if (a < '1' || a > '9' || b < '0' || b > '9' || c < '0' || c > '9' || sp != ' ')
+        return 0;
+    return sendable(status);
+}
+
+static int valid_name(PyObject *name)
+{
+    if (PyUnicode_READY(name) < 0)
+        return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    int kind = PyUnicode_KIND(name);
+    const void *data = PyUnicode_DATA(name);
+    if (n == 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!is_tchar(PyUnicode_READ(kind, data, i)))
+            return 0;
+    return 1;
+}
+
+/* The (name, value) pair at headers[i], or NULL (no exception set) when it is
+ * not a 2-tuple of str. */
+static int header_item(PyObject *item, PyObject **name, PyObject **value)
+{
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+        return 0;
+    *name = PyTuple_GET_ITEM(item, 0);
+    *value = PyTuple_GET_ITEM(item, 1);
+    return PyUnicode_Check(*name) && PyUnicode_Check(*value)
+        && PyUnicode_READY(*name) == 0 && PyUnicode_READY(*value) == 0;
+}
+
+/* ASCII case-insensitive: is the str ``s`` equal to the lowercase ``low``? */
+static int name_is(PyObject *s, const char *low, Py_ssize_t len)
+{
+    if (PyUnicode_GET_LENGTH(s) != len || PyUnicode_KIND(s) != PyUnicode_1BYTE_KIND)
+        return 0;
+    const Py_UCS1 *d = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < len; i++) {
+        Py_UCS1 c = d[i];
+        if (c >= 'A' && c <= 'Z')
+            c = (Py_UCS1)(c + 32);
+        if (c != (Py_UCS1)low[i])
+            return 0;
+    }
+    return 1;
+}
+
+#define NAME_IS(s, lit) name_is((s), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/* Does the str ``s`` contain "close", ASCII case-insensitively? */
+static int says_close(PyObject *s)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    static const char word[] = "close";
+    for (Py_ssize_t i = 0; i + 5 <= n; i++) {
+        Py_ssize_t j = 0;
+        for (; j < 5; j++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i + j);
+            if (c >= 'A' && c <= 'Z')
+                c += 32;
+            if (c != (Py_UCS4)word[j])
+                break;
+        }
+        if (j == 5)
+            return 1;
+    }
+    return 0;
+}
+
+/* A growing byte buffer for the head: on the stack for the usual size. */
+struct out {
+    char *p;
+    Py_ssize_t len, cap;
+    char local[1024];
+};
+
+static int out_put(struct out *o, const char *s, Py_ssize_t n)
+{
+    if (o->len + n > o->cap) {
+        Py_ssize_t cap = (o->len + n) * 2;
+        char *grown = PyMem_Malloc((size_t)cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(grown, o->p, (size_t)o->len);
+        if (o->p != o->local)
+            PyMem_Free(o->p);
+        o->p = grown;
+        o->cap = cap;
+    }
+    memcpy(o->p + o->len, s, (size_t)n);
+    o->len += n;
+    return 0;
+}
+
+#define OUT_LIT(o, lit) out_put((o), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+/* A str as latin-1 bytes into the buffer; UnicodeEncodeError (as
+ * str.encode("latin-1") raises) when it has a character beyond U+00FF. */
+static int out_latin1(struct out *o, PyObject *s)
+{
+    if (PyUnicode_KIND(s) == PyUnicode_1BYTE_KIND)
+        return out_put(o, (const char *)PyUnicode_1BYTE_DATA(s), PyUnicode_GET_LENGTH(s));
+    PyObject *encoded = PyUnicode_AsLatin1String(s);     /* raises the error */
+    if (encoded == NULL)
+        return -1;
+    int rc = out_put(o, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded));
+    Py_DECREF(encoded);
+    return rc;
+}
+
+/* ------------------------------------------------------------ valid */
+
+static PyObject *speedups_valid(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "valid(status, headers)");
+        return NULL;
+    }
+    PyObject *headers = args[1];
+    if (!valid_status(args[0]) || !PyList_Check(headers))
+        Py_RETURN_FALSE;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        PyObject *name, *value;
+        if (!header_item(PyList_GET_ITEM(headers, i), &name, &value)
+                || !valid_name(name) || !sendable(value))
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------ head */
+
+static PyObject *speedups_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "head(status, code, headers, known_length, is_head, http11, keep, date)");
+        return NULL;
+    }
+    PyObject *status = args[0], *headers = args[2], *date = args[7];
+    long code = PyLong_AsLong(args[1]);
+    long long known_length = PyLong_AsLongLong(args[3]);
+    int is_head = PyObject_IsTrue(args[4]), http11 = PyObject_IsTrue(args[5]);
+    int keep = PyObject_IsTrue(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyUnicode_Check(status) || !PyList_Check(headers) || !PyBytes_Check(date)) {
+        PyErr_SetString(PyExc_TypeError, "head(): status str, headers list, date bytes");
+        return NULL;
+    }
+    struct out o = {.p = o.local, .len = 0, .cap = sizeof o.local};
+    long long length = -1;
+    int own_date = 1, own_server = 1, chunked = 0;
+    PyObject *result = NULL;
+
+    if (OUT_LIT(&o, "HTTP/1.1 ") < 0 || out_latin1(&o, status) < 0 || OUT_LIT(&o, "\r\n") < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        PyObject *name, *value;
+        if (!header_item(PyList_GET_ITEM(headers, i), &name, &value)) {
+            PyErr_SetString(PyExc_TypeError, "head(): headers must be (str, str) tuples");
+            goto done;
+        }
+        if (NAME_IS(name, "content-length")) {
+            /* One, digits only (int() would also take "-5", "+5", "1_0"). */
+            Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+            int digits = n > 0 && n <= MAX_LENGTH_DIGITS
+                && PyUnicode_KIND(value) == PyUnicode_1BYTE_KIND && length < 0;
+            long long parsed = 0;
+            for (Py_ssize_t j = 0; digits && j < n; j++) {
+                Py_UCS1 c = PyUnicode_1BYTE_DATA(value)[j];
+                if (c < '0' || c > '9')
+                    digits = 0;
+                parsed = parsed * 10 + (c - '0');
+            }
+            if (!digits) {
+                PyObject *msg = PyUnicode_FromFormat("Content-Length %R is not one length",
+                                                     value);
+                if (msg != NULL) {
+                    PyErr_SetObject(PyExc_ValueError, msg);
+                    Py_DECREF(msg);
+                }
+                goto done;
+            }
+            length = parsed;
+        } else if (NAME_IS(name, "connection") || NAME_IS(name, "keep-alive")
+                   || NAME_IS(name, "proxy-authenticate")
+                   || NAME_IS(name, "proxy-authorization") || NAME_IS(name, "te")
+                   || NAME_IS(name, "trailers") || NAME_IS(name, "transfer-encoding")
+                   || NAME_IS(name, "upgrade")) {
+            /* Hop-by-hop: the server frames the message itself. */
+            if (NAME_IS(name, "connection") && says_close(value))
+                keep = 0;
+            continue;
+        } else if (NAME_IS(name, "date")) {
+            own_date = 0;       /* one Date only (RFC 9110 6.6.1) */
+        } else if (NAME_IS(name, "server")) {
+            own_server = 0;
+        }
+        if (out_latin1(&o, name) < 0 || OUT_LIT(&o, ": ") < 0 || out_latin1(&o, value) < 0
+                || OUT_LIT(&o, "\r\n") < 0)
+            goto done;
+    }
+    int no_body_code = code == 204 || code == 304;
+    int body_allowed = !(no_body_code || code < 200 || is_head);
+    if (length < 0 && !no_body_code && code >= 200) {
+        if (known_length >= 0) {
+            length = known_length;
+            if (!is_head || known_length > 0) {
+                char line[48];
+                int n = snprintf(line, sizeof line, "Content-Length: %lld\r\n", known_length);
+                if (out_put(&o, line, n) < 0)
+                    goto done;
+            }
+        } else if (!body_allowed) {
+            /* HEAD: no body, and no length we could know */
+        } else if (http11) {
+            chunked = 1;
+            if (OUT_LIT(&o, "Transfer-Encoding: chunked\r\n") < 0)
+                goto done;
+        } else {
+            keep = 0;           /* HTTP/1.0: the close delimits the body */
+        }
+    }
+    if (!keep) {
+        if (OUT_LIT(&o, "Connection: close\r\n") < 0)
+            goto done;
+    } else if (!http11) {
+        if (OUT_LIT(&o, "Connection: keep-alive\r\n") < 0)
+            goto done;
+    }
+    if (own_date && out_put(&o, PyBytes_AS_STRING(date), PyBytes_GET_SIZE(date)) < 0)
+        goto done;
+    if (own_server ? OUT_LIT(&o, "Server: mps\r\n\r\n") < 0 : OUT_LIT(&o, "\r\n") < 0)
+        goto done;
+    result = Py_BuildValue("(y#LNNN)", o.p, o.len, length, PyBool_FromLong(keep),
+                           PyBool_FromLong(chunked), PyBool_FromLong(body_allowed));
+done:
+    if (o.p != o.local)
+        PyMem_Free(o.p);
+    return result;
+}
+
+/* ------------------------------------------------------------ environ */
+
+static int hexval(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* The str of latin-1 bytes [p, p+n), "%XX" decoded when ``unquote`` (as
+ * urllib.parse.unquote_to_bytes: a "%" not followed by two hex digits stays). */
+static PyObject *latin1_text(const char *p, Py_ssize_t n, int unquote)
+{
+    if (!unquote || memchr(p, '%', (size_t)n) == NULL)
+        return PyUnicode_DecodeLatin1(p, n, NULL);
+    char local[512] = {0};
+    char *buf = n <= (Py_ssize_t)sizeof local ? local : PyMem_Malloc((size_t)n);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t len = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int hi, lo;
+        if (p[i] == '%' && i + 2 < n
+                && (hi = hexval((unsigned char)p[i + 1])) >= 0
+                && (lo = hexval((unsigned char)p[i + 2])) >= 0) {
+            buf[len++] = (char)(hi * 16 + lo);
+            i += 2;
+        } else {
+            buf[len++] = p[i];
+        }
+    }
+    PyObject *text = PyUnicode_DecodeLatin1(buf, len, NULL);
+    if (buf != local)
+        PyMem_Free(buf);
+    return text;
+}
+
+static int set_text(PyObject *env, const char *key, const char *p, Py_ssize_t n, int unquote)
+{
+    PyObject *text = latin1_text(p, n, unquote);
+    if (text == NULL)
+        return -1;
+    int rc = PyDict_SetItemString(env, key, text);
+    Py_DECREF(text);
+    return rc;
+}
+
+/* environ_key() of a name beyond ASCII (llhttp lets none through; as the
+ * Python version does it, for the same answer): str.upper() of its latin-1. */
+static PyObject *environ_key_unicode(PyObject *name)
+{
+    PyObject *text = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name),
+                                            NULL);
+    PyObject *upper = text ? PyObject_CallMethod(text, "upper", NULL) : NULL;
+    PyObject *key = upper ? PyObject_CallMethod(upper, "replace", "ss", "-", "_") : NULL;
+    Py_XDECREF(text);
+    Py_XDECREF(upper);
+    if (key == NULL || PyUnicode_CompareWithASCIIString(key, "CONTENT_TYPE") == 0
+            || PyUnicode_CompareWithASCIIString(key, "CONTENT_LENGTH") == 0)
+        return key;
+    PyObject *prefixed = PyUnicode_FromFormat("HTTP_%U", key);
+    Py_DECREF(key);
+    return prefixed;
+}
+
+/* The environ key of a header field name: "HTTP_" + upper, "-" -> "_";
+ * Content-Type and Content-Length without the prefix (CGI). */
+static PyObject *environ_key(PyObject *name)
+{
+    const char *p = PyBytes_AS_STRING(name);
+    Py_ssize_t n = PyBytes_GET_SIZE(name);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if ((unsigned char)p[i] >= 0x80)
+            return environ_key_unicode(name);   /* not a token: str.upper() rules */
+    char local[256];
+    char *buf = n + 5 <= (Py_ssize_t)sizeof local ? local : PyMem_Malloc((size_t)n + 5);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    memcpy(buf, "HTTP_", 5);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        buf[5 + i] = c == '-' ? '_' : (c >= 'a' && c <= 'z') ? (char)(c - 32) : (char)c;
+    }
+    PyObject *key;
+    if ((n == 12 && memcmp(buf + 5, "CONTENT_TYPE", 12) == 0)
+            || (n == 14 && memcmp(buf + 5, "CONTENT_LENGTH", 14) == 0))
+        key = PyUnicode_DecodeLatin1(buf + 5, n, NULL);
+    else
+        key = PyUnicode_DecodeLatin1(buf, n + 5, NULL);
+    if (buf != local)
+        PyMem_Free(buf);
+    return key;
+}
+
+static PyObject *speedups_environ(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "environ(base, method, target, version, headers, keys)");
+        return NULL;
+    }
+    PyObject *base = args[0], *method = args[1], *target = args[2], *version = args[3];
+    PyObject *headers = args[4], *keys = args[5];
+    if (!PyDict_Check(base) || !PyBytes_Check(method) || !PyBytes_Check(target)
+            || !PyList_Check(headers) || !PyDict_Check(keys)) {
+        PyErr_SetString(PyExc_TypeError, "environ(): bad argument types");
+        return NULL;
+    }
+    PyObject *env = PyDict_Copy(base);
+    if (env == NULL)
+        return NULL;
+    const char *url = PyBytes_AS_STRING(target);
+    Py_ssize_t n = PyBytes_GET_SIZE(target);
+    if (n == 0 || url[0] != '/') {
+        if (n == 1 && url[0] == '*') {
+            /* OPTIONS *: about the server as a whole, PATH_INFO "" */
+            n = 0;
+        } else {
+            /* absolute-form (GET http://host/p?q): its path */
+            const char *scheme = NULL;
+            for (Py_ssize_t i = 0; i + 3 <= n; i++)
+                if (memcmp(url + i, "://", 3) == 0) {
+                    scheme = url + i;
+                    break;
+                }
+            if (scheme != NULL) {
+                Py_ssize_t from = scheme - url + 3;
+                const char *slash = memchr(url + from, '/', (size_t)(n - from));
+                if (slash != NULL) {
+                    n -= slash - url;
+                    url = slash;
+                } else {
+                    url = "/";
+                    n = 1;
+                }
+            }
+        }
+    }
+    const char *mark = memchr(url, '?', (size_t)n);
+    Py_ssize_t path_len = mark ? mark - url : n;
+    const char *query = mark ? mark + 1 : url + n;
+    Py_ssize_t query_len = mark ? n - path_len - 1 : 0;
+    const char *hash = memchr(query, '#', (size_t)query_len);
+    if (hash != NULL)
+        query_len = hash - query;
+    if (set_text(env, "REQUEST_METHOD", PyBytes_AS_STRING(method),
+                 PyBytes_GET_SIZE(method), 0) < 0
+            || set_text(env, "PATH_INFO", url, path_len, 1) < 0
+            || set_text(env, "QUERY_STRING", query, query_len, 0) < 0
+            || PyDict_SetItemString(env, "SERVER_PROTOCOL", version) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        PyObject *item = PyList_GET_ITEM(headers, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
+                || !PyBytes_Check(PyTuple_GET_ITEM(item, 0))
+                || !PyBytes_Check(PyTuple_GET_ITEM(item, 1))) {
+            PyErr_SetString(PyExc_TypeError, "environ(): headers must be (bytes, bytes)");
+            goto fail;
+        }
+        PyObject *name = PyTuple_GET_ITEM(item, 0), *raw = PyTuple_GET_ITEM(item, 1);
+        PyObject *key = PyDict_GetItemWithError(keys, name);    /* borrowed */
+        if (key != NULL) {
+            Py_INCREF(key);
+        } else {
+            if (PyErr_Occurred())
+                goto fail;
+            key = environ_key(name);
+            if (key == NULL)
+                goto fail;
+            if (PyDict_GET_SIZE(keys) < 512 && PyDict_SetItem(keys, name, key) < 0) {
+                Py_DECREF(key);
+                goto fail;
+            }
+        }
+        PyObject *text = PyUnicode_DecodeLatin1(PyBytes_AS_STRING(raw),
+                                                PyBytes_GET_SIZE(raw), NULL);
+        if (text == NULL) {
+            Py_DECREF(key);
+            goto fail;
+        }
+        PyObject *old = PyDict_GetItemWithError(env, key);      /* borrowed */
+        int rc = 0;
+        if (old == NULL) {
+            rc = PyErr_Occurred() ? -1 : PyDict_SetItem(env, key, text);
+        } else if (PyUnicode_GET_LENGTH(key) > 5
+                   && PyUnicode_READ_CHAR(key, 0) == 'H' && PyUnicode_READ_CHAR(key, 4) == '_') {
+            /* a repeated field: its values joined with "," (RFC 9110 5.3);
+             * a repeated Content-Type keeps the first */
+            PyObject *joined = PyUnicode_FromFormat("%U,%U", old, text);
+            rc = joined == NULL ? -1 : PyDict_SetItem(env, key, joined);
+            Py_XDECREF(joined);
+        }
+        Py_DECREF(text);
+        Py_DECREF(key);
+        if (rc < 0)
+            goto fail;
+    }
+    return env;
+fail:
+    Py_DECREF(env);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ requests */
+
+/* Request and Sink: the C versions of mps.http.message's PyRequest and
+ * PySink (read those first; these mirror them line by line).  httptools
+ * calls the sink's on_* methods as it parses; a Python sink's cost per
+ * request was most of the parse (each callback a Python frame), these are
+ * C calls. */
+
+#include <structmember.h>
+#include <time.h>
+
+/* The exception classes and the shared empty body, handed over once by
+ * mps.http.message (configure()). */
+static PyObject *str_append, *str_get_method, *str_get_http_version, *str_should_keep_alive,
+    *str_http11, *str_http10;
+static PyObject *err_bad_request, *err_uri_too_long, *err_headers_too_large,
+    *err_payload_too_large, *err_coding, *err_method, *err_version, *no_body;
+
+static double monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static PyObject *raise_new(PyObject *cls)
+{
+    if (cls == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "mps.http._speedups is not configured");
+        return NULL;
+    }
+    PyErr_SetNone(cls);
+    return NULL;
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *method, *url, *version, *headers, *body;
+    double started;
+    long long content_length, body_size, fields, chunks, framing;
+    char keep_alive, chunked, expect_continue, complete, host;
+} Request;
+
+static PyTypeObject RequestType;
+
+static Request *request_new(double started)
+{
+    Request *r = PyObject_GC_New(Request, &RequestType);
+    if (r == NULL)
+        return NULL;
+    r->method = PyBytes_FromStringAndSize("", 0);
+    r->url = PyBytes_FromStringAndSize("", 0);
+    r->version = Py_NewRef(str_http11);
+    r->headers = PyList_New(0);
+    r->body = Py_NewRef(no_body);
+    r->started = started;
+    r->content_length = -1;
+    r->body_size = r->fields = r->chunks = r->framing = 0;
+    r->keep_alive = r->chunked = r->expect_continue = r->complete = r->host = 0;
+    PyObject_GC_Track(r);
+    if (r->method == NULL || r->url == NULL || r->version == NULL || r->headers == NULL) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    return r;
+}
+
+static PyObject *request_py_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)type;
+    double started;
+    static char *names[] = {"started", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "d", names, &started))
+        return NULL;
+    if (no_body == NULL)
+        return raise_new(NULL);
+    return (PyObject *)request_new(started);
+}
+
+static int request_traverse(Request *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->method);
+    Py_VISIT(r->url);
+    Py_VISIT(r->version);
+    Py_VISIT(r->headers);
+    Py_VISIT(r->body);
+    return 0;
+}
+
+static int request_clear(Request *r)
+{
+    Py_CLEAR(r->method);
+    Py_CLEAR(r->url);
+    Py_CLEAR(r->version);
+    Py_CLEAR(r->headers);
+    Py_CLEAR(r->body);
+    return 0;
+}
+
+static void request_dealloc(Request *r)
+{
+    PyObject_GC_UnTrack(r);
+    request_clear(r);
+    PyObject_GC_Del(r);
+}
+
+static PyObject *request_line(Request *r, PyObject *unused)
+{
+    (void)unused;
+    if (!PyBytes_Check(r->method) || !PyBytes_Check(r->url)) {
+        PyErr_SetString(PyExc_TypeError, "method and url must be bytes");
+        return NULL;
+    }
+    Py_ssize_t m = PyBytes_GET_SIZE(r->method), u = PyBytes_GET_SIZE(r->url);
+    if (u > 120)
+        u = 120;
+    PyObject *line = PyBytes_FromStringAndSize(NULL, m + 1 + u);
+    if (line == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(line);
+    memcpy(p, PyBytes_AS_STRING(r->method), (size_t)m);
+    p[m] = ' ';
+    memcpy(p + m + 1, PyBytes_AS_STRING(r->url), (size_t)u);
+    return line;
+}
+
+static PyMemberDef request_members[] = {
+    {"method", T_OBJECT_EX, offsetof(Request, method), 0, NULL},
+    {"url", T_OBJECT_EX, offsetof(Request, url), 0, NULL},
+    {"version", T_OBJECT_EX, offsetof(Request, version), 0, NULL},
+    {"headers", T_OBJECT_EX, offsetof(Request, headers), 0, NULL},
+    {"body", T_OBJECT_EX, offsetof(Request, body), 0, NULL},
+    {"started", T_DOUBLE, offsetof(Request, started), 0, NULL},
+    {"content_length", T_LONGLONG, offsetof(Request, content_length), 0, NULL},
+    {"body_size", T_LONGLONG, offsetof(Request, body_size), 0, NULL},
+    {"fields", T_LONGLONG, offsetof(Request, fields), 0, NULL},
+    {"chunks", T_LONGLONG, offsetof(Request, chunks), 0, NULL},
+    {"framing", T_LONGLONG, offsetof(Request, framing), 0, NULL},
+    {"keep_alive", T_BOOL, offsetof(Request, keep_alive), 0, NULL},
+    {"chunked", T_BOOL, offsetof(Request, chunked), 0, NULL},
+    {"expect_continue", T_BOOL, offsetof(Request, expect_continue), 0, NULL},
+    {"complete", T_BOOL, offsetof(Request, complete), 0, NULL},
+    {"host", T_BOOL, offsetof(Request, host), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef request_methods[] = {
+    {"line", (PyCFunction)request_line, METH_NOARGS,
+     "Method and path, bounded: what the status shows for a busy child."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RequestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mps.http._speedups.Request",
+    .tp_doc = "One parsed request (mps.http.message.PyRequest, in C).",
+    .tp_basicsize = sizeof(Request),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = request_py_new,
+    .tp_dealloc = (destructor)request_dealloc,
+    .tp_traverse = (traverseproc)request_traverse,
+    .tp_clear = (inquiry)request_clear,
+    .tp_members = request_members,
+    .tp_methods = request_methods,
+};
+
+typedef struct {
+    PyObject_HEAD
+    long long request_line, max_fields, field_size, max_body;
+    double opened;
+    Request *parsing, *last;        /* NULL: None */
+    PyObject *ready;                /* a deque */
+    PyObject *parser;               /* the httptools parser, or None */
+    long long head_bytes;
+} Sink;
+
+static int sink_init(Sink *s, PyObject *args, PyObject *kwds)
+{
+    PyObject *ready;
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds)) || PyTuple_GET_SIZE(args) != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Sink(request_line, fields, field_size, max_body, opened, ready)");
+        return -1;
+    }
+    s->request_line = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 0));
+    s->max_fields = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 1));
+    s->field_size = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 2));
+    s->max_body = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 3));
+    s->opened = PyFloat_AsDouble(PyTuple_GET_ITEM(args, 4));
+    ready = PyTuple_GET_ITEM(args, 5);
+    if (PyErr_Occurred())
+        return -1;
+    Py_XSETREF(s->ready, Py_NewRef(ready));
+    Py_XSETREF(s->parser, Py_NewRef(Py_None));
+    Py_CLEAR(s->parsing);
+    Py_CLEAR(s->last);
+    s->head_bytes = 0;
+    return 0;
+}
+
+static int sink_traverse(Sink *s, visitproc visit, void *arg)
+{
+    Py_VISIT(s->parsing);
+    Py_VISIT(s->last);
+    Py_VISIT(s->ready);
+    Py_VISIT(s->parser);
+    return 0;
+}
+
+static int sink_clear(Sink *s)
+{
+    Py_CLEAR(s->parsing);
+    Py_CLEAR(s->last);
+    Py_CLEAR(s->ready);
+    Py_CLEAR(s->parser);
+    return 0;
+}
+
+static void sink_dealloc(Sink *s)
+{
+    PyObject_GC_UnTrack(s);
+    sink_clear(s);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *sink_on_message_begin(Sink *s, PyObject *unused)
+{
+    (void)unused;
+    Request *r = request_new(s->last != NULL ? monotonic() : s->opened);
+    if (r == NULL)
+        return NULL;
+    Py_XSETREF(s->parsing, (Request *)Py_NewRef(r));
+    Py_XSETREF(s->last, r);
+    s->head_bytes = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *sink_on_url(Sink *s, PyObject *url)
+{
+    if (s->parsing == NULL || !PyBytes_Check(url)) {
+        PyErr_SetString(PyExc_AssertionError, "on_url outside a request head");
+        return NULL;
+    }
+    PyObject *joined = PyBytes_GET_SIZE(s->parsing->url) ? NULL : Py_NewRef(url);
+    if (joined == NULL) {
+        joined = Py_NewRef(s->parsing->url);
+        PyBytes_Concat(&joined, url);
+        if (joined == NULL)
+            return NULL;
+    }
+    Py_SETREF(s->parsing->url, joined);
+    if (PyBytes_GET_SIZE(joined) > s->request_line)
+        return raise_new(err_uri_too_long);
+    Py_RETURN_NONE;
+}
+
+/* bytes.strip() of [p, p+n): its ASCII whitespace off both ends. */
+static void strip(const char **p, Py_ssize_t *n)
+{
+    static const char space[] = " \t\n\r\x0b\x0c";
+    while (*n > 0 && memchr(space, (*p)[0], sizeof space - 1))
+        (*p)++, (*n)--;
+    while (*n > 0 && memchr(space, (*p)[*n - 1], sizeof space - 1))
+        (*n)--;
+}
+
+static int bytes_is(const char *p, Py_ssize_t n, const char *low)
+{
+    Py_ssize_t len = (Py_ssize_t)strlen(low);
+    if (n != len)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c >= 'A' && c <= 'Z')
+            c = (unsigned char)(c + 32);
+        if (c != (unsigned char)low[i])
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *sink_on_header(Sink *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "on_header(name, value)");
+        return NULL;
+    }
+    PyObject *name = args[0], *value = args[1];
+    int trailer = s->parsing == NULL;       /* a trailer field, after a chunked body */
+    Request *req = trailer ? s->last : s->parsing;
+    if (req == NULL) {
+        PyErr_SetString(PyExc_AssertionError, "on_header outside a request");
+        return NULL;
+    }
+    req->fields += 1;
+    if (req->fields > s->max_fields)
+        return raise_new(err_headers_too_large);
+    const char *n = PyBytes_AS_STRING(name), *v = PyBytes_AS_STRING(value);
+    Py_ssize_t nlen = PyBytes_GET_SIZE(name), vlen = PyBytes_GET_SIZE(value);
+    if (nlen + vlen > s->field_size)
+        return raise_new(err_headers_too_large);
+    if (trailer || memchr(n, '_', (size_t)nlen) != NULL)
+        Py_RETURN_NONE;     /* trailers, and "_" (would alias "-" in HTTP_*): dropped */
+    if (bytes_is(n, nlen, "transfer-encoding")) {
+        /* every coding must be chunked: anything else is 501 */
+        const char *p = v, *end = v + vlen;
+        while (1) {
+            const char *comma = memchr(p, ',', (size_t)(end - p));
+            const char *stop = comma ? comma : end;
+            const char *c = p;
+            Py_ssize_t clen = stop - p;
+            strip(&c, &clen);
+            if (!bytes_is(c, clen, "chunked"))
+                return raise_new(err_coding);
+            if (comma == NULL)
+                break;
+            p = comma + 1;
+        }
+        req->chunked = 1;
+    } else if (bytes_is(n, nlen, "host")) {
+        if (req->host)      /* which one would the app believe? (RFC 9112 3.2) */
+            return raise_new(err_bad_request);
+        req->host = 1;
+    } else if (bytes_is(n, nlen, "content-length")) {
+        /* llhttp checked its digits; int() also takes surrounding space */
+        const char *c = v;
+        Py_ssize_t clen = vlen;
+        strip(&c, &clen);
+        if (clen == 0)
+            return raise_new(err_bad_request);
+        long long length = 0;
+        for (Py_ssize_t i = 0; i < clen; i++) {
+            if (c[i] < '0' || c[i] > '9')
+                return raise_new(err_bad_request);
+            /* saturate: anything this long is over max_body anyway */
+            length = length > (LLONG_MAX - 9) / 10 ? LLONG_MAX : length * 10 + (c[i] - '0');
+        }
+        req->content_length = length;
+    } else if (bytes_is(n, nlen, "expect")) {
+        const char *c = v;
+        Py_ssize_t clen = vlen;
+        strip(&c, &clen);
+        if (bytes_is(c, clen, "100-continue"))
+            req->expect_continue = 1;
+    }
+    PyObject *pair = PyTuple_Pack(2, name, value);
+    if (pair == NULL)
+        return NULL;
+    int rc = PyList_Append(req->headers, pair);
+    Py_DECREF(pair);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *call_parser(Sink *s, PyObject *name)
+{
+    return PyObject_CallMethodNoArgs(s->parser, name);
+}
+
+static PyObject *sink_on_headers_complete(Sink *s, PyObject *unused)
+{
+    (void)unused;
+    Request *req = s->parsing;
+    if (req == NULL) {
+        PyErr_SetString(PyExc_AssertionError, "on_headers_complete outside a request head");
+        return NULL;
+    }
+    PyObject *method = call_parser(s, str_get_method);
+    if (method == NULL)
+        return NULL;
+    Py_SETREF(req->method, method);
+    PyObject *version = call_parser(s, str_get_http_version);
+    if (version == NULL)
+        return NULL;
+    int v11 = PyUnicode_Check(version) && PyUnicode_CompareWithASCIIString(version, "1.1") == 0;
+    int v10 = PyUnicode_Check(version) && PyUnicode_CompareWithASCIIString(version, "1.0") == 0;
+    Py_DECREF(version);
+    if (!v11 && !v10)
+        return raise_new(err_version);
+    if (!PyBytes_Check(method)) {
+        PyErr_SetString(PyExc_TypeError, "get_method() did not return bytes");
+        return NULL;
+    }
+    const char *m = PyBytes_AS_STRING(method);
+    Py_ssize_t mlen = PyBytes_GET_SIZE(method);
+    if (mlen == 7 && memcmp(m, "CONNECT", 7) == 0)
+        return raise_new(err_method);
+    if (PyBytes_GET_SIZE(req->url) == 1 && PyBytes_AS_STRING(req->url)[0] == '*'
+            && !(mlen == 7 && memcmp(m, "OPTIONS", 7) == 0))
+        return raise_new(err_bad_request);     /* the asterisk-form is OPTIONS's alone */
+    Py_SETREF(req->version, Py_NewRef(v11 ? str_http11 : str_http10));
+    if (v11 && !req->host)
+        return raise_new(err_bad_request);     /* a 1.1 request without Host: 400 */
+    if (v10)
+        req->expect_continue = 0;   /* no 1xx to a 1.0 client (RFC 9110 10.1.1) */
+    PyObject *keep = call_parser(s, str_should_keep_alive);
+    if (keep == NULL)
+        return NULL;
+    int k = PyObject_IsTrue(keep);
+    Py_DECREF(keep);
+    if (k < 0)
+        return NULL;
+    req->keep_alive = (char)k;
+    if (req->content_length > s->max_body)
+        return raise_new(err_payload_too_large);
+    PyObject *r = PyObject_CallMethodOneArg(s->ready, str_append, (PyObject *)req);
+    s->parsing = NULL;
+    Py_DECREF(req);     /* the sink's reference: the deque holds it now */
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sink_on_body(Sink *s, PyObject *body)
+{
+    Request *req = s->last;
+    if (req == NULL || !PyBytes_Check(body)) {
+        PyErr_SetString(PyExc_AssertionError, "on_body outside a request");
+        return NULL;
+    }
+    req->body_size += PyBytes_GET_SIZE(body);
+    if (req->body_size > s->max_body)
+        return raise_new(err_payload_too_large);
+    if (req->body == no_body) {
+        PyObject *deque = PyObject_CallNoArgs((PyObject *)Py_TYPE(no_body));
+        if (deque == NULL)
+            return NULL;
+        Py_SETREF(req->body, deque);
+    }
+    PyObject *r = PyObject_CallMethodOneArg(req->body, str_append, body);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sink_on_message_complete(Sink *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->last == NULL) {
+        PyErr_SetString(PyExc_AssertionError, "on_message_complete outside a request");
+        return NULL;
+    }
+    s->last->complete = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *sink_on_chunk_header(Sink *s, PyObject *unused)
+{
+    (void)unused;
+    if (s->last == NULL) {
+        PyErr_SetString(PyExc_AssertionError, "on_chunk_header outside a request");
+        return NULL;
+    }
+    s->last->chunks += 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *sink_get_request(Request *r)
+{
+    return r == NULL ? Py_NewRef(Py_None) : Py_NewRef((PyObject *)r);
+}
+
+static PyObject *sink_get_parsing(Sink *s, void *closure)
+{
+    (void)closure;
+    return sink_get_request(s->parsing);
+}
+
+static PyObject *sink_get_last(Sink *s, void *closure)
+{
+    (void)closure;
+    return sink_get_request(s->last);
+}
+
+static PyMemberDef sink_members[] = {
+    {"ready", T_OBJECT_EX, offsetof(Sink, ready), READONLY, NULL},
+    {"parser", T_OBJECT_EX, offsetof(Sink, parser), 0, NULL},
+    {"opened", T_DOUBLE, offsetof(Sink, opened), READONLY, NULL},
+    {"head_bytes", T_LONGLONG, offsetof(Sink, head_bytes), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef sink_getset[] = {
+    {"parsing", (getter)sink_get_parsing, NULL, "The request whose head is being parsed.", NULL},
+    {"last", (getter)sink_get_last, NULL, "The latest request begun.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef sink_methods[] = {
+    {"on_message_begin", (PyCFunction)sink_on_message_begin, METH_NOARGS, NULL},
+    {"on_url", (PyCFunction)sink_on_url, METH_O, NULL},
+    {"on_header", (PyCFunction)(void (*)(void))sink_on_header, METH_FASTCALL, NULL},
+    {"on_headers_complete", (PyCFunction)sink_on_headers_complete, METH_NOARGS, NULL},
+    {"on_body", (PyCFunction)sink_on_body, METH_O, NULL},
+    {"on_message_complete", (PyCFunction)sink_on_message_complete, METH_NOARGS, NULL},
+    {"on_chunk_header", (PyCFunction)sink_on_chunk_header, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mps.http._speedups.Sink",
+    .tp_doc = "Sink(request_line, fields, field_size, max_body, opened, ready): "
+              "httptools' callbacks (mps.http.message.PySink, in C).",
+    .tp_basicsize = sizeof(Sink),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sink_init,
+    .tp_dealloc = (destructor)sink_dealloc,
+    .tp_traverse = (traverseproc)sink_traverse,
+    .tp_clear = (inquiry)sink_clear,
+    .tp_members = sink_members,
+    .tp_getset = sink_getset,
+    .tp_methods = sink_methods,
+};
+
+static PyObject *speedups_configure(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *objs[8];
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
+                          &objs[5], &objs[6], &objs[7]))
+        return NULL;
+    PyObject **slots[8] = {&err_bad_request, &err_uri_too_long, &err_headers_too_large,
+                           &err_payload_too_large, &err_coding, &err_method, &err_version,
+                           &no_body};
+    for (int i = 0; i < 8; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(objs[i]));
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------ module */
+
+static PyMethodDef speedups_methods[] = {
+    {"valid", (PyCFunction)(void (*)(void))speedups_valid, METH_FASTCALL,
+     "valid(status, headers) -> bool: what start_response may accept."},
+    {"head", (PyCFunction)(void (*)(void))speedups_head, METH_FASTCALL,
+     "head(status, code, headers, known_length, is_head, http11, keep, date)"
+     " -> (head, length, keep, chunked, body_allowed)."},
+    {"environ", (PyCFunction)(void (*)(void))speedups_environ, METH_FASTCALL,
+     "environ(base, method, target, version, headers, keys) -> dict."},
+    {"configure", speedups_configure, METH_VARARGS,
+     "configure(BadRequest, URITooLong, HeadersTooLarge, PayloadTooLarge, "
+     "NotImplementedCoding, NotImplementedMethod, VersionNotSupported, no_body)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mps.http._speedups",
+    .m_doc = "The WSGI layer's per-request string work in C (see mps/http/wsgi.py).",
+    .m_size = 0,
+    .m_methods = speedups_methods,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    if (PyType_Ready(&RequestType) < 0 || PyType_Ready(&SinkType) < 0)
+        return NULL;
+    if ((str_append = PyUnicode_InternFromString("append")) == NULL
+            || (str_get_method = PyUnicode_InternFromString("get_method")) == NULL
+            || (str_get_http_version = PyUnicode_InternFromString("get_http_version")) == NULL
+            || (str_should_keep_alive = PyUnicode_InternFromString("should_keep_alive")) == NULL
+            || (str_http11 = PyUnicode_InternFromString("HTTP/1.1")) == NULL
+            || (str_http10 = PyUnicode_InternFromString("HTTP/1.0")) == NULL)
+        return NULL;
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "Request", (PyObject *)&RequestType) < 0
+            || PyModule_AddObjectRef(module, "Sink", (PyObject *)&SinkType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

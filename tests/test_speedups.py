@@ -1,0 +1,208 @@
+"""mps.http._speedups (src/_mpshttp.c) against the Python versions it
+replaces: the same input must give the same answer, whichever serves.
+
+The live suites (test_wsgi, test_http_hostile) run both builds against real
+servers; here hypothesis throws many more inputs at the two side by side,
+in one process: start_response's checks, the response head, the environ,
+and the parser callbacks (requests from the fuzz suite's generators, fed in
+random pieces).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import httptools
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mps.http import message, wsgi
+from mps.http.body import Input
+from test_http_hostile import mutated_requests, valid_requests
+
+speedups = pytest.importorskip(
+    "mps.http._speedups",
+    reason="mps.http._speedups is not built (no C compiler at install): "
+           "pip install a C compiler (apt-get install gcc) and reinstall mps")
+
+EXAMPLES = settings(max_examples=400, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+DATE = b"Date: Fri, 27 Nov 2026 06:00:00 GMT\r\n"
+
+# ------------------------------------------------------------ start_response
+
+NAMES = ["Content-Type", "Content-Length", "content-length", "Connection", "CONNECTION",
+         "Keep-Alive", "Transfer-Encoding", "TE", "Trailers", "Upgrade", "Proxy-Authenticate",
+         "Proxy-Authorization", "Date", "Server", "X-Thing", "Set-Cookie", "x_under",
+         "A~b|c", "a b", "", "a:b", "\u00e9t\u00e9"]
+VALUES = ["text/plain", "13", "0", "007", "-5", "+5", "1_0", " 13", "close", "keep-alive",
+          "Keep-Alive, CLOSE", "closed", "chunked", "x" * 40, "caf\u00e9", "\u2603",
+          "99999999999999999999", "123456789012345678", "a\rb", "a\nb", "a\0b", ""]
+names = st.one_of(st.sampled_from(NAMES), st.text(max_size=12))
+values = st.one_of(st.sampled_from(VALUES), st.text(max_size=20))
+statuses = st.one_of(
+    st.sampled_from(["200 OK", "204 No Content", "304 Not Modified", "101 Switching",
+                     "404 Not Found", "500 Oops", "200", "099 Low", "600 High", "2000 OK",
+                     "200 OK\r\nX: y", "200  Spaces", "200 caf\u00e9", "200 \u2603"]),
+    st.text(max_size=12))
+header_lists = st.lists(st.tuples(names, values), max_size=6)
+
+
+def python_refuses(status: Any, headers: Any) -> bool:
+    try:
+        wsgi.Response.check(status, headers)
+    except wsgi.HeaderError:
+        return True
+    return False
+
+
+@EXAMPLES
+@given(status=statuses, headers=header_lists)
+def test_valid_agrees_with_the_python_check(status: str, headers: list[tuple[str, str]]) -> None:
+    assert speedups.valid(status, headers) is not python_refuses(status, headers)
+
+
+@pytest.mark.parametrize("headers", [
+    "not a list", [("a", "b", "c")], [["Name", "v"]], [(b"Name", "v")], [("Name", 5)], [()],
+    (("Name", "v"),)])
+def test_valid_refuses_what_is_not_a_list_of_str_pairs(headers: Any) -> None:
+    assert not speedups.valid("200 OK", headers)
+    assert python_refuses("200 OK", headers)
+
+
+class FixedClock(wsgi.Clock):
+    def date(self) -> bytes:
+        return DATE
+
+
+def response_head(fast: bool, status: str, headers: list[tuple[str, str]], method: bytes,
+                  version: str, keep: bool, known_length: int) -> Any:
+    """(head, length, keep, chunked, body_allowed) from the C or the Python
+    build, or the class of what it raised."""
+    req = message.Request(0.0)
+    req.method, req.version, req.complete = method, version, True
+    resp = wsgi.Response(None, req, Input(None, req, None),  # type: ignore[arg-type]
+                         FixedClock(), keep, None if fast else {})
+    try:
+        resp.start_response(status, headers)
+        head = resp.head(known_length)
+    except (wsgi.HeaderError, UnicodeEncodeError) as exc:
+        return type(exc).__name__
+    return head, resp.length, resp.keep, resp.chunked, resp.body_allowed
+
+
+@EXAMPLES
+@given(status=statuses, headers=header_lists, method=st.sampled_from([b"GET", b"HEAD", b"POST"]),
+       version=st.sampled_from(["HTTP/1.1", "HTTP/1.0"]), keep=st.booleans(),
+       known_length=st.one_of(st.just(-1), st.integers(0, 1 << 40)))
+def test_head_is_the_python_head(status: str, headers: list[tuple[str, str]], method: bytes,
+                                 version: str, keep: bool, known_length: int) -> None:
+    python = response_head(False, status, headers, method, version, keep, known_length)
+    c = response_head(True, status, headers, method, version, keep, known_length)
+    if isinstance(python, str):     # refused: by either check, with either exception
+        assert isinstance(c, str), (c, python)
+    else:
+        assert c == python
+
+
+def test_head_frames_as_the_issue_says() -> None:
+    """A spot check that both builds are right, not merely alike."""
+    for fast in (True, False):
+        head, length, keep, chunked, allowed = response_head(
+            fast, "200 OK", [("Content-Type", "text/plain"), ("Connection", "close")],
+            b"GET", "HTTP/1.1", True, -1)
+        assert head == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: "
+                        b"chunked\r\nConnection: close\r\n" + DATE + b"Server: mps\r\n\r\n")
+        assert (length, keep, chunked, allowed) == (-1, False, True, True)
+        assert response_head(fast, "200 OK", [("Content-Length", "-5")], b"GET", "HTTP/1.1",
+                             True, -1) == "HeaderError"
+
+
+# ------------------------------------------------------------ the environ
+
+targets = st.one_of(
+    st.sampled_from([b"/", b"*", b"/a%20b?x=1#frag", b"http://h:1/p?q", b"http://h", b"/%zz%4",
+                     b"/%41%4a?%41", b"https://x/y/z", b"/\xe9?\xff#"]),
+    st.binary(max_size=30))
+field_names = st.one_of(
+    st.sampled_from([b"Host", b"Content-Type", b"content-length", b"X-Forwarded-For",
+                     b"Cookie", b"Accept", b"Content-TYPE", b"\xb5", b"\xdf-x"]),
+    st.binary(min_size=1, max_size=10))
+
+
+@EXAMPLES
+@given(method=st.sampled_from([b"GET", b"POST", b"OPTIONS", b"M-SEARCH"]), target=targets,
+       version=st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+       headers=st.lists(st.tuples(field_names, st.binary(max_size=12)), max_size=8))
+def test_environ_is_the_python_environ(method: bytes, target: bytes, version: str,
+                                       headers: list[tuple[bytes, bytes]]) -> None:
+    handler = wsgi.WSGIHandler(lambda e, s: [])
+    req = message.Request(0.0)
+    req.method, req.url, req.version, req.headers = method, target, version, headers
+    keys: dict[bytes, str] = {}
+    assert speedups.environ(handler.base, method, target, version, headers, keys) == \
+        handler.request_environ(req)
+    assert keys == handler.keys     # the caches agree too
+
+
+# ------------------------------------------------------------ the parser's callbacks
+
+LIMITS = message.Limits(request_line=200, fields=12, field_size=300, max_body=2000)
+FIELDS = ("method", "url", "version", "headers", "keep_alive", "content_length", "chunked",
+          "expect_continue", "body_size", "complete", "fields", "host", "chunks", "started")
+
+
+def parse(sink_class: type, data: bytes, cuts: list[int]) -> list[Any]:
+    """What a sink makes of ``data`` fed in pieces: each request as its
+    fields, then how the parse ended (an error's class name, or "ok")."""
+    ready: collections.deque[Any] = collections.deque()
+    sink = sink_class(LIMITS.request_line, LIMITS.fields, LIMITS.field_size, LIMITS.max_body,
+                      1.5, ready)
+    parser = httptools.HttpRequestParser(sink)
+    sink.parser = parser
+    outcome = "ok"
+    start = 0
+    try:
+        for cut in sorted(set(cuts)) + [len(data)]:
+            parser.feed_data(data[start:cut])
+            start = cut
+    except httptools.HttpParserCallbackError as exc:
+        outcome = type(exc.__context__).__name__
+    except httptools.HttpParserUpgrade:
+        outcome = "upgrade"
+    except httptools.HttpParserError as exc:
+        outcome = type(exc).__name__
+    finally:
+        sink.parser = None
+    seen = list(ready) + ([sink.last] if sink.last is not None and sink.last not in ready else [])
+    made = [{f: getattr(r, f) for f in FIELDS} | {"body": b"".join(r.body)} for r in seen]
+    for fields in made:
+        if fields["started"] != 1.5:
+            fields["started"] = "later"     # a clock reading: only whether it is the connection's
+    return made + [outcome, sink.head_bytes]
+
+
+@EXAMPLES
+@given(data=st.one_of(valid_requests(), mutated_requests(),
+                      st.lists(valid_requests(), min_size=2, max_size=3).map(b"".join)),
+       cuts=st.lists(st.integers(0, 4000), max_size=4))
+def test_the_c_sink_parses_as_the_python_sink(data: bytes, cuts: list[int]) -> None:
+    assert parse(speedups.Sink, data, cuts) == parse(message.Sink, data, cuts)
+
+
+def test_the_sinks_refuse_alike_with_the_right_errors() -> None:
+    """Spot checks: each refusal is the error the issue names, in both."""
+    cases = {
+        b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n": "URITooLong",
+        b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n": "BadRequest",
+        b"GET / HTTP/1.1\r\n\r\n": "BadRequest",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n": "NotImplementedCoding",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n": "PayloadTooLarge",
+        b"CONNECT h:1 HTTP/1.1\r\nHost: x\r\n\r\n": "NotImplementedMethod",
+        b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 20 + b"\r\n": "HeadersTooLarge",
+        b"GET / HTTP/2.0\r\nHost: x\r\n\r\n": "VersionNotSupported",
+    }
+    for data, error in cases.items():
+        for sink_class in (speedups.Sink, message.Sink):
+            assert parse(sink_class, data, [])[-2] == error, (sink_class, data)
