@@ -301,6 +301,13 @@ class Sink:
 class Reader:
     """The requests of one connection, parsed as their bytes arrive."""
 
+    # Class defaults, set on the instance when they change.
+    error: HTTPError | None = None      # stops parsing; raised in turn
+    serving: Request | None = None      # handed to the app, body maybe arriving
+    eof = False
+    upgraded = False
+    timed = False       # SO_RCVTIMEO set for turnaround()
+
     def __init__(self, sock: socket.socket, limits: Limits, pool: PoolView,
                  buf: memoryview) -> None:
         self.sock = sock
@@ -316,11 +323,6 @@ class Reader:
             time.monotonic(), self.ready)
         self.parser = httptools.HttpRequestParser(self.sink)
         self.sink.parser = self.parser
-        self.error: HTTPError | None = None     # stops parsing; raised in turn
-        self.serving: Request | None = None     # handed to the app, body maybe arriving
-        self.eof = False
-        self.upgraded = False
-        self.timed = False      # SO_RCVTIMEO set for turnaround()
 
     def close(self) -> None:
         """Break the parser <-> sink cycle (else only the collector frees it)."""
@@ -336,6 +338,19 @@ class Reader:
         """The next request whose head is complete; None when the connection
         should end quietly (closed by the client, idle past keepalive_timeout,
         or given up for a connection that waits for a child)."""
+        if first and not self.ready:
+            # A new connection's request is nearly always there already
+            # (TCP_DEFER_ACCEPT, or a client that writes as it connects):
+            # one read, before any deadline is worked out.
+            try:
+                self.take(self.sock.recv_into(self.buf, 0, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, TimeoutError):
+                raise ClientGone() from None
+            if self.ready:
+                self.serving = self.ready.popleft()
+                return self.serving
         # One keep-alive wait per request: bytes that begin no message (CRLFs)
         # do not restart it.
         idle_deadline = time.monotonic() + self.limits.keepalive_timeout
@@ -429,10 +444,20 @@ class Reader:
         if n == 0:
             self.eof = True
             return
-        last = self.sink.last
-        in_body = self.sink.parsing is None and last is not None and not last.complete
+        sink = self.sink
+        last = sink.last
+        in_body = sink.parsing is None and last is not None and not last.complete
         decoded = last.body_size if last is not None else 0
-        self.feed(self.buf[:n])
+        if self.error is None:
+            try:
+                self.parser.feed_data(self.buf[:n])
+            except httptools.HttpParserUpgrade:
+                self.upgraded = True    # Upgrade/CONNECT: served as a plain request, then closed
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                self.fail(cause if isinstance(cause, HTTPError) else BadRequest())
+            except httptools.HttpParserError:
+                self.fail(BadRequest())
         if in_body:
             assert last is not None
             # httptools keeps a trailer field whole until it ends, so an
@@ -441,9 +466,9 @@ class Reader:
             if not last.complete and \
                     last.framing > self.limits.head_bytes + _FRAMING_PER_CHUNK * last.chunks:
                 self.fail(HeadersTooLarge())
-        elif self.sink.parsing is not None:
-            self.sink.head_bytes += n
-            if self.sink.head_bytes > self.limits.head_bytes:
+        elif sink.parsing is not None:
+            sink.head_bytes += n
+            if sink.head_bytes > self.limits.head_bytes:
                 self.fail(HeadersTooLarge())
 
     def recv(self, deadline: float) -> int:
@@ -475,19 +500,6 @@ class Reader:
                 wait = min(wait, 0.1)   # look at the pool again soon
             if poller.poll(wait * 1000):
                 return
-
-    def feed(self, data: memoryview) -> None:
-        if self.error is not None:
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.upgraded = True    # Upgrade/CONNECT: served as a plain request, then closed
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self.fail(cause if isinstance(cause, HTTPError) else BadRequest())
-        except httptools.HttpParserError:
-            self.fail(BadRequest())
 
     def fail(self, exc: HTTPError) -> None:
         """Bad input stops parsing.  It concerns the request being served

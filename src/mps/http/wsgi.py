@@ -244,7 +244,7 @@ class Response:
             # The app caught the bad input its body read raised (Flask turns
             # any exception into its own 500): the client gets its status.
             raise self.input.failed
-        if not self.input.response_begins():
+        if not (req.complete and not req.expect_continue) and not self.input.response_begins():
             self.keep = False       # the body is not read and will not be: say so
         if self.heads is None:
             try:
@@ -476,7 +476,7 @@ class WSGIHandler:
         except ClientGone:
             pass
         finally:
-            reader.close()
+            reader.sink.parser = None   # Reader.close(), inline: the parser <-> sink cycle
 
     def respond(self, conn: socket.socket, addr: Any, reader: Reader, req: Request,
                 keep: bool) -> bool:
