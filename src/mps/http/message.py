@@ -306,7 +306,7 @@ class Reader:
     serving: Request | None = None      # handed to the app, body maybe arriving
     eof = False
     upgraded = False
-    timed = False       # SO_RCVTIMEO set for turnaround()
+    timed = False       # SO_RCVTIMEO set for the turnaround read (arm_turnaround)
 
     def __init__(self, sock: socket.socket, limits: Limits, pool: PoolView,
                  buf: memoryview) -> None:
@@ -338,12 +338,23 @@ class Reader:
         """The next request whose head is complete; None when the connection
         should end quietly (closed by the client, idle past keepalive_timeout,
         or given up for a connection that waits for a child)."""
-        if first and not self.ready:
-            # A new connection's request is nearly always there already
-            # (TCP_DEFER_ACCEPT, or a client that writes as it connects):
-            # one read, before any deadline is worked out.
+        if not self.ready and (first or self.sink.parsing is None and self.error is None
+                               and not self.eof and not self.upgraded):
+            # The usual case, with one read before any deadline is worked
+            # out.  A new connection's request is nearly always there already
+            # (TCP_DEFER_ACCEPT, or a client that writes as it connects).
+            # Right after a response, a busy keep-alive client's next request
+            # comes at once: one blocking recv bounded by TURNAROUND_S
+            # (SO_RCVTIMEO, set once per connection), no poll per request;
+            # nothing within TURNAROUND_S, and the connection is idle.
             try:
-                self.take(self.sock.recv_into(self.buf, 0, socket.MSG_DONTWAIT))
+                if first:
+                    n = self.sock.recv_into(self.buf, 0, socket.MSG_DONTWAIT)
+                else:
+                    if not self.timed:
+                        self.arm_turnaround()
+                    n = self.sock.recv_into(self.buf)
+                self.take(n)
             except BlockingIOError:
                 pass
             except (ConnectionResetError, TimeoutError):
@@ -354,7 +365,6 @@ class Reader:
         # One keep-alive wait per request: bytes that begin no message (CRLFs)
         # do not restart it.
         idle_deadline = time.monotonic() + self.limits.keepalive_timeout
-        turnaround = not first
         while not self.ready:
             if self.error is not None:
                 raise self.error
@@ -363,10 +373,6 @@ class Reader:
                     raise ClientGone()      # half a head, then EOF: nobody to answer
                 return None
             if self.sink.parsing is None and not first:
-                if turnaround:
-                    turnaround = False
-                    if self.turnaround():
-                        continue    # the next request came at once: read and fed
                 if not self.wait_for_request(idle_deadline):
                     return None
             self.fill(self.head_deadline())
@@ -385,29 +391,17 @@ class Reader:
         started = self.head_started()
         return (time.monotonic() if started is None else started) + self.limits.header_timeout
 
-    def turnaround(self) -> bool:
-        """Right after a response: the client's next request, read with one
-        blocking recv bounded by TURNAROUND_S (SO_RCVTIMEO, set once per
-        connection) -- no poll per request on a busy keep-alive connection.
-        True when bytes came (or the client closed); False: nothing within
-        TURNAROUND_S, the connection is idle."""
-        if not self.timed:
-            self.timed = True
-            seconds, micros = divmod(round(TURNAROUND_S * 1e6), 1_000_000)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 struct.pack("ll", seconds, micros))
-        try:
-            n = self.sock.recv_into(self.buf)
-        except BlockingIOError:
-            return False
-        except (ConnectionResetError, TimeoutError):
-            raise ClientGone() from None
-        self.take(n)
-        return True
+    def arm_turnaround(self) -> None:
+        """Bound the blocking recv that waits for a kept-alive connection's
+        next request (see next_request) by TURNAROUND_S."""
+        self.timed = True
+        seconds, micros = divmod(round(TURNAROUND_S * 1e6), 1_000_000)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", seconds, micros))
 
     def wait_for_request(self, deadline: float) -> bool:
         """Between requests on a kept-alive connection, idle (past
-        turnaround()), before the next one's first byte: parked until
+        the turnaround read), before the next one's first byte: parked until
         ``deadline`` (keepalive_timeout), and let go at once when the pool
         needs its child or it is leaving.  False: end the connection quietly."""
         fd = self.sock.fileno()
