@@ -12,8 +12,9 @@
  *       app's Content-Length checked (ValueError), hop-by-hop fields dropped,
  *       our Date and Server unless the app gave its own.  For headers that
  *       valid() accepted.
- *   environ(base, method, target, version, headers, keys) -> dict
- *       A copy of ``base`` with the request's CGI keys and HTTP_* fields.
+ *   environ(base, method, target, version, headers, keys, extra, input) -> dict
+ *       A copy of ``base`` with the request's CGI keys and HTTP_* fields, the
+ *       connection's (``extra``: key, value, key, value...) and wsgi.input.
  *
  * and two types for parsing, driven by httptools (llhttp):
  *
@@ -365,12 +366,16 @@ static PyObject *latin1_text(const char *p, Py_ssize_t n, int unquote)
     return text;
 }
 
-static int set_text(PyObject *env, const char *key, const char *p, Py_ssize_t n, int unquote)
+/* The environ's own keys, interned once (PyDict_SetItemString would make
+ * and intern a str per call). */
+static PyObject *key_method, *key_path, *key_query, *key_protocol, *key_input;
+
+static int set_text(PyObject *env, PyObject *key, const char *p, Py_ssize_t n, int unquote)
 {
     PyObject *text = latin1_text(p, n, unquote);
     if (text == NULL)
         return -1;
-    int rc = PyDict_SetItemString(env, key, text);
+    int rc = PyDict_SetItem(env, key, text);
     Py_DECREF(text);
     return rc;
 }
@@ -425,15 +430,16 @@ static PyObject *environ_key(PyObject *name)
 static PyObject *speedups_environ(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 6) {
+    if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError,
-                        "environ(base, method, target, version, headers, keys)");
+                        "environ(base, method, target, version, headers, keys, extra, input)");
         return NULL;
     }
     PyObject *base = args[0], *method = args[1], *target = args[2], *version = args[3];
-    PyObject *headers = args[4], *keys = args[5];
+    PyObject *headers = args[4], *keys = args[5], *extra = args[6], *input = args[7];
     if (!PyDict_Check(base) || !PyBytes_Check(method) || !PyBytes_Check(target)
-            || !PyList_Check(headers) || !PyDict_Check(keys)) {
+            || !PyList_Check(headers) || !PyDict_Check(keys) || !PyTuple_Check(extra)
+            || PyTuple_GET_SIZE(extra) % 2) {
         PyErr_SetString(PyExc_TypeError, "environ(): bad argument types");
         return NULL;
     }
@@ -474,12 +480,15 @@ static PyObject *speedups_environ(PyObject *module, PyObject *const *args, Py_ss
     const char *hash = memchr(query, '#', (size_t)query_len);
     if (hash != NULL)
         query_len = hash - query;
-    if (set_text(env, "REQUEST_METHOD", PyBytes_AS_STRING(method),
-                 PyBytes_GET_SIZE(method), 0) < 0
-            || set_text(env, "PATH_INFO", url, path_len, 1) < 0
-            || set_text(env, "QUERY_STRING", query, query_len, 0) < 0
-            || PyDict_SetItemString(env, "SERVER_PROTOCOL", version) < 0)
+    if (set_text(env, key_method, PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method), 0) < 0
+            || set_text(env, key_path, url, path_len, 1) < 0
+            || set_text(env, key_query, query, query_len, 0) < 0
+            || PyDict_SetItem(env, key_protocol, version) < 0
+            || PyDict_SetItem(env, key_input, input) < 0)
         goto fail;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(extra); i += 2)
+        if (PyDict_SetItem(env, PyTuple_GET_ITEM(extra, i), PyTuple_GET_ITEM(extra, i + 1)) < 0)
+            goto fail;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
         PyObject *item = PyList_GET_ITEM(headers, i);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2
@@ -1075,7 +1084,7 @@ static PyMethodDef speedups_methods[] = {
      "head(status, code, headers, known_length, is_head, http11, keep, date)"
      " -> (head, length, keep, chunked, body_allowed)."},
     {"environ", (PyCFunction)(void (*)(void))speedups_environ, METH_FASTCALL,
-     "environ(base, method, target, version, headers, keys) -> dict."},
+     "environ(base, method, target, version, headers, keys, extra, input) -> dict."},
     {"configure", speedups_configure, METH_VARARGS,
      "configure(BadRequest, URITooLong, HeadersTooLarge, PayloadTooLarge, "
      "NotImplementedCoding, NotImplementedMethod, VersionNotSupported, no_body)"},
@@ -1099,7 +1108,12 @@ PyMODINIT_FUNC PyInit__speedups(void)
             || (str_get_http_version = PyUnicode_InternFromString("get_http_version")) == NULL
             || (str_should_keep_alive = PyUnicode_InternFromString("should_keep_alive")) == NULL
             || (str_http11 = PyUnicode_InternFromString("HTTP/1.1")) == NULL
-            || (str_http10 = PyUnicode_InternFromString("HTTP/1.0")) == NULL)
+            || (str_http10 = PyUnicode_InternFromString("HTTP/1.0")) == NULL
+            || (key_method = PyUnicode_InternFromString("REQUEST_METHOD")) == NULL
+            || (key_path = PyUnicode_InternFromString("PATH_INFO")) == NULL
+            || (key_query = PyUnicode_InternFromString("QUERY_STRING")) == NULL
+            || (key_protocol = PyUnicode_InternFromString("SERVER_PROTOCOL")) == NULL
+            || (key_input = PyUnicode_InternFromString("wsgi.input")) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)

@@ -141,8 +141,10 @@ def test_environ_is_the_python_environ(method: bytes, target: bytes, version: st
     req = message.Request(0.0)
     req.method, req.url, req.version, req.headers = method, target, version, headers
     keys: dict[bytes, str] = {}
-    assert speedups.environ(handler.base, method, target, version, headers, keys) == \
-        handler.request_environ(req)
+    extra = ("REMOTE_ADDR", "127.0.0.1", "REMOTE_PORT", "5", "SERVER_NAME", "h")
+    body = object()
+    assert speedups.environ(handler.base, method, target, version, headers, keys, extra, body) \
+        == handler.request_environ(req, extra, body)  # type: ignore[arg-type]
     assert keys == handler.keys     # the caches agree too
 
 

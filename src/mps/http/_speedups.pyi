@@ -49,7 +49,8 @@ def head(status: str, code: int, headers: list[tuple[str, str]], known_length: i
          is_head: bool, http11: bool, keep: bool,
          date: bytes) -> tuple[bytes, int, bool, bool, bool]: ...
 def environ(base: dict[str, Any], method: bytes, target: bytes, version: str,
-            headers: list[tuple[bytes, bytes]], keys: dict[bytes, str]) -> dict[str, Any]: ...
+            headers: list[tuple[bytes, bytes]], keys: dict[bytes, str], extra: tuple[Any, ...],
+            input: object) -> dict[str, Any]: ...
 def configure(bad_request: type[Exception], uri_too_long: type[Exception],
               headers_too_large: type[Exception], payload_too_large: type[Exception],
               coding: type[Exception], method: type[Exception], version: type[Exception],

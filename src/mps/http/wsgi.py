@@ -455,6 +455,7 @@ class WSGIHandler:
 
     def __call__(self, conn: socket.socket, addr: Any) -> None:
         reader = Reader(conn, self.limits, self.pool, self.buf)
+        peer = self.peer(conn, addr)
         began = time.monotonic()
         served = 0
         pool = self.pool
@@ -469,7 +470,7 @@ class WSGIHandler:
                         and served < self.options.keepalive_requests and not pool.leaving())
                 if keep and time.monotonic() - began >= KEEPALIVE_SLICE_S and pool.wanted():
                     keep = False
-                if not self.respond(conn, addr, reader, req, keep):
+                if not self.respond(conn, addr, peer, reader, req, keep):
                     return
         except HTTPError as exc:
             self.refuse(conn, addr, exc)
@@ -478,13 +479,13 @@ class WSGIHandler:
         finally:
             reader.sink.parser = None   # Reader.close(), inline: the parser <-> sink cycle
 
-    def respond(self, conn: socket.socket, addr: Any, reader: Reader, req: Request,
-                keep: bool) -> bool:
+    def respond(self, conn: socket.socket, addr: Any, peer: tuple[str, ...], reader: Reader,
+                req: Request, keep: bool) -> bool:
         """Run the app for one request; True when the connection goes on."""
         started = time.monotonic() if self.access is not None else 0.0
         body = Input(reader, req, reader.send_interim)
         resp = Response(conn, req, body, self.clock, keep, self.heads)
-        environ = self.environ(req, addr, body)
+        environ = self.environ(req, peer, body)
         # The access log shows the request as it came, not as the app left
         # the environ (a mount moves PATH_INFO to SCRIPT_NAME, ProxyFix
         # rewrites REMOTE_ADDR): a copy, made only when there is a log.
@@ -594,27 +595,32 @@ class WSGIHandler:
 
     # ------------------------------------------------------ the environ
 
-    def environ(self, req: Request, addr: Any, body: Input) -> dict[str, Any]:
+    def peer(self, conn: socket.socket, addr: Any) -> tuple[str, ...]:
+        """The environ keys of a connection, once for all its requests, as
+        (key, value, key, value...)."""
+        if self.server is None:
+            self.server = _server_name(conn)
+        remote: tuple[str, ...]
+        if isinstance(addr, tuple):
+            remote = ("REMOTE_ADDR", addr[0], "REMOTE_PORT", str(addr[1]))
+        else:
+            remote = ("REMOTE_ADDR", "")
+        return (*remote, "SERVER_NAME", self.server[0], "SERVER_PORT", self.server[1])
+
+    def environ(self, req: Request, peer: tuple[str, ...], body: Input) -> dict[str, Any]:
         if self.heads is None:
             env = speedups.environ(self.base, req.method, req.url, req.version, req.headers,
-                                   self.keys)
+                                   self.keys, peer, body)
         else:
-            env = self.request_environ(req)
-        env["wsgi.input"] = body
-        if isinstance(addr, tuple):
-            env["REMOTE_ADDR"] = addr[0]
-            env["REMOTE_PORT"] = str(addr[1])
-        else:
-            env["REMOTE_ADDR"] = ""
-        if self.server is None:
-            self.server = _server_name(body)
-        env["SERVER_NAME"], env["SERVER_PORT"] = self.server
+            env = self.request_environ(req, peer, body)
         if "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env:
             self.forwarded(env)
         return env
 
-    def request_environ(self, req: Request) -> dict[str, Any]:
-        """The request's own keys (the Python version of speedups.environ)."""
+    def request_environ(self, req: Request, extra: tuple[str, ...],
+                        body: Input) -> dict[str, Any]:
+        """The Python version of speedups.environ: the request's keys, the
+        connection's (``extra``: key, value, key, value...) and wsgi.input."""
         env = self.base.copy()
         url = req.url
         if url[:1] != b"/":
@@ -641,6 +647,9 @@ class WSGIHandler:
                     env[key] += "," + text
             else:
                 env[key] = text
+        env["wsgi.input"] = body
+        for i in range(0, len(extra), 2):
+            env[extra[i]] = extra[i + 1]
         return env
 
     def forwarded(self, env: dict[str, Any]) -> None:
@@ -680,8 +689,7 @@ def _origin_form(url: bytes) -> bytes:
     return url[slash:] if slash >= 0 else b"/"
 
 
-def _server_name(body: Input) -> tuple[str, str]:
-    sock = body._reader.sock
+def _server_name(sock: socket.socket) -> tuple[str, str]:
     try:
         name = sock.getsockname()
     except OSError:
