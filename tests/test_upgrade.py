@@ -15,6 +15,7 @@ import os
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -667,3 +668,48 @@ def test_status_shows_the_old_generation_until_it_leaves(start_master, tmp_path)
     assert not pid_alive(old_pid)
     assert doc["upgrade"]["state"] == "done" and doc["generation"] == 1
     assert "the last child of the old generation has left" in m.output()
+
+
+def board_memfd(pid: int) -> Path:
+    """The master's scoreboard, through /proc (the memfd it created)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if "memfd:mps" in os.readlink(fd):
+                return fd
+        except OSError:
+            continue
+    raise AssertionError(f"no scoreboard memfd among pid {pid}'s descriptors")
+
+
+def test_a_release_with_another_board_layout_still_upgrades(start_master, tmp_path):
+    """The release after a scoreboard layout change cannot read the old
+    image's board: it upgrades all the same, and the old children (one busy
+    on a held connection) finish and leave, known by pid alone."""
+    app = tmp_path / "app.py"
+    write_app(app, "v1")
+    m = start_master(app=f"{app}:handle", backend="c", env=NO_PYC, graceful_timeout=30,
+                     **SMALL)
+    m.wait_ready()
+    with m.connect() as held:
+        held.sendall(b"hold\n")
+        version, pid = held.recv(64).split(b":")[0].split()
+        old_pid = int(pid)
+        assert version == b"v1"
+        # As a release with another layout would see it: the version word
+        # (after the 4-byte magic) is not this code's.
+        with open(board_memfd(m.pid), "r+b") as board:
+            board.seek(4)
+            board.write(struct.pack("=I", 0xFFFF))
+        write_app(app, "v2")
+        r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
+        assert r.code == 0, (r, m.output())
+        doc = m.status()
+        assert [(s["pid"], s["state"]) for s in doc["old_generation"]] == [(old_pid, "unknown")]
+        assert doc["generation"] == 1 and doc["upgrade"]["state"] == "done"
+        assert "is not one this release can read" in m.output()
+        serves(m, b"v2")
+        assert pid_alive(old_pid)       # its connection is served to the end
+    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
+                     what="the old generation to leave")
+    assert not pid_alive(old_pid)
+    assert doc["totals"]["crashed"] == 0 and m.proc.poll() is None

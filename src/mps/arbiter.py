@@ -265,7 +265,8 @@ class Arbiter:
             self.metrics_sock.set_inheritable(False)
         self.owned_paths = list(handoff.owned_paths)
         self.old = OldGeneration(handoff)
-        self.old.board.on_stuck = self.lock_stuck       # its lock has a deadline too
+        if self.old.board is not None:
+            self.old.board.on_stuck = self.lock_stuck   # its lock has a deadline too
         keep_board_fds(handoff.board, False)
         self.generation = handoff.generation + 1
         self.progress = Progress(**handoff.progress)

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import BackendError
 from .scoreboard import Scoreboard, State, attach
 from .signals import name as signal_name
 
@@ -174,19 +175,31 @@ class OldChild:
 
 
 class OldGeneration:
-    """The children of the image before the exec, on their own board."""
+    """The children of the image before the exec, on their own board.
+
+    A release whose scoreboard layout differs cannot read that board (the
+    old image's children keep using it as they finish): then the old
+    children are known by pid alone, told to leave by signal, counted as they
+    are reaped, and shown in the status with their state "unknown"."""
 
     def __init__(self, handoff: Handoff) -> None:
-        self.board: Scoreboard = attach(handoff.board)
         self.children = {pid: OldChild(pid, slot, gen) for pid, slot, gen in handoff.children}
         self.retired = False
+        self.board: Scoreboard | None = None
+        try:
+            self.board = attach(handoff.board)
+        except (OSError, BackendError) as exc:
+            log.warning("the old generation's scoreboard is not one this release can read (%s); "
+                        "its %d children are told to leave by signal alone",
+                        getattr(exc, "strerror", None) or exc, len(self.children))
 
     def retire_all(self, graceful_timeout: float) -> None:
         """The new generation serves: the old one finishes and leaves."""
         self.retired = True
         deadline = time.monotonic() + graceful_timeout
         for child in self.children.values():
-            self.board.retire(child.slot)
+            if self.board is not None:
+                self.board.retire(child.slot)
             _kill(child.pid, signal.SIGTERM)
             child.kill_at = deadline
 
@@ -195,7 +208,8 @@ class OldGeneration:
         child = self.children.pop(pid, None)
         if child is None:
             return False
-        self.board.release(child.slot)
+        if self.board is not None:
+            self.board.release(child.slot)
         return True
 
     def murder(self, now: float) -> None:
@@ -216,6 +230,9 @@ class OldGeneration:
 
     def slots(self) -> list[dict[str, Any]]:
         """The old children's slots, for the status document."""
+        if self.board is None:
+            return [{"slot": c.slot, "pid": c.pid, "state": "unknown", "connections": None,
+                     "state_age_s": None} for c in self.children.values()]
         now_ns = time.monotonic_ns()
         snap = self.board.snapshot()
         pids = set(self.children)
@@ -224,7 +241,8 @@ class OldGeneration:
                 for s in snap.slots if s.state != State.EMPTY and s.pid in pids]
 
     def close(self) -> None:
-        self.board.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _kill(pid: int, sig: int) -> None:
