@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import collections
 import signal
+from collections.abc import Callable, Iterable
 from types import FrameType
+
+import _signal  # type: ignore[import-not-found]  # signal's C half, no stub: see below
 
 #: The signals the master acts on, and the name of the step that handles each.
 MASTER_SIGNALS: dict[int, str] = {
@@ -83,15 +86,51 @@ def name(sig: int) -> str:
         return f"signal {sig}"
 
 
+# A forked child (and the master between two forks) calls signal's C half
+# directly.  The public wrappers turn what each call returns into an enum,
+# and a previous handler that is a function (the master's recorder) into a
+# ValueError raised and formatted inside enum, once per signal: ~50
+# exceptions in every child's boot, each touching -- so copying -- pages the
+# child would otherwise still share with the master (with the boot's own
+# handler calls, 0.1 MiB of every child's USS).
+
+#: What a new child resets, as plain ints made once in the master (the C
+#: call wants exact ints for SIG_DFL and SIG_IGN, not their enums).
+_CHILD_DEFAULT: tuple[int, ...] = tuple(
+    int(sig) for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, *STRAY_SIGNALS))
+# Operators signal the master; a HUP, USR1, USR2 or TTIN aimed at the
+# process group must neither kill nor stop a child.
+# A client that goes away mid-reply must cost an EPIPE, never the child
+# (CPython ignores SIGPIPE at start-up, but an app may have reset it).
+_CHILD_IGNORE: tuple[int, ...] = tuple(
+    int(sig) for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                         signal.SIGTTOU, signal.SIGPIPE))
+_SIG_DFL = int(signal.SIG_DFL)
+_SIG_IGN = int(signal.SIG_IGN)
+_SIG_BLOCK = int(signal.SIG_BLOCK)
+_SIG_SETMASK = int(signal.SIG_SETMASK)
+
+
 def reset_in_child() -> None:
     """A new child drops the master's handlers before anything else runs."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, *STRAY_SIGNALS):
-        signal.signal(sig, signal.SIG_DFL)
-    # Operators signal the master; a HUP, USR1, USR2 or TTIN aimed at the
-    # process group must neither kill nor stop a child.
-    # A client that goes away mid-reply must cost an EPIPE, never the child
-    # (CPython ignores SIGPIPE at start-up, but an app may have reset it).
-    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
-                signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
+    _signal.set_wakeup_fd(-1)
+    for sig in _CHILD_DEFAULT:
+        _signal.signal(sig, _SIG_DFL)
+    for sig in _CHILD_IGNORE:
+        _signal.signal(sig, _SIG_IGN)
+
+
+def handle(sig: int, handler: Callable[[int, FrameType | None], object]) -> None:
+    """``signal.signal`` for a child's boot, without the wrapper's enum
+    conversions (see ``_signal`` above)."""
+    _signal.signal(sig, handler)
+
+
+def block(sigs: Iterable[int]) -> set[int]:
+    """Block ``sigs``; the mask before, as ints (``SIG_BLOCK``, unwrapped)."""
+    return set(_signal.pthread_sigmask(_SIG_BLOCK, sigs))
+
+
+def set_mask(mask: Iterable[int]) -> set[int]:
+    """Make ``mask`` the blocked set; the one before (``SIG_SETMASK``, unwrapped)."""
+    return set(_signal.pthread_sigmask(_SIG_SETMASK, mask))
