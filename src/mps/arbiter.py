@@ -27,7 +27,6 @@ import gc
 import math
 import logging
 import os
-import random
 import selectors
 import signal
 import socket
@@ -99,6 +98,13 @@ class Totals:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def jitter(most: int) -> int:
+    """0 to ``most``, to spread the children's recycling.  From os.urandom:
+    the master imports no ``random``, whose reseed at fork would run -- and
+    copy pages -- in every child."""
+    return int.from_bytes(os.urandom(4), "little") % (most + 1)
 
 
 class Arbiter:
@@ -639,27 +645,30 @@ class Arbiter:
                 self.retire(child)
 
     def spawn_many(self, count: int) -> None:
+        # What every child of the batch gets, made once: each page the master
+        # writes between two forks is one more private page in every child.
+        close_fds = self.child_close_fds()
         for _ in range(count):
-            if not self.spawn():
+            if not self.spawn(close_fds):
                 return
 
-    def spawn(self) -> bool:
+    def spawn(self, close_fds: tuple[int, ...]) -> bool:
         """Fork one child into a reserved slot; False when no slot or fork failed."""
         assert self.board is not None and self.listener is not None
         slot = self.board.reserve()
         if slot < 0:
             return False
         s = self.settings
-        limit = s.max_requests + random.randint(0, s.max_requests_jitter) if s.max_requests else 0
+        limit = s.max_requests + jitter(s.max_requests_jitter) if s.max_requests else 0
         child = Child(pid=0, slot=slot, generation=self.generation, limit=limit,
                       born=time.monotonic())
         # Signals stay blocked across fork() so that none reaches the child
         # while it still has the master's handlers; it unblocks after its own.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RECORDED)
+        old_mask = signals.block(RECORDED)
         try:
             pid = os.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            signals.set_mask(old_mask)
             self.board.release(slot)    # roll back, or it says STARTING forever
             self.fork_failed(exc)
             return False
@@ -667,10 +676,10 @@ class Arbiter:
             try:
                 child.pid = os.getpid()
                 child_main(self.app, self.board, self.listener, child, self.pid,
-                           self.child_close_fds(), self.identity, old_mask)
+                           close_fds, self.identity, old_mask)
             finally:
                 os._exit(1)     # This must never return into the master's frames.
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signals.set_mask(old_mask)
         child.pid = pid
         self.board.started(slot, pid)
         self.children[pid] = child
