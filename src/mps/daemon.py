@@ -16,6 +16,10 @@ _PR_SET_PDEATHSIG = 1
 #: libc, loaded once in the master: CDLL(None) is the already-mapped C
 #: library (find_library() would run ldconfig in every new child).
 _libc = ctypes.CDLL(None, use_errno=True)
+#: prctl() looked up in the master too: CDLL resolves a symbol on first use
+#: and caches a new function object, work (and copied pages) every child
+#: would repeat.
+_prctl = _libc.prctl
 #: /proc/PID/stat's start time and /proc/stat's btime are whole clock ticks
 #: and whole seconds (btime also wobbles by a second under NTP slewing): a
 #: process counts as started after the pid file only beyond this margin.
@@ -26,7 +30,7 @@ _PID_MAX = 4 * 1024 * 1024
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send ``sig`` to this child when the master dies."""
-    if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+    if _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
