@@ -323,8 +323,11 @@ class Peers:
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
         self.fd = listener.fileno()
-        self.family = int(listener.family)
-        self.type = int(listener.type)
+        # From the kernel, not the family and type properties: each builds an
+        # enum, and a child's first enum calls copy pages it shares with the
+        # master (Peers is made on a child's first accept).
+        self.family = listener.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        self.type = listener.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         self.proto = listener.proto
         self.buf = bytearray(128)           # sizeof(struct sockaddr_storage)
         self._hosts: dict[bytes, str] = {}  # IPv4 text by raw address, bounded
