@@ -19,9 +19,10 @@ from conftest import wait_until
 from mps import signals
 
 
-def test_the_master_forks_without_importing_random(start_master, tmp_path: Path):
+def test_the_master_forks_without_random_or_socketserver(start_master, tmp_path: Path):
     # random reseeds itself in every forked child (os.register_at_fork): a
     # master that imported it would make each child run Python at fork.
+    # socketserver is only the app's to import (for a BaseRequestHandler).
     seen = tmp_path / "modules.json"
     app = tmp_path / "modules_app.py"
     app.write_text(textwrap.dedent(f"""
@@ -45,6 +46,7 @@ def test_the_master_forks_without_importing_random(start_master, tmp_path: Path)
     modules = json.loads(wait_until(seen.read_text, what="the hook's module list"))
     assert "mps.arbiter" in modules     # the hook ran in the master, about to fork
     assert "random" not in modules
+    assert "socketserver" not in modules
 
 
 def _in_child(body) -> dict:

@@ -15,16 +15,18 @@ import importlib.util
 import inspect
 import os
 import socket
-import socketserver
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AppError, SettingError
 from .proxy import PROXY_TIMEOUT_S, Allowed, accept_proxied
+
+if TYPE_CHECKING:
+    import socketserver
 
 Handler = Callable[[socket.socket, Any], object]
 Hook = Callable[..., object]
@@ -87,7 +89,12 @@ class AppMaker(ABC):
 
 def adapt(obj: object, server: object = None, spec: str = "") -> Handler:
     """Turn what the user gave into ``handle(conn, addr)``."""
-    if inspect.isclass(obj) and issubclass(obj, socketserver.BaseRequestHandler):
+    # A BaseRequestHandler subclass means its module imported socketserver;
+    # mps does not (it brings threading and its own objects into the master,
+    # measured at 0.1 MiB more private memory in every child).
+    base: type[socketserver.BaseRequestHandler] | None = getattr(
+        sys.modules.get("socketserver"), "BaseRequestHandler", None)
+    if base is not None and inspect.isclass(obj) and issubclass(obj, base):
         cls = obj
 
         def handle_request(conn: socket.socket, addr: Any) -> None:
