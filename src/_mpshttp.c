@@ -223,10 +223,15 @@ static PyObject *speedups_head(PyObject *module, PyObject *const *args, Py_ssize
     }
     PyObject *status = args[0], *headers = args[2], *date = args[7];
     long code = PyLong_AsLong(args[1]);
+    if (code == -1 && PyErr_Occurred())
+        return NULL;
     long long known_length = PyLong_AsLongLong(args[3]);
-    int is_head = PyObject_IsTrue(args[4]), http11 = PyObject_IsTrue(args[5]);
-    int keep = PyObject_IsTrue(args[6]);
-    if (PyErr_Occurred())
+    if (known_length == -1 && PyErr_Occurred())
+        return NULL;
+    int is_head = PyObject_IsTrue(args[4]);
+    int http11 = is_head < 0 ? -1 : PyObject_IsTrue(args[5]);
+    int keep = http11 < 0 ? -1 : PyObject_IsTrue(args[6]);
+    if (keep < 0)
         return NULL;
     if (!PyUnicode_Check(status) || !PyList_Check(headers) || !PyBytes_Check(date)) {
         PyErr_SetString(PyExc_TypeError, "head(): status str, headers list, date bytes");
@@ -243,6 +248,11 @@ static PyObject *speedups_head(PyObject *module, PyObject *const *args, Py_ssize
         PyObject *name, *value;
         if (!header_item(PyList_GET_ITEM(headers, i), &name, &value)) {
             PyErr_SetString(PyExc_TypeError, "head(): headers must be (str, str) tuples");
+            goto done;
+        }
+        if (!valid_name(name) || !sendable(value)) {
+            /* changed since start_response checked it: never sent */
+            PyErr_Format(PyExc_ValueError, "header %R has a character that cannot be sent", name);
             goto done;
         }
         if (NAME_IS(name, "content-length")) {
@@ -368,7 +378,7 @@ static PyObject *latin1_text(const char *p, Py_ssize_t n, int unquote)
 
 /* The environ's own keys, interned once (PyDict_SetItemString would make
  * and intern a str per call). */
-static PyObject *key_method, *key_path, *key_query, *key_protocol, *key_input;
+static PyObject *key_method, *key_path, *key_query, *key_protocol, *key_input, *key_http;
 
 static int set_text(PyObject *env, PyObject *key, const char *p, Py_ssize_t n, int unquote)
 {
@@ -498,6 +508,11 @@ static PyObject *speedups_environ(PyObject *module, PyObject *const *args, Py_ss
             goto fail;
         }
         PyObject *name = PyTuple_GET_ITEM(item, 0), *raw = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(raw)) {
+            /* (a subclass's __eq__ could change the list under us) */
+            PyErr_SetString(PyExc_TypeError, "environ(): header fields must be bytes");
+            goto fail;
+        }
         PyObject *key = PyDict_GetItemWithError(keys, name);    /* borrowed */
         if (key != NULL) {
             Py_INCREF(key);
@@ -522,8 +537,7 @@ static PyObject *speedups_environ(PyObject *module, PyObject *const *args, Py_ss
         int rc = 0;
         if (old == NULL) {
             rc = PyErr_Occurred() ? -1 : PyDict_SetItem(env, key, text);
-        } else if (PyUnicode_GET_LENGTH(key) > 5
-                   && PyUnicode_READ_CHAR(key, 0) == 'H' && PyUnicode_READ_CHAR(key, 4) == '_') {
+        } else if (PyUnicode_Tailmatch(key, key_http, 0, 5, -1) == 1) {
             /* a repeated field: its values joined with "," (RFC 9110 5.3);
              * a repeated Content-Type keeps the first */
             PyObject *joined = PyUnicode_FromFormat("%U,%U", old, text);
@@ -588,6 +602,10 @@ static PyTypeObject RequestType;
 
 static Request *request_new(double started)
 {
+    if (no_body == NULL) {
+        raise_new(NULL);    /* configure() has not run */
+        return NULL;
+    }
     Request *r = PyObject_GC_New(Request, &RequestType);
     if (r == NULL)
         return NULL;
@@ -615,8 +633,6 @@ static PyObject *request_py_new(PyTypeObject *type, PyObject *args, PyObject *kw
     static char *names[] = {"started", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "d", names, &started))
         return NULL;
-    if (no_body == NULL)
-        return raise_new(NULL);
     return (PyObject *)request_new(started);
 }
 
@@ -667,12 +683,50 @@ static PyObject *request_line(Request *r, PyObject *unused)
     return line;
 }
 
+/* The object fields: never deleted (the C reads them without a NULL check)
+ * and of the type the C reads them as. */
+struct field {
+    size_t offset;
+    PyTypeObject *type;     /* NULL: any object */
+};
+
+static struct field field_method = {offsetof(Request, method), &PyBytes_Type},
+    field_url = {offsetof(Request, url), &PyBytes_Type},
+    field_version = {offsetof(Request, version), &PyUnicode_Type},
+    field_headers = {offsetof(Request, headers), &PyList_Type},
+    field_body = {offsetof(Request, body), NULL};
+
+static PyObject *request_get(Request *r, void *closure)
+{
+    return Py_NewRef(*(PyObject **)((char *)r + ((struct field *)closure)->offset));
+}
+
+static int request_set(Request *r, PyObject *value, void *closure)
+{
+    struct field *f = closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a request's fields cannot be deleted");
+        return -1;
+    }
+    if (f->type != NULL && !PyObject_TypeCheck(value, f->type)) {
+        PyErr_Format(PyExc_TypeError, "must be %s, not %s", f->type->tp_name,
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    Py_XSETREF(*(PyObject **)((char *)r + f->offset), Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef request_getset[] = {
+    {"method", (getter)request_get, (setter)request_set, NULL, &field_method},
+    {"url", (getter)request_get, (setter)request_set, NULL, &field_url},
+    {"version", (getter)request_get, (setter)request_set, NULL, &field_version},
+    {"headers", (getter)request_get, (setter)request_set, NULL, &field_headers},
+    {"body", (getter)request_get, (setter)request_set, NULL, &field_body},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMemberDef request_members[] = {
-    {"method", T_OBJECT_EX, offsetof(Request, method), 0, NULL},
-    {"url", T_OBJECT_EX, offsetof(Request, url), 0, NULL},
-    {"version", T_OBJECT_EX, offsetof(Request, version), 0, NULL},
-    {"headers", T_OBJECT_EX, offsetof(Request, headers), 0, NULL},
-    {"body", T_OBJECT_EX, offsetof(Request, body), 0, NULL},
     {"started", T_DOUBLE, offsetof(Request, started), 0, NULL},
     {"content_length", T_LONGLONG, offsetof(Request, content_length), 0, NULL},
     {"body_size", T_LONGLONG, offsetof(Request, body_size), 0, NULL},
@@ -704,6 +758,7 @@ static PyTypeObject RequestType = {
     .tp_traverse = (traverseproc)request_traverse,
     .tp_clear = (inquiry)request_clear,
     .tp_members = request_members,
+    .tp_getset = request_getset,
     .tp_methods = request_methods,
 };
 
@@ -725,14 +780,21 @@ static int sink_init(Sink *s, PyObject *args, PyObject *kwds)
                         "Sink(request_line, fields, field_size, max_body, opened, ready)");
         return -1;
     }
-    s->request_line = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 0));
-    s->max_fields = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 1));
-    s->field_size = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 2));
-    s->max_body = PyLong_AsLongLong(PyTuple_GET_ITEM(args, 3));
-    s->opened = PyFloat_AsDouble(PyTuple_GET_ITEM(args, 4));
-    ready = PyTuple_GET_ITEM(args, 5);
-    if (PyErr_Occurred())
+    long long limits[4];
+    for (int i = 0; i < 4; i++) {
+        limits[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(args, i));
+        if (limits[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    double opened = PyFloat_AsDouble(PyTuple_GET_ITEM(args, 4));
+    if (opened == -1.0 && PyErr_Occurred())
         return -1;
+    ready = PyTuple_GET_ITEM(args, 5);
+    s->request_line = limits[0];
+    s->max_fields = limits[1];
+    s->field_size = limits[2];
+    s->max_body = limits[3];
+    s->opened = opened;
     Py_XSETREF(s->ready, Py_NewRef(ready));
     Py_XSETREF(s->parser, Py_NewRef(Py_None));
     Py_CLEAR(s->parsing);
@@ -901,14 +963,10 @@ static PyObject *call_parser(Sink *s, PyObject *name)
     return PyObject_CallMethodNoArgs(s->parser, name);
 }
 
-static PyObject *sink_on_headers_complete(Sink *s, PyObject *unused)
+/* on_headers_complete's work, on a request the caller holds a reference to
+ * (the parser's methods and ready.append may run Python code). */
+static PyObject *headers_complete(Sink *s, Request *req)
 {
-    (void)unused;
-    Request *req = s->parsing;
-    if (req == NULL) {
-        PyErr_SetString(PyExc_AssertionError, "on_headers_complete outside a request head");
-        return NULL;
-    }
     PyObject *method = call_parser(s, str_get_method);
     if (method == NULL)
         return NULL;
@@ -947,13 +1005,39 @@ static PyObject *sink_on_headers_complete(Sink *s, PyObject *unused)
     req->keep_alive = (char)k;
     if (req->content_length > s->max_body)
         return raise_new(err_payload_too_large);
+    if (s->parsing == req)
+        Py_CLEAR(s->parsing);
     PyObject *r = PyObject_CallMethodOneArg(s->ready, str_append, (PyObject *)req);
-    s->parsing = NULL;
-    Py_DECREF(req);     /* the sink's reference: the deque holds it now */
     if (r == NULL)
         return NULL;
     Py_DECREF(r);
     Py_RETURN_NONE;
+}
+
+/* A Sink made without __init__ (Sink.__new__) has no deque and no parser. */
+static int sink_ready(Sink *s)
+{
+    if (s->ready == NULL || s->parser == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Sink used before __init__");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *sink_on_headers_complete(Sink *s, PyObject *unused)
+{
+    (void)unused;
+    Request *req = s->parsing;
+    if (req == NULL) {
+        PyErr_SetString(PyExc_AssertionError, "on_headers_complete outside a request head");
+        return NULL;
+    }
+    if (!sink_ready(s))
+        return NULL;
+    Py_INCREF(req);
+    PyObject *result = headers_complete(s, req);
+    Py_DECREF(req);
+    return result;
 }
 
 static PyObject *sink_on_body(Sink *s, PyObject *body)
@@ -963,16 +1047,20 @@ static PyObject *sink_on_body(Sink *s, PyObject *body)
         PyErr_SetString(PyExc_AssertionError, "on_body outside a request");
         return NULL;
     }
-    req->body_size += PyBytes_GET_SIZE(body);
-    if (req->body_size > s->max_body)
+    if (PyBytes_GET_SIZE(body) > s->max_body - req->body_size)     /* (no overflow) */
         return raise_new(err_payload_too_large);
+    req->body_size += PyBytes_GET_SIZE(body);
+    Py_INCREF(req);     /* the calls below may run Python code */
+    PyObject *r = NULL;
     if (req->body == no_body) {
         PyObject *deque = PyObject_CallNoArgs((PyObject *)Py_TYPE(no_body));
         if (deque == NULL)
-            return NULL;
+            goto done;
         Py_SETREF(req->body, deque);
     }
-    PyObject *r = PyObject_CallMethodOneArg(req->body, str_append, body);
+    r = PyObject_CallMethodOneArg(req->body, str_append, body);
+done:
+    Py_DECREF(req);
     if (r == NULL)
         return NULL;
     Py_DECREF(r);
@@ -1113,7 +1201,8 @@ PyMODINIT_FUNC PyInit__speedups(void)
             || (key_path = PyUnicode_InternFromString("PATH_INFO")) == NULL
             || (key_query = PyUnicode_InternFromString("QUERY_STRING")) == NULL
             || (key_protocol = PyUnicode_InternFromString("SERVER_PROTOCOL")) == NULL
-            || (key_input = PyUnicode_InternFromString("wsgi.input")) == NULL)
+            || (key_input = PyUnicode_InternFromString("wsgi.input")) == NULL
+            || (key_http = PyUnicode_InternFromString("HTTP_")) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)

@@ -208,3 +208,90 @@ def test_the_sinks_refuse_alike_with_the_right_errors() -> None:
     for data, error in cases.items():
         for sink_class in (speedups.Sink, message.Sink):
             assert parse(sink_class, data, [])[-2] == error, (sink_class, data)
+
+
+# ------------------------------------------------------------ misuse from Python
+
+def test_a_request_field_cannot_be_deleted_or_mistyped() -> None:
+    req = speedups.Request(0.0)
+    for name in ("method", "url", "version", "headers", "body"):
+        with pytest.raises(AttributeError):
+            delattr(req, name)
+    with pytest.raises(TypeError):
+        req.method = "GET"      # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        req.headers = ()        # type: ignore[assignment]
+    req.url = b"/x"
+    assert req.line() == b" /x"
+
+
+def test_a_sink_without_init_raises_instead_of_crashing() -> None:
+    sink = speedups.Sink.__new__(speedups.Sink)
+    sink.on_message_begin()
+    with pytest.raises(RuntimeError):
+        sink.on_headers_complete()
+
+
+def test_a_parser_that_calls_back_into_the_sink_cannot_free_the_request() -> None:
+    """on_headers_complete holds its request across the parser's methods,
+    which are Python code here (they may begin another message)."""
+    ready: collections.deque[Any] = collections.deque()
+    sink = speedups.Sink(100, 10, 100, 100, 0.0, ready)
+
+    class Reentrant:
+        def get_method(self) -> bytes:
+            sink.on_message_begin()     # drops the sink's reference to the first request
+            return b"GET"
+
+        def get_http_version(self) -> str:
+            return "1.1"
+
+        def should_keep_alive(self) -> bool:
+            return True
+
+    sink.parser = Reentrant()   # type: ignore[assignment]
+    sink.on_message_begin()
+    first = sink.parsing
+    sink.on_url(b"/")
+    sink.on_header(b"Host", b"x")
+    sink.on_headers_complete()
+    assert list(ready) == [first] and first.method == b"GET" and first.url == b"/"
+    assert sink.parsing is not None and sink.parsing is not first     # the second, begun
+
+
+def test_headers_changed_after_start_response_are_never_sent() -> None:
+    for fast in (True, False):
+        req = message.Request(0.0)
+        req.method, req.version, req.complete = b"GET", "HTTP/1.1", True
+        resp = wsgi.Response(None, req, Input(None, req, None),  # type: ignore[arg-type]
+                             FixedClock(), True, None if fast else {})
+        headers = [("Content-Type", "text/plain")]
+        resp.start_response("200 OK", headers)
+        headers.append(("X-Evil", "a\r\nSet-Cookie: b=1"))
+        with pytest.raises(wsgi.HeaderError):
+            resp.head(0)
+
+
+@pytest.mark.parametrize("value, length", [
+    (b"0" * 5000 + b"5", 5), (b"9999999999999999999", (1 << 63) - 1),
+    (b"1" + b"0" * 19, (1 << 63) - 1), (b"00", 0)])
+def test_long_content_lengths_read_alike(value: bytes, length: int) -> None:
+    """Leading zeros are no reason to refuse a length; one past 2**63 is over
+    any max_body (413), whatever int()'s digit limit says."""
+    data = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + value + b"\r\n\r\n"
+    big = message.Limits(field_size=8190, max_body=1 << 62)
+    results = []
+    for sink_class in (speedups.Sink, message.Sink):
+        ready: collections.deque[Any] = collections.deque()
+        sink = sink_class(big.request_line, big.fields, big.field_size, big.max_body, 0.0,
+                          ready)
+        sink.parser = httptools.HttpRequestParser(sink)
+        try:
+            sink.parser.feed_data(data)
+            results.append(ready[0].content_length)
+        except httptools.HttpParserCallbackError as exc:
+            results.append(type(exc.__context__).__name__)
+        finally:
+            sink.parser = None
+    expected = length if length <= big.max_body else "PayloadTooLarge"
+    assert results == [expected, expected]

@@ -27,10 +27,14 @@ from ..pool import PoolView
 NO_SPEEDUPS_ENV = "MPS_NO_SPEEDUPS"
 try:    # the parser's callbacks and more in C (src/_mpshttp.c), where it was built
     from . import _speedups as speedups
-    #: The C versions serve (else the Python ones, which mirror them).
-    SPEEDUPS = os.environ.get(NO_SPEEDUPS_ENV, "0") in ("", "0")
+    BUILT = True
 except ImportError:
-    SPEEDUPS = False
+    BUILT = False
+#: The C versions serve (else the Python ones, which mirror them).
+SPEEDUPS = BUILT and os.environ.get(NO_SPEEDUPS_ENV, "0") in ("", "0")
+#: A Content-Length longer than this (leading zeros aside) is over any max_body.
+_LENGTH_DIGITS = 19
+_TOO_LONG = (1 << 63) - 1
 
 
 class HTTPError(Exception):
@@ -156,7 +160,7 @@ class Request:
         return self.method + b" " + self.url[:120]
 
 
-if SPEEDUPS:
+if BUILT:    # (also when not serving: tests compare both versions)
     speedups.configure(BadRequest, URITooLong, HeadersTooLarge, PayloadTooLarge,
                        NotImplementedCoding, NotImplementedMethod, VersionNotSupported, _NO_BODY)
 
@@ -247,8 +251,12 @@ class Sink:
                 raise BadRequest()
             req.host = True
         elif low == b"content-length":
+            # llhttp checked its digits.  int() refuses more than 4300 (and
+            # what PYTHONINTMAXSTRDIGITS says): past 19 it is simply too long.
+            digits = value.strip().lstrip(b"0") or b"0"
             try:
-                req.content_length = int(value)     # llhttp checked its digits
+                req.content_length = \
+                    min(int(digits), _TOO_LONG) if len(digits) <= _LENGTH_DIGITS else _TOO_LONG
             except ValueError:
                 raise BadRequest() from None
         elif low == b"expect" and value.strip().lower() == b"100-continue":

@@ -32,10 +32,10 @@ from ..pool import Alone, PoolView
 from ..proxy import Allowed
 from . import accesslog
 from .body import Input
-from .message import (SEND_TIMEOUT_S, SPEEDUPS, ClientGone, HTTPError, Limits, Reader, Request,
-                      send_all)
+from .message import (BUILT, SEND_TIMEOUT_S, SPEEDUPS, ClientGone, HTTPError, Limits, Reader,
+                      Request, send_all)
 
-if SPEEDUPS:
+if BUILT:
     from . import _speedups as speedups
 
 log = logging.getLogger("mps")
@@ -270,6 +270,8 @@ class Response:
         """The head's bytes around the Date line, and the framing it decided."""
         req = self.request
         assert self.status is not None
+        # Again: the app may have changed its header list since start_response.
+        self.check(self.status, self.headers)
         lines = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n"]
         date = server = True        # ours, unless the app gave its own
         for name, value in self.headers:
