@@ -216,6 +216,7 @@ class Arbiter:
                  "child" if s.start_servers == 1 else "children")
         self.app.call_hook("on_starting")
         self.started = True
+        self.board.prepare_accept(self.listener)    # once here, not in every child
         gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
         self.spawn_many(s.start_servers)
 

@@ -256,6 +256,10 @@ class Scoreboard(ABC):
         """Master, before it re-executes itself (an upgrade): make the board's
         descriptors survive exec and describe them for :func:`attach`."""
 
+    def prepare_accept(self, listener: socket.socket) -> None:
+        """Master, before it forks: make what accept() needs for ``listener``
+        once, so no child builds (and copies pages for) its own."""
+
     def set_waiter(self, waiter: select.epoll) -> None:
         """Child, after fork: its epoll set (the listener, EPOLLEXCLUSIVE, and
         its signal wake-up pipe), where accept() sleeps while none is queued."""
@@ -377,6 +381,10 @@ class CScoreboard(Scoreboard):
     def done(self, slot: int) -> None:
         _check(_lib.mps_done(self._board, slot))
 
+    def prepare_accept(self, listener: socket.socket) -> None:
+        self._peers = Peers(listener)
+        self._peer_buf = _ffi.from_buffer(self._peers.buf)
+
     def accept(self, slot: int, listener: socket.socket, idle_first: bool = False,
                wait: bool = True) -> tuple[socket.socket, Any]:
         # One C call per connection, with the GIL released: the previous
@@ -385,8 +393,9 @@ class CScoreboard(Scoreboard):
         # Python objects until a connection exists.
         peers = self._peers
         if peers is None or peers.listener is not listener:
-            peers = self._peers = Peers(listener)
-            self._peer_buf = _ffi.from_buffer(peers.buf)
+            self.prepare_accept(listener)
+            peers = self._peers
+            assert peers is not None
         self._addrlen[0] = _ADDR_MAX
         fd = _lib.mps_accept_busy(self._board, slot, peers.fd, self._epoll_fd if wait else -1,
                                   idle_first, self.wake_fd, self._peer_buf, self._addrlen)

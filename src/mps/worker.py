@@ -28,7 +28,8 @@ from .handlers import App
 from .pool import Alone
 from .config import Settings
 from .scoreboard import Scoreboard
-from .signals import reset_in_child
+from .signals import handle as handle_signal
+from .signals import reset_in_child, set_mask
 from .sockets import set_nonblocking
 
 log = logging.getLogger("mps")
@@ -98,13 +99,14 @@ class Worker:
 
     def boot(self) -> bool:
         reset_in_child()
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGABRT, self._on_timeout)
+        # (signals.handle: no enum built per call, fewer master pages copied)
+        handle_signal(signal.SIGTERM, self._on_term)
+        handle_signal(signal.SIGABRT, self._on_timeout)
         # The master's poke (see Arbiter.keep_nonblocking): only to interrupt
         # an accept() caught on a listener another master made blocking.
-        signal.signal(signal.SIGWINCH, self._on_poke)
+        handle_signal(signal.SIGWINCH, self._on_poke)
         if self.signal_mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.signal_mask)
+            set_mask(self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
         self.make_waiter()
         if self.identity is not None:
