@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from conftest import Load, Master, consistent, pid_alive, recv_all, run_mps, wait_until
+from mps.errors import EXIT_BOOT
 
 #: A small pool: upgrades fork and retire every child.
 SMALL = {"start_servers": 3, "min_spare": 2, "max_spare": 4, "max_children": 8}
@@ -713,3 +714,48 @@ def test_a_release_with_another_board_layout_still_upgrades(start_master, tmp_pa
                      what="the old generation to leave")
     assert not pid_alive(old_pid)
     assert doc["totals"]["crashed"] == 0 and m.proc.poll() is None
+
+
+CANNOT_BOOT = '''
+
+@server.post_fork
+def cannot_boot(server, worker):
+    # The check imports the release but never forks: only the new children see this.
+    if os.path.exists({flag!r}):
+        raise RuntimeError("this child cannot boot (on purpose)")
+'''
+
+
+def test_an_upgrade_whose_children_cannot_boot_keeps_the_old_generation_serving(
+        start_master, tmp_path):
+    """post_fork fails in every new child: the upgrade is reported failed
+    and the old children serve on (a plain start would stop: nothing else
+    serves); once the cause is gone, the retried boot completes the upgrade."""
+    app, flag = tmp_path / "app.py", tmp_path / "broken"
+    write_app(app, "v1")
+    m = start_master(app=f"{app}:handle", env=NO_PYC, **SMALL)
+    m.wait_ready()
+    with Load(m.port, threads=4) as load:
+        load.wait_for(50)
+        flag.write_text("")
+        write_app(app, "v2", tail=CANNOT_BOOT.format(flag=str(flag)))
+        r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
+        assert r.code == EXIT_BOOT, (r, m.output())
+        assert "cannot boot" in r.err and "old generation serves on" in r.err, r.err
+        load.wait_for(100)      # the old code still serves, the master lives
+        assert version_of(m) == b"v1" and m.proc.poll() is None
+        doc = m.status()
+        assert doc["upgrade"]["state"] == "failed" and doc["upgrade"]["code"] == EXIT_BOOT
+        held = {s["pid"] for s in doc["old_generation"]}
+        # Held: they serve past max_requests (128) rather than recycle away.
+        load.wait_for(20 * 128)
+        assert held and {s["pid"] for s in m.status()["old_generation"]} == held
+        assert all(pid_alive(p) for p in held)
+        flag.unlink()       # the cause goes away: the next retried boot succeeds
+        wait_for_switch(m, b"v2", time.monotonic(), timeout=20)   # (retries every 5 s)
+        load.wait_for(50)
+    assert load.failed == [] and load.refused == 0
+    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
+                     what="the old generation to leave")
+    assert doc["upgrade"]["state"] == "done" and doc["generation"] == 1
+    assert not any(pid_alive(p) for p in held)

@@ -43,7 +43,7 @@ from .errors import EXIT_BOOT, EXIT_OK, BootError
 from .handlers import App
 from .scoreboard import Scoreboard, Snapshot, State, open_scoreboard
 from .signals import MASTER_SIGNALS, RECORDED, SignalQueue
-from .worker import Child, child_main
+from .worker import HOLD_SIGNAL, Child, child_main
 
 log = logging.getLogger("mps")
 
@@ -561,7 +561,9 @@ class Arbiter:
         if snap.count(State.IDLE) < want:
             return
         self.ready_sent = True
-        if self.progress.state == "starting":   # the new image of an upgrade
+        if self.progress.state == "starting" or self.old is not None and not self.old.retired:
+            # The new image of an upgrade (also one whose boot failed for a
+            # while, then came through).
             # Done even when no old child is left to retire: under load they
             # may all have recycled themselves (max_requests) during the exec.
             self.progress.state = "done"
@@ -723,6 +725,9 @@ class Arbiter:
             log.error("child %d (slot %d) died before it could serve (%s); %d in a row",
                       child.pid, child.slot, how, self.boot_failures)
             if self.boot_failures >= BOOT_FAILURE_LIMIT:
+                if self.old is not None and not self.old.retired and self.old.children:
+                    self.upgrade_cannot_boot(how)
+                    return
                 raise BootError(f"children cannot boot: {self.boot_failures} in a row died "
                                 f"before serving (last: {how}); see the log above for the cause")
             return
@@ -880,6 +885,24 @@ class Arbiter:
         if self.check is not None:
             self.check.kill()
 
+    def upgrade_cannot_boot(self, how: str) -> None:
+        """An upgrade's new children die before serving (post_fork fails, say,
+        which the check cannot see).  Stopping the pool, as a plain start
+        would, would also end the old generation, which serves: it serves on
+        instead, the boot is retried with the capped back-off (a cause that
+        passes -- a database back -- completes the upgrade), and the upgrade
+        is reported failed."""
+        if self.progress.state != "starting":
+            return      # said once
+        reason = (f"the new release's children cannot boot ({self.boot_failures} in a row died "
+                  f"before serving, last: {how}); the old generation serves on while mps "
+                  f"retries every {MAX_BACKOFF_S:g} s: fix the cause, or restart mps")
+        self.progress.state = "failed"
+        self.progress.code = EXIT_BOOT
+        self.progress.reason = reason
+        log.error("upgrade: %s", reason)
+        self.notifier.ready(f"upgrade failed: {reason}"[:200])
+
     def upgrade_failed(self, code: int, reason: str) -> None:
         self.progress.state = "failed"
         self.progress.code = code
@@ -906,9 +929,17 @@ class Arbiter:
             self.end_status_client(conn)
         keep = [fd for fd in (handoff.listener_fd, handoff.status_fd, handoff.metrics_fd)
                 if fd >= 0]
+        # This generation must outlast the new one's boot, however long that
+        # takes: no recycling (max_requests) until it is retired.
+        for child in self.children.values():
+            try:
+                os.kill(child.pid, HOLD_SIGNAL)
+            except ProcessLookupError:
+                pass
         error = reexec(handoff, keep, RECORDED)
         keep_board_fds(handoff.board, False)    # exec failed: no child may inherit them
         self.upgrade_failed(1, f"cannot re-execute {sys.executable}: {error.strerror}")
+        self.rotate("the children held for the upgrade are replaced")
 
     def reopen_log(self, why: str) -> None:
         try:
