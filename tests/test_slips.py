@@ -131,15 +131,23 @@ def _listening_port(log: Path) -> int:
     return int(wait_until(port, what="the address in the log"))
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
-def test_ctrl_c_in_single_mode_exits_0_like_the_pool(busy: bool, backend: str,
+@pytest.mark.parametrize("started", ["terminal", "background"])
+def test_ctrl_c_in_single_mode_exits_0_like_the_pool(busy: bool, started: str, backend: str,
                                                      tmp_path: Path) -> None:
+    # "background": started by a script with `&`, which leaves SIGINT ignored
+    # (the pool's master handles INT whatever it inherited; so does --single).
     log = tmp_path / "out.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mps", "serve", "apps:hold", "--single", "--backend",
              backend, "--bind", "127.0.0.1:0"], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(TESTS))
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(TESTS),
+            preexec_fn=_ignore_sigint if started == "background" else None)
     client = None
     try:
         port = _listening_port(log)

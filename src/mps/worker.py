@@ -347,6 +347,10 @@ def run_single(settings: Settings, app: App) -> int:
     listener.setblocking(False)     # as the master sets it for its children
     worker = Worker(app, board, listener, child, master_pid=os.getppid())
     signal.signal(signal.SIGTERM, worker._on_term)
+    # Ctrl-C (or kill -INT) ends it as it ends a pool, even when it was started
+    # with SIGINT ignored (in the background of a script), where Python would
+    # have left it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     worker.make_waiter()
     log.info("single-process debug mode: listening at %s in pid %d",
              sockets.describe(listener), os.getpid())
