@@ -45,8 +45,11 @@ STATES = [s.name.lower() for s in State if s != State.EMPTY]
 def document(arbiter: Source) -> dict[str, Any]:
     """The JSON document for the master's current state."""
     assert arbiter.board is not None and arbiter.listener is not None
-    snap = arbiter.board.snapshot()
+    # The clock before the snapshot: a connection in progress then counts no
+    # more than it had when its record was copied, so busy_seconds_total
+    # never runs ahead of what a later document reports (a counter).
     now_ns = time.monotonic_ns()
+    snap = arbiter.board.snapshot()
     live = [s for s in snap.slots if s.state != State.EMPTY]
     children = {"total": len(live)}
     children.update({name: snap.count(State[name.upper()]) for name in STATES})
