@@ -32,6 +32,7 @@ struct mps_head {
     int64_t wake_pending;
     int64_t requests;
     int64_t busy_ns_done;
+    int64_t hold;
 };
 typedef struct mps_board mps_board;
 
@@ -57,6 +58,8 @@ int64_t mps_lock_holder(mps_board *b);
 int mps_hold_lock(mps_board *b, int64_t slot);
 int mps_begin_request(mps_board *b, int64_t slot, const char *method, const char *target);
 int64_t mps_idle_count(mps_board *b);
+void mps_set_hold(mps_board *b, int64_t hold);
+int64_t mps_held(mps_board *b);
 int mps_nop(mps_board *b, int64_t slot);
 """
 

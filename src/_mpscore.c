@@ -45,8 +45,9 @@
 #include <unistd.h>
 
 #define MPS_MAGIC   0x3153504dU     /* "MPS1" */
-#define MPS_VERSION 4     /* 2: lock_timeout_ns after the head; 3: requests, busy time;
-                           * 4: states in a byte array, a seq in each record */
+#define MPS_VERSION 5     /* 2: lock_timeout_ns after the head; 3: requests, busy time;
+                           * 4: states in a byte array, a seq in each record;
+                           * 5: the hold word */
 #define MPS_REQUEST_LEN 64  /* bytes of a slot's request line, NUL-padded */
 #define MPS_MAX_SLOTS (1 << 20)
 
@@ -104,6 +105,7 @@ struct mps_head {
     int64_t wake_pending;   /* a child has woken the master; it re-arms when it can act */
     int64_t requests;       /* requests begun by all children (HTTP) */
     int64_t busy_ns_done;   /* busy time of the children already reaped */
+    int64_t hold;           /* an upgrade under way: no recycling at max_requests */
 };
 
 typedef struct mps_board {
@@ -614,6 +616,19 @@ static int mps_begin_request(mps_board *b, int64_t slot, const char *method,
 static int64_t mps_idle_count(mps_board *b)
 {
     return __atomic_load_n(&b->head.idle, __ATOMIC_RELAXED);
+}
+
+/* Master, about to re-execute for an upgrade: its children must outlast the
+ * new image's boot, however long that takes, so a child at max_requests
+ * serves on while this is set (mps_held).  One word: no lock. */
+static void mps_set_hold(mps_board *b, int64_t hold)
+{
+    __atomic_store_n(&b->head.hold, hold, __ATOMIC_RELAXED);
+}
+
+static int64_t mps_held(mps_board *b)
+{
+    return __atomic_load_n(&b->head.hold, __ATOMIC_RELAXED);
 }
 
 /* The fields of one record into a snapshot's slot (not its state). */

@@ -337,6 +337,20 @@ def test_busy_never_wakes_with_min_spare_zero(board: Scoreboard) -> None:
     assert board.busy(slot) == 0   # a new board's min_spare is 0
 
 
+def test_a_hold_set_by_the_master_is_seen_by_a_child(board: Scoreboard) -> None:
+    """The upgrade's hold (no recycling at max_requests) crosses processes
+    through the board, both ways, without the lock."""
+    assert not board.held()            # a new board holds nothing
+    board.set_hold(True)
+
+    def child_sees_hold() -> None:
+        assert board.held()
+
+    assert reap(fork_call(child_sees_hold)) == 0
+    board.set_hold(False)
+    assert not board.held()
+
+
 def test_min_spare_can_be_raised_at_run_time(board: Scoreboard) -> None:
     a, b = child_slot(board), child_slot(board)
     board.set_min_spare(1)

@@ -759,3 +759,27 @@ def test_an_upgrade_whose_children_cannot_boot_keeps_the_old_generation_serving(
                      what="the old generation to leave")
     assert doc["upgrade"]["state"] == "done" and doc["generation"] == 1
     assert not any(pid_alive(p) for p in held)
+
+
+def test_a_usr2_to_the_whole_group_leaves_recycling_alone(start_master, tmp_path):
+    """`systemctl kill -s USR2` signals every process of the service: the
+    children ignore it (the upgrade's hold is a word on the board, set only
+    by a master about to re-execute), so a refused upgrade leaves
+    max_requests working."""
+    app = tmp_path / "app.py"
+    write_app(app, "v1")
+    m = start_master(app=f"{app}:handle", env=NO_PYC, max_requests=5, max_requests_jitter=0,
+                     **SMALL)
+    m.wait_ready()
+    write_app(app, "v2", head=BROKEN["import"][0])     # its check refuses it
+    assert os.getpgid(m.pid) == m.pid                  # (never our own group)
+    os.killpg(m.pid, signal.SIGUSR2)
+    wait_until(lambda: (d := m.try_status()) and d["upgrade"]["state"] == "failed",
+               what="the upgrade to be refused")
+    pids = set()
+    for _ in range(40):     # 5 connections a child: more than one child can serve
+        with m.connect() as conn:
+            conn.sendall(b"x\n")
+            pids.add(int(conn.recv(64).split(b":")[0].split()[1]))
+    assert len(pids) > SMALL["max_spare"], pids      # they recycled
+    assert m.proc.poll() is None

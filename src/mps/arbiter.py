@@ -43,7 +43,7 @@ from .errors import EXIT_BOOT, EXIT_OK, BootError
 from .handlers import App
 from .scoreboard import Scoreboard, Snapshot, State, open_scoreboard
 from .signals import MASTER_SIGNALS, RECORDED, SignalQueue
-from .worker import HOLD_SIGNAL, Child, child_main
+from .worker import Child, child_main
 
 log = logging.getLogger("mps")
 
@@ -366,9 +366,11 @@ class Arbiter:
             due.append(self.stop_deadline - now)
         if self.stopping == "draining":
             due.append(DRAIN_POLL_S)
-        if not self.ready_sent and not self.stopping:
+        if not self.ready_sent and not self.stopping and self.progress.state != "failed":
             # A child going idle wakes nobody: without this, READY=1 (and an
             # upgrade's retirement of the old children) waited for the 1 s tick.
+            # (An upgrade whose children cannot boot retries every few
+            # seconds: the tick is soon enough, and polls nothing for nothing.)
             due.append(READY_POLL_S)
         if self.stopping == "delaying":
             due.append(self.delay_until - now)
@@ -549,8 +551,11 @@ class Arbiter:
                                   queue_limit=self.settings.backlog)
 
     def is_ready(self) -> bool:
-        """/ready: the pool serves and no stop (or drain delay) has begun."""
-        return self.ready_sent and not self.stopping
+        """/ready: the pool serves and no stop (or drain delay) has begun.  An
+        upgrade whose new children cannot boot still serves: on the old
+        generation, held for it."""
+        serves_on_old = self.old is not None and not self.old.retired and bool(self.old.children)
+        return (self.ready_sent or serves_on_old) and not self.stopping
 
     def note_ready(self, snap: Snapshot) -> None:
         """The pool serves: start_servers children idle (READY=1).  After an
@@ -931,15 +936,11 @@ class Arbiter:
                 if fd >= 0]
         # This generation must outlast the new one's boot, however long that
         # takes: no recycling (max_requests) until it is retired.
-        for child in self.children.values():
-            try:
-                os.kill(child.pid, HOLD_SIGNAL)
-            except ProcessLookupError:
-                pass
+        self.board.set_hold(True)
         error = reexec(handoff, keep, RECORDED)
+        self.board.set_hold(False)
         keep_board_fds(handoff.board, False)    # exec failed: no child may inherit them
         self.upgrade_failed(1, f"cannot re-execute {sys.executable}: {error.strerror}")
-        self.rotate("the children held for the upgrade are replaced")
 
     def reopen_log(self, why: str) -> None:
         try:

@@ -1103,7 +1103,7 @@ ECHO_APP, HOLD_APP = "mps.examples:echo", "mps.examples:hold"
 #: The C core's board as _mpscore.c lays it out (struct mps_board): magic and
 #: version (uint32 each), size (size_t), then struct mps_head's int64 nslots
 #: and idle.  A map checks magic, version and nslots before it is trusted.
-BOARD_MAGIC, BOARD_VERSION, BOARD_NSLOTS_AT, BOARD_IDLE_AT = 0x3153504D, 4, 16, 24
+BOARD_MAGIC, BOARD_VERSION, BOARD_NSLOTS_AT, BOARD_IDLE_AT = 0x3153504D, 5, 16, 24
 #: How often the bench's own sampler reads /proc and the board.
 SAMPLE_S = 0.002
 #: Longest a pool may take to come up, or a spike to be accepted.

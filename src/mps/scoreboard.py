@@ -162,6 +162,17 @@ class Scoreboard(ABC):
     #: Child: the idle counter read without the lock (a hint, for "is any
     #: child idle to take a waiting connection?").
     idle_count: Callable[[], int]
+    #: Child at its max_requests: non-zero while the master holds its
+    #: generation for an upgrade (serve on instead of recycling).
+    held: Callable[[], int]
+
+    @abstractmethod
+    def set_hold(self, hold: bool) -> None:
+        """Master, about to re-execute for an upgrade (True), or after an exec
+        that failed (False): its children must outlast the new image's boot,
+        however long that takes, so none recycles at max_requests while set.
+        The word stays in the board the new image takes over as the old
+        generation's; that generation leaves only when retired."""
 
     @abstractmethod
     def request_marker(self, slot: int) -> Callable[[bytes, bytes], object]:
@@ -345,6 +356,7 @@ class CScoreboard(Scoreboard):
         self.busy = partial(_lib.mps_busy, self._board)
         self.idle = partial(_lib.mps_idle, self._board)
         self.idle_count = partial(_lib.mps_idle_count, self._board)
+        self.held = partial(_lib.mps_held, self._board)
         #: The floor busy/idle are measured against (benchmarks only).
         self.nop: Callable[[int], int] = partial(_lib.mps_nop, self._board)
         self._publish_lock_timeout()
@@ -425,6 +437,9 @@ class CScoreboard(Scoreboard):
     def set_min_spare(self, value: int) -> None:
         _check(self._master(_lib.mps_set_min_spare, value))
 
+    def set_hold(self, hold: bool) -> None:
+        _lib.mps_set_hold(self._board, int(hold))
+
     def hold_lock(self, updating: int = -1) -> None:
         _check(_lib.mps_hold_lock(self._board, updating))
 
@@ -441,7 +456,7 @@ class CScoreboard(Scoreboard):
 
 # PyScoreboard layout: int64 words.  Header words, then 5 words per slot.
 (_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY, _H_WAKE, _H_REQUESTS,
- _H_BUSY_DONE) = range(9)
+ _H_BUSY_DONE, _H_HOLD) = range(10)
 _HEADER = 10
 _PID, _STATE, _CONNS, _CHANGED, _RETIRE, _REQUESTS, _BUSY_SINCE, _BUSY_NS, _REQUEST = range(9)
 _REQUEST_LEN = 64   # bytes: 8 words from _REQUEST on
@@ -696,6 +711,12 @@ class PyScoreboard(Scoreboard):
 
     def idle_count(self) -> int:
         return int(self._w[_H_IDLE])
+
+    def held(self) -> int:
+        return int(self._w[_H_HOLD])
+
+    def set_hold(self, hold: bool) -> None:
+        self._w[_H_HOLD] = int(hold)    # one 8-byte store: no lock
 
     def snapshot(self) -> Snapshot:
         w = self._lock_master()

@@ -39,10 +39,6 @@ log = logging.getLogger("mps")
 ORPHAN_GRACE_S = 1
 #: Longest a leaving child keeps serving what waits in the listen queue.
 DRAIN_S = 1.0
-#: From the master about to re-execute for an upgrade: serve on past
-#: max_requests until told to leave (TERM), so that the old generation
-#: outlasts the new one's boot, however long that takes.
-HOLD_SIGNAL = signal.SIGUSR2
 
 _RETRY_ACCEPT = {errno.EAGAIN, errno.EINTR, errno.ECONNABORTED, errno.EPROTO,
                  errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
@@ -76,7 +72,6 @@ class Worker:
         self.master_pid = master_pid
         self.identity = identity    # (uid, gid) to switch to after fork, or None
         self.alive = True
-        self.held = False       # HOLD_SIGNAL came: no recycling
         self.wake_r = -1        # the signal wake-up pipe (see boot)
         #: The mask to restore once the child's own handlers are in place (the
         #: master blocks its signals across fork()); None: leave it as it is.
@@ -110,7 +105,6 @@ class Worker:
         # The master's poke (see Arbiter.keep_nonblocking): only to interrupt
         # an accept() caught on a listener another master made blocking.
         handle_signal(signal.SIGWINCH, self._on_poke)
-        handle_signal(HOLD_SIGNAL, self._on_hold)
         if self.signal_mask is not None:
             set_mask(self.signal_mask)
         logs.slot_filter.slot = f"slot {self.child.slot}"
@@ -157,8 +151,11 @@ class Worker:
                 conn.close()    # always: the handler need not
             left -= 1
             if not left:
-                if self.held:
-                    left = -1   # an upgrade under way: this generation serves until retired
+                if board.held():
+                    # An upgrade under way: this generation serves until it is
+                    # retired (the new one may take long to boot); ask again
+                    # after the next connection.
+                    left = 1
                     continue
                 log.info("served %d connections (max_requests); recycling", self.child.limit)
                 break
@@ -243,9 +240,6 @@ class Worker:
         self.alive = False
         if os.getppid() != self.master_pid:
             signal.alarm(ORPHAN_GRACE_S)    # no master will ever SIGKILL us
-
-    def _on_hold(self, signum: int, frame: FrameType | None) -> None:
-        self.held = True
 
     def _on_poke(self, signum: int, frame: FrameType | None) -> None:
         pass    # its byte in the wake-up pipe (and EINTR in C) is the point
