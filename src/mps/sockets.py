@@ -324,8 +324,8 @@ class Peers:
         self.listener = listener
         self.fd = listener.fileno()
         # From the kernel, not the family and type properties: each builds an
-        # enum, and a child's first enum calls copy pages it shares with the
-        # master (Peers is made on a child's first accept).
+        # enum.  (The master makes Peers before it forks -- see
+        # Scoreboard.prepare_accept -- so no child copies pages for it.)
         self.family = listener.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
         self.type = listener.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         self.proto = listener.proto

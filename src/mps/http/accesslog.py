@@ -18,7 +18,7 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 COMBINED = '%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-Agent}i"'
@@ -28,7 +28,7 @@ TARGET = "mps.request_target"
 
 log = logging.getLogger("mps")
 
-Part = Callable[[dict[str, Any], int, int, list[tuple[str, str]], float], str]
+Part = Callable[[dict[str, Any], int, int, Sequence[tuple[str, str]], float], str]
 _DIRECTIVE = re.compile(r"%(>?)(\{([^}]*)\})?([a-zA-Z%])")
 
 
@@ -66,7 +66,7 @@ def _header_in(name: str) -> Part:
 def _header_out(name: str) -> Part:
     low = name.lower()
 
-    def part(env: dict[str, Any], code: int, size: int, headers: list[tuple[str, str]],
+    def part(env: dict[str, Any], code: int, size: int, headers: Sequence[tuple[str, str]],
              secs: float) -> str:
         return next((_escape(v) for k, v in headers if k.lower() == low), "-")
     return part
@@ -134,7 +134,7 @@ class AccessLog:
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    def write(self, env: dict[str, Any], code: int, size: int, headers: list[tuple[str, str]],
+    def write(self, env: dict[str, Any], code: int, size: int, headers: Sequence[tuple[str, str]],
               secs: float) -> None:
         line = "".join(p if isinstance(p, str) else p(env, code, size, headers, secs)
                        for p in self.parts) + "\n"

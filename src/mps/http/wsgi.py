@@ -162,7 +162,7 @@ class Response:
     # only when they change (a response costs six stores, not fourteen).
     status: str | None = None
     code = 0
-    headers: list[tuple[str, str]] = []     # never mutated: replaced by start_response
+    headers: Sequence[tuple[str, str]] = ()     # start_response's list, once called
     head_sent = False
     chunked = False
     length = -1             # Content-Length the app declared, -1 none
@@ -220,7 +220,7 @@ class Response:
                 self.heads[key] = None
 
     @staticmethod
-    def check(status: str, headers: list[tuple[str, str]]) -> None:
+    def check(status: object, headers: object) -> None:
         """What start_response must refuse: HeaderError names it."""
         if not isinstance(status, str) or not _STATUS.match(status):
             raise HeaderError(f"bad status line {status!r}")
@@ -479,7 +479,7 @@ class WSGIHandler:
         except ClientGone:
             pass
         finally:
-            reader.sink.parser = None   # Reader.close(), inline: the parser <-> sink cycle
+            reader.close()
 
     def respond(self, conn: socket.socket, addr: Any, peer: tuple[str, ...], reader: Reader,
                 req: Request, keep: bool) -> bool:
