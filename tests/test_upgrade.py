@@ -783,3 +783,32 @@ def test_a_usr2_to_the_whole_group_leaves_recycling_alone(start_master, tmp_path
             pids.add(int(conn.recv(64).split(b":")[0].split()[1]))
     assert len(pids) > SMALL["max_spare"], pids      # they recycled
     assert m.proc.poll() is None
+
+
+def test_a_fixed_release_replaces_one_whose_children_cannot_boot(start_master, tmp_path):
+    """The release whose children cannot boot has a bug, not a passing
+    cause: the next reload hands the old generation (still serving, held)
+    to the fixed release, which takes over with no restart and no failed
+    connection."""
+    app, flag = tmp_path / "app.py", tmp_path / "broken"
+    write_app(app, "v1")
+    m = start_master(app=f"{app}:handle", env=NO_PYC, **SMALL)
+    m.wait_ready()
+    with Load(m.port, threads=4) as load:
+        load.wait_for(50)
+        flag.write_text("")
+        write_app(app, "v2", tail=CANNOT_BOOT.format(flag=str(flag)))
+        r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
+        assert r.code == EXIT_BOOT, (r, m.output())
+        held = {s["pid"] for s in m.status()["old_generation"]}
+        write_app(app, "v3")            # the fix (the flag stays: v2 would still fail)
+        r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
+        assert r.code == 0, (r, m.output())
+        serves(m, b"v3")
+        load.wait_for(50)
+    assert load.failed == [] and load.refused == 0
+    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
+                     what="the old generation to leave")
+    assert doc["upgrade"]["state"] == "done" and doc["generation"] == 2
+    assert held and not any(pid_alive(p) for p in held)
+    assert m.proc.poll() is None and doc["pid"] == m.pid

@@ -152,6 +152,9 @@ class Arbiter:
         self.notify_next = 0.0
         self.rate_mark = (time.monotonic(), 0)  # (when, connections) for STATUS= rates
         self.last_boot_failure = 0.0
+        #: This image is an upgrade whose children cannot boot (see
+        #: upgrade_cannot_boot); the old generation serves, held.
+        self.boot_stuck = False
 
     # ----------------------------------------------------------- life cycle
 
@@ -851,7 +854,7 @@ class Arbiter:
         if self.stopping:
             log.warning("USR2: stopping; no upgrade")
             return
-        if self.check is not None or self.old is not None:
+        if self.check is not None or self.old is not None and not self.stuck_upgrade():
             log.warning("USR2: an upgrade is already under way (%s); this one is ignored",
                         self.progress.state)
             return
@@ -899,6 +902,7 @@ class Arbiter:
         is reported failed."""
         if self.progress.state != "starting":
             return      # said once
+        self.boot_stuck = True
         reason = (f"the new release's children cannot boot ({self.boot_failures} in a row died "
                   f"before serving, last: {how}); the old generation serves on while mps "
                   f"retries every {MAX_BACKOFF_S:g} s: fix the cause, or restart mps")
@@ -916,15 +920,34 @@ class Arbiter:
                   reason)
         self.notifier.ready(f"upgrade refused: {reason}"[:200])
 
+    def stuck_upgrade(self) -> bool:
+        """This image's children cannot boot and the old generation serves,
+        held, on a board this image can read: a fixed release may take over
+        from here, and is handed that generation instead of this one's."""
+        return (self.boot_stuck and self.old is not None and self.old.board is not None
+                and not self.old.retired and bool(self.old.children))
+
     def reexec(self) -> None:
         assert self.board is not None and self.listener is not None
+        board: Scoreboard = self.board
+        children = [(c.pid, c.slot, c.generation) for c in self.children.values()]
+        held = self.stuck_upgrade()
+        if held:
+            assert self.old is not None and self.old.board is not None
+            board = self.old.board
+            children = [(c.pid, c.slot, c.generation) for c in self.old.children.values()]
+            for child in self.children.values():    # the failed release's, never booted
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.progress.state = "starting"
         handoff = Handoff(
             listener_fd=self.listener.fileno(),
             status_fd=self.status_sock.fileno() if self.status_sock is not None else -1,
             metrics_fd=self.metrics_sock.fileno() if self.metrics_sock is not None else -1,
-            board=self.board.handoff(),
-            children=[(c.pid, c.slot, c.generation) for c in self.children.values()],
+            board=board.handoff(),
+            children=children,
             generation=self.generation, owned_paths=self.owned_paths,
             inherited=self.inherited,
             progress=self.progress.as_dict(), totals=self.totals.as_dict(),
@@ -936,9 +959,9 @@ class Arbiter:
                 if fd >= 0]
         # This generation must outlast the new one's boot, however long that
         # takes: no recycling (max_requests) until it is retired.
-        self.board.set_hold(True)
+        board.set_hold(True)
         error = reexec(handoff, keep, RECORDED)
-        self.board.set_hold(False)
+        board.set_hold(held)        # (a held old generation stays held)
         keep_board_fds(handoff.board, False)    # exec failed: no child may inherit them
         self.upgrade_failed(1, f"cannot re-execute {sys.executable}: {error.strerror}")
 

@@ -138,7 +138,10 @@ def reload(target: Target, timeout: float) -> int:
 
 
 def busy_upgrading(doc: dict[str, Any]) -> bool:
-    return doc["upgrade"]["state"] in ("checking", "starting") or bool(doc["old_generation"])
+    # (A failed upgrade whose old generation still serves, held, takes the
+    # next release: that is how a broken one is replaced without a restart.)
+    state = doc["upgrade"]["state"]
+    return state in ("checking", "starting") or bool(doc["old_generation"]) and state != "failed"
 
 
 def stop(target: Target, timeout: float, fast: bool) -> int:
