@@ -289,8 +289,8 @@ class Arbiter:
             log.warning("bind changed to %s in the new release; an upgrade keeps the listening "
                         "socket: restart the service to move it", self.settings.bind)
         log.info("upgrade: new image of master %d, generation %d; adopted %d children of "
-                 "generation %d", self.pid, self.generation, len(self.old.children),
-                 handoff.generation)
+                 "generation %s", self.pid, self.generation, len(self.old.children),
+                 ", ".join(str(g) for g in sorted({g for _, _, g in handoff.children})) or "-")
 
     def cleanup(self) -> None:
         if self.pid != os.getpid():
@@ -568,6 +568,8 @@ class Arbiter:
         want = max(1, min(self.settings.start_servers, self.settings.max_children))
         if snap.count(State.IDLE) < want:
             return
+        if self.check is not None and self.old is not None and not self.old.retired:
+            return      # a release is being checked to replace this one: it decides
         self.ready_sent = True
         if self.progress.state == "starting" or self.old is not None and not self.old.retired:
             # The new image of an upgrade (also one whose boot failed for a
@@ -936,9 +938,12 @@ class Arbiter:
             assert self.old is not None and self.old.board is not None
             board = self.old.board
             children = [(c.pid, c.slot, c.generation) for c in self.old.children.values()]
-            for child in self.children.values():    # the failed release's, never booted
+            # The failed release's children: most died booting; one that came
+            # through meanwhile finishes its connection and leaves (TERM), as
+            # a child the next image does not know (not in its totals).
+            for child in self.children.values():
                 try:
-                    os.kill(child.pid, signal.SIGKILL)
+                    os.kill(child.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         self.progress.state = "starting"
