@@ -530,17 +530,15 @@ class WSGIHandler:
     def run_app(self, environ: dict[str, Any], resp: Response) -> None:
         result = self.app(environ, resp.start_response)
         try:
-            if type(result) is list and not resp.head_sent:
-                self.send_whole(resp, result)   # the commonest: first, with no other test
+            # A list body first: the commonest (a file_wrapper is never one).
+            if isinstance(result, (list, tuple)) and not resp.head_sent:
+                self.send_whole(resp, result)
                 return
             if isinstance(result, FileWrapper):
                 fd = result.fileno()
                 if fd is not None and resp.status is not None and resp.send_file(fd):
                     resp.finish()
                     return
-            if isinstance(result, (list, tuple)) and not resp.head_sent:
-                self.send_whole(resp, result)
-                return
             for chunk in result:
                 if chunk:
                     resp.write(chunk)
@@ -569,15 +567,7 @@ class WSGIHandler:
             send_all(resp.conn, head)
         elif resp.length == size and not resp.chunked:
             resp.sent = size    # frame()'s count, where it would change nothing else
-            payload = head + data
-            try:    # send_all's first send, inline: it is nearly always the only one
-                sent = resp.conn.send(payload, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                raise ClientGone() from None
-            if sent != len(payload):
-                send_all(resp.conn, memoryview(payload)[sent:])
+            send_all(resp.conn, head + data)
             return      # finish() has nothing to add: all declared was sent
         else:
             send_all(resp.conn, head + resp.frame(data))
