@@ -905,22 +905,24 @@ class Arbiter:
         if self.progress.state != "starting":
             return      # said once
         self.boot_stuck = True
-        reason = (f"the new release's children cannot boot ({self.boot_failures} in a row died "
-                  f"before serving, last: {how}); the old generation serves on while mps "
-                  f"retries every {MAX_BACKOFF_S:g} s: fix the cause, or restart mps")
-        self.progress.state = "failed"
-        self.progress.code = EXIT_BOOT
-        self.progress.reason = reason
-        log.error("upgrade: %s", reason)
-        self.notifier.ready(f"upgrade failed: {reason}"[:200])
+        self.upgrade_failed(
+            EXIT_BOOT, f"the new release's children cannot boot ({self.boot_failures} in a row "
+            f"died before serving, last: {how}); the old generation serves on while mps "
+            f"retries every {MAX_BACKOFF_S:g} s: fix the cause, or reload a fixed release",
+            outcome="failed")
 
-    def upgrade_failed(self, code: int, reason: str) -> None:
+    def upgrade_failed(self, code: int, reason: str, outcome: str = "refused") -> None:
+        """Record and say it: "refused" before the exec (the old image serves
+        on), "failed" after it (the old generation serves on)."""
         self.progress.state = "failed"
         self.progress.code = code
         self.progress.reason = reason
-        log.error("USR2: upgrade refused, still serving generation %d: %s", self.generation,
-                  reason)
-        self.notifier.ready(f"upgrade refused: {reason}"[:200])
+        if outcome == "refused":
+            log.error("USR2: upgrade refused, still serving generation %d: %s",
+                      self.generation, reason)
+        else:
+            log.error("upgrade %s: %s", outcome, reason)
+        self.notifier.ready(f"upgrade {outcome}: {reason}"[:200])
 
     def stuck_upgrade(self) -> bool:
         """This image's children cannot boot and the old generation serves,
