@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Load, Master, consistent, pid_alive, recv_all, run_mps, wait_until
+from conftest import Load, Master, Result, consistent, pid_alive, recv_all, run_mps, wait_until
 from mps.errors import EXIT_BOOT
 
 #: A small pool: upgrades fork and retire every child.
@@ -173,6 +173,12 @@ class PidFileWatch:
 
 def log_lines(m: Master, needle: str) -> list[str]:
     return [line for line in m.output().splitlines() if needle in line]
+
+
+def old_generation_left(m: Master) -> dict[str, Any]:
+    """The status document once the old generation has left."""
+    return wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
+                      what="the old generation to leave")
 
 
 # ------------------------------------------------- a changed release, raw
@@ -664,8 +670,7 @@ def test_status_shows_the_old_generation_until_it_leaves(start_master, tmp_path)
         assert pid_alive(old_pid)
         serves(m, b"v2")
     # The client leaves: so does its old child.
-    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
-                     what="the old generation to leave")
+    doc = old_generation_left(m)
     assert not pid_alive(old_pid)
     assert doc["upgrade"]["state"] == "done" and doc["generation"] == 1
     assert "the last child of the old generation has left" in m.output()
@@ -710,8 +715,7 @@ def test_a_release_with_another_board_layout_still_upgrades(start_master, tmp_pa
         assert "is not one this release can read" in m.output()
         serves(m, b"v2")
         assert pid_alive(old_pid)       # its connection is served to the end
-    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
-                     what="the old generation to leave")
+    doc = old_generation_left(m)
     assert not pid_alive(old_pid)
     assert doc["totals"]["crashed"] == 0 and m.proc.poll() is None
 
@@ -726,6 +730,16 @@ def cannot_boot(server, worker):
 '''
 
 
+def deploy_a_release_that_cannot_boot(m: Master, app: Path, flag: Path) -> Result:
+    """v2, whose children cannot boot while ``flag`` exists, deployed over
+    v1: the reload reports the upgrade failed."""
+    flag.write_text("")
+    write_app(app, "v2", tail=CANNOT_BOOT.format(flag=str(flag)))
+    r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
+    assert r.code == EXIT_BOOT, (r, m.output())
+    return r
+
+
 def test_an_upgrade_whose_children_cannot_boot_keeps_the_old_generation_serving(
         start_master, tmp_path):
     """post_fork fails in every new child: the upgrade is reported failed
@@ -737,10 +751,7 @@ def test_an_upgrade_whose_children_cannot_boot_keeps_the_old_generation_serving(
     m.wait_ready()
     with Load(m.port, threads=4) as load:
         load.wait_for(50)
-        flag.write_text("")
-        write_app(app, "v2", tail=CANNOT_BOOT.format(flag=str(flag)))
-        r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
-        assert r.code == EXIT_BOOT, (r, m.output())
+        r = deploy_a_release_that_cannot_boot(m, app, flag)
         assert "cannot boot" in r.err and "old generation serves on" in r.err, r.err
         load.wait_for(100)      # the old code still serves, the master lives
         assert version_of(m) == b"v1" and m.proc.poll() is None
@@ -755,8 +766,7 @@ def test_an_upgrade_whose_children_cannot_boot_keeps_the_old_generation_serving(
         wait_for_switch(m, b"v2", time.monotonic(), timeout=20)   # (retries every 5 s)
         load.wait_for(50)
     assert load.failed == [] and load.refused == 0
-    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
-                     what="the old generation to leave")
+    doc = old_generation_left(m)
     assert doc["upgrade"]["state"] == "done" and doc["generation"] == 1
     assert not any(pid_alive(p) for p in held)
 
@@ -796,10 +806,7 @@ def test_a_fixed_release_replaces_one_whose_children_cannot_boot(start_master, t
     m.wait_ready()
     with Load(m.port, threads=4) as load:
         load.wait_for(50)
-        flag.write_text("")
-        write_app(app, "v2", tail=CANNOT_BOOT.format(flag=str(flag)))
-        r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
-        assert r.code == EXIT_BOOT, (r, m.output())
+        deploy_a_release_that_cannot_boot(m, app, flag)
         held = {s["pid"] for s in m.status()["old_generation"]}
         write_app(app, "v3")            # the fix (the flag stays: v2 would still fail)
         r = run_mps("reload", "--status-socket", m.status_path, "--timeout", "30")
@@ -807,8 +814,7 @@ def test_a_fixed_release_replaces_one_whose_children_cannot_boot(start_master, t
         serves(m, b"v3")
         load.wait_for(50)
     assert load.failed == [] and load.refused == 0
-    doc = wait_until(lambda: (d := m.try_status()) and not d["old_generation"] and d,
-                     what="the old generation to leave")
+    doc = old_generation_left(m)
     assert doc["upgrade"]["state"] == "done" and doc["generation"] == 2
     assert held and not any(pid_alive(p) for p in held)
     assert m.proc.poll() is None and doc["pid"] == m.pid
