@@ -1890,15 +1890,19 @@ def plot_scale(rows: list[dict[str, Any]], directory: str) -> None:
     def medians(get: Callable[[dict[str, Any]], Any]) -> list[Any]:
         return [at_size(rows, n, get) for n in sizes]
 
+    def against_n(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+        """An axis of the pool sizes (log 2) and its labels."""
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for key, label, style in (("master_pct", "master", "-"), ("children_pct", "children", "-"),
                               ("total_pct", "total", ":")):
         ax.plot(sizes, medians(pick("idle", key)), marker="o", linestyle=style, label=label)
     ax.axhline(0.1, color="grey", linestyle=":", label="target 0.1 %")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("idle children (N)")
-    ax.set_ylabel("% of one core")
-    ax.set_title("an idle pool's CPU")
+    against_n(ax, "idle children (N)", "% of one core", "an idle pool's CPU")
     ax.legend(fontsize=8)
     save(fig, "scale-idle-cpu.png")
 
@@ -1910,30 +1914,22 @@ def plot_scale(rows: list[dict[str, Any]], directory: str) -> None:
     ax.plot(sizes, medians(lambda r: r["memory"]["uss_kib_after_load"] / MIB), marker="o",
             label="USS per child after the load")
     ax.axhline(1.0, color="grey", linestyle=":", label="target USS 1.0 MiB")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("children (N)")
-    ax.set_ylabel("MiB")
-    ax.set_title("memory per child")
+    against_n(ax, "children (N)", "MiB", "memory per child")
     ax.legend(fontsize=8)
     save(fig, "scale-memory.png")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     left.plot(sizes, medians(lambda r: r["load"]["cpu_us_per_conn"]), marker="o")
-    left.set_xscale("log", base=2)
-    left.set_xlabel("children (N)")
-    left.set_ylabel("server CPU µs per connection")
-    left.set_title("echo load: CPU per connection")
+    against_n(left, "children (N)", "server CPU µs per connection",
+              "echo load: CPU per connection")
     left.set_ylim(bottom=0)
     for stat in ("p50", "p99", "max"):
         right.plot(sizes, [v / 1000 for v in medians(pick("load", "lock_wait_ns", stat))],
                    marker="o", label=f"wait {stat}")
     right.plot(sizes, medians(lambda r: lock_max_us(r)), marker="s", linestyle="--",
                label="longest master hold (idle)")
-    right.set_xscale("log", base=2)
+    against_n(right, "children (N)", "µs", "scoreboard lock")
     right.set_yscale("log")
-    right.set_xlabel("children (N)")
-    right.set_ylabel("µs")
-    right.set_title("scoreboard lock")
     right.legend(fontsize=8)
     save(fig, "scale-load.png")
     print("plots written: " + ", ".join(written), file=sys.stderr)
