@@ -414,7 +414,9 @@ def mutate(data: bytes, draw: st.DrawFn) -> bytes:
 @st.composite
 def mutated_requests(draw: st.DrawFn) -> bytes:
     data = draw(valid_requests())
-    for _ in range(draw(st.integers(1, 3))):
+    # A few left whole: with a mutation in every one, a run could happen
+    # to break them all, and the test below would see no 200.
+    for _ in range(draw(st.sampled_from((1, 2, 3, 1, 2, 3, 0)))):
         data = mutate(data, draw)
     return data
 
