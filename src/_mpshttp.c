@@ -192,6 +192,21 @@ static int out_latin1(struct out *o, PyObject *s)
 
 /* ------------------------------------------------------------ valid */
 
+/* What start_response may accept: a status line and a list of (str, str)
+ * fields that can be sent as they are. */
+static int valid_start(PyObject *status, PyObject *headers)
+{
+    if (!valid_status(status) || !PyList_Check(headers))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        PyObject *name, *value;
+        if (!header_item(PyList_GET_ITEM(headers, i), &name, &value)
+                || !valid_name(name) || !sendable(value))
+            return 0;
+    }
+    return 1;
+}
+
 static PyObject *speedups_valid(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -199,16 +214,7 @@ static PyObject *speedups_valid(PyObject *module, PyObject *const *args, Py_ssiz
         PyErr_SetString(PyExc_TypeError, "valid(status, headers)");
         return NULL;
     }
-    PyObject *headers = args[1];
-    if (!valid_status(args[0]) || !PyList_Check(headers))
-        Py_RETURN_FALSE;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
-        PyObject *name, *value;
-        if (!header_item(PyList_GET_ITEM(headers, i), &name, &value)
-                || !valid_name(name) || !sendable(value))
-            Py_RETURN_FALSE;
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(valid_start(args[0], args[1]));
 }
 
 /* ------------------------------------------------------------ head */
@@ -1163,6 +1169,536 @@ static PyObject *speedups_configure(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------ respond */
+
+/* Responder: one request's WSGI exchange in C, for the common case -- a
+ * complete request without a body, an app that calls start_response and
+ * returns a list (or tuple) of bytes.  It builds wsgi.input and the environ,
+ * calls the app with a C start_response, builds the head and sends head and
+ * body in one sendmsg().  Whatever it does not do itself it hands to
+ * mps.http.wsgi (WSGIHandler.conclude) at the point it reached, with the
+ * state that point needs: a write() from the app, an iterable that is not a
+ * list, an error the app raised, a head the Python checks must refuse (they
+ * say why), a partial send.  Nothing it does before that hand-over is seen
+ * by the client or the app, so the Python path goes on as if it had run
+ * from the start.  Per request this replaces eight Python frames. */
+
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+static PyObject *str_start_response, *str_write, *str_send_interim, *str_failed,
+    *key_forwarded_for, *key_forwarded_proto;
+
+static const char wdays[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                   "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+static PyObject *date_line;     /* "Date: ...\r\n" for date_second */
+static time_t date_second = -1;
+
+/* The Date header line (IMF-fixdate, whatever the locale), formatted at most
+ * once a second: wsgi.Clock in C.  Borrowed. */
+static PyObject *date_header(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (date_line == NULL || ts.tv_sec != date_second) {
+        struct tm tm;
+        if (gmtime_r(&ts.tv_sec, &tm) == NULL) {
+            PyErr_SetString(PyExc_OverflowError, "the clock is beyond what gmtime() takes");
+            return NULL;
+        }
+        char buf[64];
+        int n = snprintf(buf, sizeof buf, "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+                         wdays[tm.tm_wday], tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900,
+                         tm.tm_hour, tm.tm_min, tm.tm_sec);
+        PyObject *line = PyBytes_FromStringAndSize(buf, n);
+        if (line == NULL)
+            return NULL;
+        Py_XSETREF(date_line, line);
+        date_second = ts.tv_sec;
+    }
+    return date_line;
+}
+
+static PyObject *speedups_date(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return Py_XNewRef(date_header());
+}
+
+typedef struct {
+    PyObject_HEAD
+    /* what WSGIHandler hands over once (see its make_responder) */
+    PyObject *app, *base, *keys, *input_cls, *promote, *send_all, *client_gone,
+        *header_error, *check, *forwarded;
+} Responder;
+
+/* One request's start_response, and the state of the exchange. */
+typedef struct {
+    PyObject_HEAD
+    Responder *owner;
+    PyObject *conn, *req, *input;
+    PyObject *status, *headers;     /* start_response's; NULL before it */
+    PyObject *promoted;             /* the Python wsgi.Response, once one was needed */
+    long code;
+    int keep;
+} Exchange;
+
+static PyTypeObject ExchangeType, ResponderType;
+
+static int exchange_traverse(Exchange *x, visitproc visit, void *arg)
+{
+    Py_VISIT(x->owner);
+    Py_VISIT(x->conn);
+    Py_VISIT(x->req);
+    Py_VISIT(x->input);
+    Py_VISIT(x->status);
+    Py_VISIT(x->headers);
+    Py_VISIT(x->promoted);
+    return 0;
+}
+
+static int exchange_clear(Exchange *x)
+{
+    Py_CLEAR(x->owner);
+    Py_CLEAR(x->conn);
+    Py_CLEAR(x->req);
+    Py_CLEAR(x->input);
+    Py_CLEAR(x->status);
+    Py_CLEAR(x->headers);
+    Py_CLEAR(x->promoted);
+    return 0;
+}
+
+static void exchange_dealloc(Exchange *x)
+{
+    PyObject_GC_UnTrack(x);
+    exchange_clear(x);
+    PyObject_GC_Del(x);
+}
+
+/* The Python Response that takes the exchange over from here. */
+static int exchange_promote(Exchange *x)
+{
+    if (x->promoted != NULL)
+        return 0;
+    PyObject *resp = PyObject_CallFunctionObjArgs(
+        x->owner->promote, x->conn, x->req, x->input, x->keep ? Py_True : Py_False,
+        x->status ? x->status : Py_None, x->headers ? x->headers : Py_None, NULL);
+    if (resp == NULL)
+        return -1;
+    x->promoted = resp;
+    return 0;
+}
+
+static PyObject *exchange_start_response(Exchange *x, PyObject *const *args, Py_ssize_t nargs,
+                                         PyObject *kwnames)
+{
+    if (x->promoted != NULL) {      /* Python serves this exchange now */
+        PyObject *method = PyObject_GetAttr(x->promoted, str_start_response);
+        if (method == NULL)
+            return NULL;
+        PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+        Py_DECREF(method);
+        return result;
+    }
+    PyObject *given[3] = {NULL, NULL, NULL};       /* status, headers, exc_info */
+    static const char *names[3] = {"status", "headers", "exc_info"};
+    if (nargs > 3)
+        goto usage;
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        given[i] = args[i];
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t j = 0; j < nkw; j++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, j);
+        int which = -1;
+        for (int k = 0; k < 3; k++)
+            if (PyUnicode_CompareWithASCIIString(name, names[k]) == 0)
+                which = k;
+        if (which < 0 || given[which] != NULL)
+            goto usage;
+        given[which] = args[nargs + j];
+    }
+    PyObject *status = given[0], *headers = given[1], *exc_info = given[2];
+    if (status == NULL || headers == NULL)
+        goto usage;
+    /* With exc_info the new status replaces the old: nothing of the head
+     * can have been sent before Python took over (write() promotes). */
+    if ((exc_info == NULL || exc_info == Py_None) && x->status != NULL) {
+        PyErr_SetString(PyExc_AssertionError, "start_response called twice without exc_info");
+        return NULL;
+    }
+    if (!valid_start(status, headers)) {
+        PyObject *r = PyObject_CallFunctionObjArgs(x->owner->check, status, headers, NULL);
+        if (r == NULL)
+            return NULL;        /* the Python check's HeaderError, saying what is wrong */
+        Py_DECREF(r);
+        PyErr_Format(x->owner->header_error, "start_response(%R, %R) refused", status, headers);
+        return NULL;
+    }
+    Py_XSETREF(x->status, Py_NewRef(status));
+    Py_XSETREF(x->headers, Py_NewRef(headers));
+    const Py_UCS1 *d = PyUnicode_1BYTE_DATA(status);
+    if (PyUnicode_KIND(status) == PyUnicode_1BYTE_KIND)
+        x->code = (d[0] - '0') * 100 + (d[1] - '0') * 10 + (d[2] - '0');
+    else
+        x->code = (PyUnicode_READ_CHAR(status, 0) - '0') * 100
+            + (PyUnicode_READ_CHAR(status, 1) - '0') * 10 + (PyUnicode_READ_CHAR(status, 2) - '0');
+    return PyObject_GetAttr((PyObject *)x, str_write);
+usage:
+    PyErr_SetString(PyExc_TypeError, "start_response(status, headers, exc_info=None)");
+    return NULL;
+}
+
+static PyObject *exchange_write(Exchange *x, PyObject *data)
+{
+    if (exchange_promote(x) < 0)
+        return NULL;
+    return PyObject_CallMethodOneArg(x->promoted, str_write, data);
+}
+
+static PyMethodDef exchange_methods[] = {
+    {"start_response", (PyCFunction)(void (*)(void))exchange_start_response,
+     METH_FASTCALL | METH_KEYWORDS, "PEP 3333's start_response."},
+    {"write", (PyCFunction)exchange_write, METH_O, "start_response's write()."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ExchangeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mps.http._speedups.Exchange",
+    .tp_doc = "One request's start_response (made by Responder.respond).",
+    .tp_basicsize = sizeof(Exchange),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)exchange_dealloc,
+    .tp_traverse = (traverseproc)exchange_traverse,
+    .tp_clear = (inquiry)exchange_clear,
+    .tp_methods = exchange_methods,
+};
+
+/* Send head and body in one sendmsg(); what the socket does not take at
+ * once goes through the Python send_all (it waits, bounded). */
+static int send_response(Responder *self, PyObject *conn, PyObject *head, PyObject *body)
+{
+    int fd = PyObject_AsFileDescriptor(conn);
+    if (fd < 0)
+        return -1;
+    struct iovec iov[2] = {
+        {PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head)},
+        {body ? PyBytes_AS_STRING(body) : NULL, body ? (size_t)PyBytes_GET_SIZE(body) : 0},
+    };
+    size_t total = iov[0].iov_len + iov[1].iov_len;
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = iov[1].iov_len ? 2 : 1};
+    ssize_t n;
+    for (;;) {
+        n = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n >= 0)
+            break;
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            continue;
+        }
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            PyErr_SetNone(self->client_gone);    /* reset or closed: nobody to answer */
+            return -1;
+        }
+        n = 0;
+        break;
+    }
+    if ((size_t)n == total)
+        return 0;
+    PyObject *rest = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(total - (size_t)n));
+    if (rest == NULL)
+        return -1;
+    char *p = PyBytes_AS_STRING(rest);
+    size_t skip = (size_t)n;
+    for (int i = 0; i < 2; i++) {
+        if (skip >= iov[i].iov_len) {
+            skip -= iov[i].iov_len;
+            continue;
+        }
+        memcpy(p, (char *)iov[i].iov_base + skip, iov[i].iov_len - skip);
+        p += iov[i].iov_len - skip;
+        skip = 0;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(self->send_all, conn, rest, NULL);
+    Py_DECREF(rest);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The body of a list (or tuple) of exactly-bytes parts as one bytes; NULL
+ * without an exception when a part is anything else (Python says why). */
+static PyObject *joined_body(PyObject *parts)
+{
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(parts), total = 0;
+    PyObject **items = PySequence_Fast_ITEMS(parts);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyBytes_CheckExact(items[i]))
+            return NULL;
+        total += PyBytes_GET_SIZE(items[i]);
+    }
+    if (count == 1)
+        return Py_NewRef(items[0]);
+    PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+    if (data == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(data);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        memcpy(p, PyBytes_AS_STRING(items[i]), (size_t)PyBytes_GET_SIZE(items[i]));
+        p += PyBytes_GET_SIZE(items[i]);
+    }
+    return data;
+}
+
+/* respond(conn, reader, req, peer, keep) -> None | bool | tuple
+ *   None: not a request this serves (Python serves it from the start);
+ *   True/False: answered, and whether the connection goes on;
+ *   (resp, input, environ, result, error): Python goes on from there
+ *   (WSGIHandler.conclude): the app ran, returned ``result`` or raised
+ *   ``error``, and ``resp`` holds what start_response was given. */
+static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "respond(conn, reader, req, peer, keep)");
+        return NULL;
+    }
+    PyObject *conn = args[0], *reader = args[1], *peer = args[3];
+    if (Py_TYPE(args[2]) != &RequestType || !PyTuple_Check(peer))
+        Py_RETURN_NONE;
+    Request *req = (Request *)args[2];
+    if (!req->complete || req->expect_continue)
+        Py_RETURN_NONE;
+    if (req->body != no_body) {
+        int has_body = PyObject_IsTrue(req->body);
+        if (has_body != 0)
+            return has_body < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    int keep = PyObject_IsTrue(args[4]);
+    if (keep < 0)
+        return NULL;
+    PyObject *send = NULL, *input = NULL, *env = NULL, *start = NULL, *result = NULL,
+        *error = NULL, *data = NULL, *head = NULL, *out = NULL, *code = NULL, *size = NULL;
+    Exchange *x = NULL;
+
+    send = PyObject_GetAttr(reader, str_send_interim);
+    if (send == NULL)
+        goto done;
+    input = PyObject_CallFunctionObjArgs(self->input_cls, reader, (PyObject *)req, send, NULL);
+    if (input == NULL)
+        goto done;
+    PyObject *eargs[8] = {self->base, req->method, req->url, req->version, req->headers,
+                          self->keys, peer, input};
+    env = speedups_environ(NULL, eargs, 8);
+    if (env == NULL)
+        goto done;
+    int fwd = PyDict_Contains(env, key_forwarded_for);
+    if (fwd == 0)
+        fwd = PyDict_Contains(env, key_forwarded_proto);
+    if (fwd < 0)
+        goto done;
+    if (fwd) {
+        PyObject *r = PyObject_CallOneArg(self->forwarded, env);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    x = PyObject_GC_New(Exchange, &ExchangeType);
+    if (x == NULL)
+        goto done;
+    x->owner = (Responder *)Py_NewRef(self);
+    x->conn = Py_NewRef(conn);
+    x->req = Py_NewRef((PyObject *)req);
+    x->input = Py_NewRef(input);
+    x->status = x->headers = x->promoted = NULL;
+    x->code = 0;
+    x->keep = keep;
+    PyObject_GC_Track(x);
+    start = PyObject_GetAttr((PyObject *)x, str_start_response);
+    if (start == NULL)
+        goto done;
+    result = PyObject_CallFunctionObjArgs(self->app, env, start, NULL);
+    if (result == NULL) {
+        /* The app raised: Python logs it and decides what the client gets. */
+        PyObject *type, *tb;
+        PyErr_Fetch(&type, &error, &tb);
+        PyErr_NormalizeException(&type, &error, &tb);
+        if (tb != NULL && error != NULL)
+            PyException_SetTraceback(error, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        if (error == NULL)
+            goto done;
+        goto carry_on;
+    }
+    if (x->promoted != NULL || x->status == NULL
+            || !(PyList_CheckExact(result) || PyTuple_CheckExact(result)))
+        goto carry_on;
+    data = joined_body(result);
+    if (data == NULL) {
+        if (PyErr_Occurred())
+            goto done;
+        goto carry_on;
+    }
+    PyObject *failed = PyObject_GetAttr(input, str_failed);
+    if (failed == NULL)
+        goto done;
+    Py_DECREF(failed);
+    if (failed != Py_None)
+        goto carry_on;      /* bad input the app swallowed: Python answers it */
+    PyObject *date = date_header();
+    code = PyLong_FromLong(x->code);
+    size = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
+    if (date == NULL || code == NULL || size == NULL)
+        goto done;
+    int is_head = PyBytes_GET_SIZE(req->method) == 4
+        && memcmp(PyBytes_AS_STRING(req->method), "HEAD", 4) == 0;
+    int http11 = req->version == str_http11
+        || PyUnicode_CompareWithASCIIString(req->version, "HTTP/1.1") == 0;
+    PyObject *hargs[8] = {x->status, code, x->headers, size, is_head ? Py_True : Py_False,
+                          http11 ? Py_True : Py_False, keep ? Py_True : Py_False, date};
+    head = speedups_head(NULL, hargs, 8);
+    if (head == NULL) {
+        /* A header the app changed since start_response, a bad length:
+         * the Python head() raises the HeaderError that says so. */
+        PyErr_Clear();
+        goto carry_on;
+    }
+    long long length = PyLong_AsLongLong(PyTuple_GET_ITEM(head, 1));
+    int keeps = PyTuple_GET_ITEM(head, 2) == Py_True;
+    int chunked = PyTuple_GET_ITEM(head, 3) == Py_True;
+    int body_allowed = PyTuple_GET_ITEM(head, 4) == Py_True;
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (!body_allowed || n == 0) {
+        if (send_response(self, conn, PyTuple_GET_ITEM(head, 0), NULL) < 0)
+            goto done;
+        if (body_allowed && length > 0)
+            keeps = 0;      /* less than declared: the framing is lost */
+    } else if (length == n && !chunked) {
+        if (send_response(self, conn, PyTuple_GET_ITEM(head, 0), data) < 0)
+            goto done;
+    } else {
+        goto carry_on;      /* a declared length the body does not match */
+    }
+    out = PyBool_FromLong(keeps);
+    goto done;
+carry_on:
+    if (exchange_promote(x) < 0)
+        goto done;
+    out = PyTuple_Pack(5, x->promoted, input, env, result ? result : Py_None,
+                       error ? error : Py_None);
+done:
+    Py_XDECREF(send);
+    Py_XDECREF(input);
+    Py_XDECREF(env);
+    Py_XDECREF(start);
+    Py_XDECREF(result);
+    Py_XDECREF(error);
+    Py_XDECREF(data);
+    Py_XDECREF(head);
+    Py_XDECREF(code);
+    Py_XDECREF(size);
+    Py_XDECREF(x);
+    return out;
+}
+
+static int responder_init(Responder *self, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"app", "base", "keys", "input", "promote", "send_all",
+                            "client_gone", "header_error", "check", "forwarded", NULL};
+    PyObject *o[10];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!OOOOOOO:Responder", names, &o[0],
+                                     &PyDict_Type, &o[1], &PyDict_Type, &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &o[9]))
+        return -1;
+    PyObject **slots[10] = {&self->app, &self->base, &self->keys, &self->input_cls,
+                            &self->promote, &self->send_all, &self->client_gone,
+                            &self->header_error, &self->check, &self->forwarded};
+    for (int i = 0; i < 10; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(o[i]));
+    return 0;
+}
+
+static int responder_ready(Responder *self)
+{
+    if (self->app == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Responder used before __init__");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *responder_respond_checked(Responder *self, PyObject *const *args,
+                                           Py_ssize_t nargs)
+{
+    if (!responder_ready(self))
+        return NULL;
+    return responder_respond(self, args, nargs);
+}
+
+static int responder_traverse(Responder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->base);
+    Py_VISIT(self->keys);
+    Py_VISIT(self->input_cls);
+    Py_VISIT(self->promote);
+    Py_VISIT(self->send_all);
+    Py_VISIT(self->client_gone);
+    Py_VISIT(self->header_error);
+    Py_VISIT(self->check);
+    Py_VISIT(self->forwarded);
+    return 0;
+}
+
+static int responder_clear(Responder *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->base);
+    Py_CLEAR(self->keys);
+    Py_CLEAR(self->input_cls);
+    Py_CLEAR(self->promote);
+    Py_CLEAR(self->send_all);
+    Py_CLEAR(self->client_gone);
+    Py_CLEAR(self->header_error);
+    Py_CLEAR(self->check);
+    Py_CLEAR(self->forwarded);
+    return 0;
+}
+
+static void responder_dealloc(Responder *self)
+{
+    PyObject_GC_UnTrack(self);
+    responder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef responder_methods[] = {
+    {"respond", (PyCFunction)(void (*)(void))responder_respond_checked, METH_FASTCALL,
+     "respond(conn, reader, req, peer, keep) -> None | bool | "
+     "(resp, input, environ, result, error)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ResponderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mps.http._speedups.Responder",
+    .tp_doc = "One WSGI app's common-case request, served in C (see respond).",
+    .tp_basicsize = sizeof(Responder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)responder_init,
+    .tp_dealloc = (destructor)responder_dealloc,
+    .tp_traverse = (traverseproc)responder_traverse,
+    .tp_clear = (inquiry)responder_clear,
+    .tp_methods = responder_methods,
+};
+
 /* ------------------------------------------------------------ module */
 
 static PyMethodDef speedups_methods[] = {
@@ -1173,6 +1709,8 @@ static PyMethodDef speedups_methods[] = {
      " -> (head, length, keep, chunked, body_allowed)."},
     {"environ", (PyCFunction)(void (*)(void))speedups_environ, METH_FASTCALL,
      "environ(base, method, target, version, headers, keys, extra, input) -> dict."},
+    {"date", speedups_date, METH_NOARGS,
+     "date() -> bytes: the Date header line, formatted at most once a second."},
     {"configure", speedups_configure, METH_VARARGS,
      "configure(BadRequest, URITooLong, HeadersTooLarge, PayloadTooLarge, "
      "NotImplementedCoding, NotImplementedMethod, VersionNotSupported, no_body)"},
@@ -1189,7 +1727,8 @@ static struct PyModuleDef speedups_module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    if (PyType_Ready(&RequestType) < 0 || PyType_Ready(&SinkType) < 0)
+    if (PyType_Ready(&RequestType) < 0 || PyType_Ready(&SinkType) < 0
+            || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&ResponderType) < 0)
         return NULL;
     if ((str_append = PyUnicode_InternFromString("append")) == NULL
             || (str_get_method = PyUnicode_InternFromString("get_method")) == NULL
@@ -1202,13 +1741,21 @@ PyMODINIT_FUNC PyInit__speedups(void)
             || (key_query = PyUnicode_InternFromString("QUERY_STRING")) == NULL
             || (key_protocol = PyUnicode_InternFromString("SERVER_PROTOCOL")) == NULL
             || (key_input = PyUnicode_InternFromString("wsgi.input")) == NULL
-            || (key_http = PyUnicode_InternFromString("HTTP_")) == NULL)
+            || (key_http = PyUnicode_InternFromString("HTTP_")) == NULL
+            || (str_start_response = PyUnicode_InternFromString("start_response")) == NULL
+            || (str_write = PyUnicode_InternFromString("write")) == NULL
+            || (str_send_interim = PyUnicode_InternFromString("send_interim")) == NULL
+            || (str_failed = PyUnicode_InternFromString("failed")) == NULL
+            || (key_forwarded_for = PyUnicode_InternFromString("HTTP_X_FORWARDED_FOR")) == NULL
+            || (key_forwarded_proto = PyUnicode_InternFromString("HTTP_X_FORWARDED_PROTO"))
+                == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
         return NULL;
     if (PyModule_AddObjectRef(module, "Request", (PyObject *)&RequestType) < 0
-            || PyModule_AddObjectRef(module, "Sink", (PyObject *)&SinkType) < 0) {
+            || PyModule_AddObjectRef(module, "Sink", (PyObject *)&SinkType) < 0
+            || PyModule_AddObjectRef(module, "Responder", (PyObject *)&ResponderType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -10,6 +10,9 @@ random pieces).
 from __future__ import annotations
 
 import collections
+import re
+import socket
+import sys
 from typing import Any
 
 import httptools
@@ -19,6 +22,7 @@ from hypothesis import strategies as st
 
 from mps.http import message, wsgi
 from mps.http.body import Input
+from mps.pool import Alone
 from test_http_hostile import mutated_requests, valid_requests
 
 speedups = pytest.importorskip(
@@ -295,3 +299,180 @@ def test_long_content_lengths_read_alike(value: bytes, length: int) -> None:
             sink.parser = None
     expected = length if length <= big.max_body else "PayloadTooLarge"
     assert results == [expected, expected]
+
+
+# ------------------------------------------------------------ a whole exchange
+
+class Boom(Exception):
+    pass
+
+
+@st.composite
+def app_behaviours(draw: st.DrawFn) -> dict[str, Any]:
+    """What a WSGI app may do with start_response and its return value."""
+    part = st.one_of(st.binary(max_size=20), st.binary(max_size=5).map(bytearray),
+                     st.just("text"))
+    return {
+        "status": draw(st.one_of(st.sampled_from(["200 OK", "204 No Content", "304 Not Modified",
+                                                  "404 Not Found", "200 OK\r\nX: y"]), statuses)),
+        "headers": draw(st.one_of(
+            st.sampled_from([[("Content-Type", "text/plain")], [("Content-Length", "3")],
+                             [("Content-Length", "0")], [("Connection", "close")], []]),
+            header_lists)),
+        "parts": draw(st.lists(part, max_size=3)),
+        "shape": draw(st.sampled_from(["list", "tuple", "generator", "closing", "none"])),
+        "write": draw(st.one_of(st.none(), st.binary(max_size=10))),
+        "start": draw(st.sampled_from(["once", "never", "twice", "twice-exc-info", "keywords"])),
+        "raise": draw(st.sampled_from([None, None, None, "before", "after"])),
+        "change": draw(st.booleans()),      # a header list changed after start_response
+    }
+
+
+def make_app(b: dict[str, Any]) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        assert environ["wsgi.input"].read() == b""
+        if b["raise"] == "before":
+            raise Boom("before start_response")
+        headers = list(b["headers"])
+        headers.append(("X-Env", " ".join(str(environ.get(k)) for k in (
+            "REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL", "HTTP_HOST",
+            "REMOTE_ADDR", "wsgi.url_scheme"))))
+        if b["start"] == "keywords":
+            write = start_response(status=b["status"], headers=headers)
+        elif b["start"] != "never":
+            write = start_response(b["status"], headers)
+        if b["start"] == "twice":
+            start_response("200 OK", [])
+        elif b["start"] == "twice-exc-info":
+            try:
+                raise Boom("replaced")
+            except Boom:
+                write = start_response("500 Oops", [("X-Oops", "1")], sys.exc_info())
+        if b["write"] is not None and b["start"] != "never":
+            write(b["write"])
+        if b["change"]:
+            headers.append(("X-Late", "a\r\nb"))
+        if b["raise"] == "after":
+            raise Boom("after start_response")
+        parts = b["parts"]
+        if b["shape"] == "tuple":
+            return tuple(parts)
+        if b["shape"] == "generator":
+            return (p for p in parts)
+        if b["shape"] == "closing":
+            return Closing(parts)
+        if b["shape"] == "none":
+            return None
+        return list(parts)
+    return app
+
+
+class Closing(list):    # a list with close(): Python's path, not the C one
+    closed = 0
+
+    def close(self) -> None:
+        Closing.closed += 1
+
+
+def serve_once(app: Any, fast: bool, request: bytes) -> bytes:
+    """What a client gets for ``request`` from WSGIHandler, the C Responder
+    serving (``fast``) or every step in Python; the Date line blanked."""
+    handler = wsgi.WSGIHandler(app)
+    handler.bind(Alone())
+    if not fast:
+        handler.fast, handler.heads = None, {}
+    server, client = socket.socketpair()
+    with server, client:
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)     # one request, then the end of the stream
+        handler(server, ("127.0.0.1", 5000))
+        server.close()
+        out = b""
+        while chunk := client.recv(65536):
+            out += chunk
+    return re.sub(rb"Date: [^\r]*\r\n", b"Date: -\r\n", out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(behaviour=app_behaviours(), method=st.sampled_from([b"GET", b"HEAD"]),
+       version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+       extra=st.sampled_from([b"", b"Connection: close\r\n", b"X-Forwarded-For: 10.0.0.1\r\n",
+                              b"Connection: keep-alive\r\n"]),
+       pipelined=st.booleans())
+def test_the_c_responder_answers_as_the_python_path(behaviour: dict[str, Any], method: bytes,
+                                                    version: bytes, extra: bytes,
+                                                    pipelined: bool) -> None:
+    request = method + b" /p?q=1 " + version + b"\r\nHost: x\r\n" + extra + b"\r\n"
+    if pipelined:       # answered only when the first response kept the connection
+        request += b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+    app = make_app(behaviour)
+    closed = Closing.closed
+    python = serve_once(app, False, request)
+    closed_python = Closing.closed - closed
+    c = serve_once(app, True, request)
+    assert c == python
+    assert Closing.closed - closed == 2 * closed_python     # close() called alike
+
+
+COMMON = {"status": "200 OK", "headers": [("Content-Type", "text/plain")], "parts": [b"abc"],
+          "shape": "list", "write": None, "start": "once", "raise": None, "change": False}
+EDGES = [
+    {}, {"parts": []}, {"parts": [b"a", b"", b"bc"]}, {"shape": "tuple"},
+    {"headers": [("Content-Length", "3")], "parts": []},            # less than declared
+    {"headers": [("Content-Length", "5")]}, {"headers": [("Content-Length", "2")]},
+    {"headers": [("Content-Length", "0")], "parts": []},
+    {"headers": [("Connection", "close")]}, {"headers": [("Connection", "keep-alive")]},
+    {"headers": [("Date", "x"), ("Server", "y")]}, {"headers": [("Transfer-Encoding", "gzip")]},
+    {"status": "204 No Content"}, {"status": "304 Not Modified", "parts": []},
+    {"status": "101 Switching"}, {"status": "200 caf\u00e9"}, {"status": "200 \u2603"},
+    {"headers": [("X-Snow", "\u2603")]}, {"headers": [("Content-Length", "-1")]},
+    {"parts": [bytearray(b"abc")]}, {"parts": ["abc"]}, {"parts": [b"a", "b"]},
+    {"shape": "generator"}, {"shape": "closing"}, {"shape": "none"}, {"write": b"xy"},
+    {"write": b""}, {"start": "never"}, {"start": "twice"}, {"start": "twice-exc-info"},
+    {"start": "keywords"}, {"raise": "before"}, {"raise": "after"}, {"change": True},
+    {"status": "200"}, {"headers": [("a b", "c")]}, {"forwarded": True},
+]
+
+
+@pytest.mark.parametrize("edge", EDGES, ids=[repr(e)[:60] for e in EDGES])
+@pytest.mark.parametrize("method, version", [(b"GET", b"HTTP/1.1"), (b"HEAD", b"HTTP/1.1"),
+                                             (b"GET", b"HTTP/1.0")])
+def test_the_c_responder_answers_edges_as_the_python_path(edge: dict[str, Any], method: bytes,
+                                                          version: bytes) -> None:
+    """Each of the C path's own branches, and each hand-over to Python, with
+    a second request pipelined behind: it shows whether the connection went on."""
+    app = make_app({**COMMON, **edge})
+    keep = b"Connection: keep-alive\r\n" if version == b"HTTP/1.0" else b""
+    if edge.get("forwarded"):
+        keep += b"X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: https\r\n"
+    request = (method + b" / " + version + b"\r\nHost: x\r\n" + keep + b"\r\n"
+               b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    python = serve_once(app, False, request)
+    assert python.startswith(b"HTTP/1.1 ")
+    assert serve_once(app, True, request) == python
+
+
+def test_the_c_responder_serves_the_common_request() -> None:
+    """A spot check that the C path is taken, and right, not merely alike."""
+    calls = []
+
+    def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        calls.append(type(start_response).__name__)
+        assert environ["PATH_INFO"] == "/p" and environ["QUERY_STRING"] == "q=1"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"Hello, ", b"world!"]
+
+    out = serve_once(hello, True, b"GET /p?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert calls == ["builtin_function_or_method"]      # C's start_response
+    assert out == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+                   b"Date: -\r\nServer: mps\r\n\r\nHello, world!")
+
+
+def test_the_c_date_is_the_python_date() -> None:
+    for _ in range(3):      # (a second may turn between the two)
+        before = wsgi.Clock().date()
+        c = speedups.date()
+        if wsgi.Clock().date() == before:
+            assert c == before
+            return
+    pytest.fail("the clock turned a second on every try")

@@ -49,6 +49,8 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 #: waiting in the listen queue gets a child within a few slices.
 KEEPALIVE_SLICE_S = 0.1
 SERVER = b"mps"
+#: conclude(): the app has not run yet.
+_NOT_RUN = object()
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
@@ -424,6 +426,14 @@ class WSGIHandler:
             "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
             "wsgi.input_terminated": True, "wsgi.file_wrapper": FileWrapper, "SCRIPT_NAME": "",
         }
+        #: The common request served in C (speedups.Responder, see conclude
+        #: for what it hands back); None: all in Python, as without the
+        #: speedups or with an access log (its timing and environ copy).
+        self.fast: Callable[..., Any] | None = None
+        if SPEEDUPS and not self.options.access_log:
+            self.fast = speedups.Responder(
+                app, self.base, self.keys, Input, self.promote, send_all, ClientGone,
+                HeaderError, Response.check, self.forwarded).respond
 
     @classmethod
     def from_settings(cls, app: WSGIApp, settings: Any) -> WSGIHandler:
@@ -460,7 +470,7 @@ class WSGIHandler:
         peer = self.peer(conn, addr)
         began = time.monotonic()
         served = 0
-        pool = self.pool
+        pool, fast = self.pool, self.fast
         try:
             while True:
                 req = reader.next_request(served == 0)
@@ -472,6 +482,16 @@ class WSGIHandler:
                         and served < self.options.keepalive_requests and not pool.leaving())
                 if keep and time.monotonic() - began >= KEEPALIVE_SLICE_S and pool.wanted():
                     keep = False
+                if fast is not None:
+                    out = fast(conn, reader, req, peer, keep)
+                    if out is True:
+                        continue
+                    if out is False:
+                        return
+                    if out is not None:     # the app ran: Python goes on from there
+                        if not self.conclude(req, *out):
+                            return
+                        continue
                 if not self.respond(conn, addr, peer, reader, req, keep):
                     return
         except HTTPError as exc:
@@ -495,8 +515,26 @@ class WSGIHandler:
         if self.access is not None:
             logged = environ.copy()
             logged[accesslog.TARGET] = req.url.decode("latin-1")
+        return self.conclude(req, resp, body, environ, _NOT_RUN, None, logged, started)
+
+    def conclude(self, req: Request, resp: Response, body: Input, environ: dict[str, Any],
+                 result: Any, error: BaseException | None,
+                 logged: dict[str, Any] | None = None, started: float = 0.0) -> bool:
+        """Run the app (unless ``result`` is what it returned, or ``error``
+        what it raised: the C Responder ran it) and send its response; True
+        when the connection goes on."""
+        if logged is None:
+            logged = environ
+        conn = resp.conn
         try:
-            self.run_app(environ, resp)
+            if error is not None:
+                try:
+                    raise error
+                finally:
+                    error = None    # no cycle through the traceback
+            if result is _NOT_RUN:
+                result = self.app(environ, resp.start_response)
+            self.send_result(resp, result)
         except ClientGone:
             self.log_access(logged, resp, started)
             raise
@@ -527,8 +565,8 @@ class WSGIHandler:
         except HTTPError:
             return False    # the rest of the body is bad: this response was the last
 
-    def run_app(self, environ: dict[str, Any], resp: Response) -> None:
-        result = self.app(environ, resp.start_response)
+    def send_result(self, resp: Response, result: Iterable[bytes]) -> None:
+        """The app's iterable, sent; its close() always called."""
         try:
             # A list body first: the commonest (a file_wrapper is never one).
             if isinstance(result, (list, tuple)) and not resp.head_sent:
@@ -572,6 +610,15 @@ class WSGIHandler:
         else:
             send_all(resp.conn, head + resp.frame(data))
         resp.finish()
+
+    def promote(self, conn: socket.socket, req: Request, body: Input, keep: bool,
+                status: str | None, headers: list[tuple[str, str]] | None) -> Response:
+        """The Response that takes over an exchange the C Responder began
+        (its start_response was given ``status`` and ``headers``, checked)."""
+        resp = Response(conn, req, body, self.clock, keep, self.heads)
+        if status is not None and headers is not None:
+            resp.status, resp.code, resp.headers = status, int(status[:3]), headers
+        return resp
 
     def refuse(self, conn: socket.socket, addr: Any, exc: HTTPError) -> None:
         """Bad input: its status, a one-line body, and the connection closed."""
