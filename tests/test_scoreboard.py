@@ -1197,3 +1197,56 @@ def test_lock_timeout_must_be_positive_and_finite(board: Scoreboard, bad: float)
     with pytest.raises(ValueError, match="lock_timeout"):
         board.lock_timeout = bad
     assert board.lock_timeout == 0.5
+
+
+def _attached_copy(b: Scoreboard) -> dict[str, Any]:
+    """b's handoff, with fds of its own (attach takes them over; b closes its own)."""
+    info = b.handoff()
+    return {**info, **{k: os.dup(v) for k, v in info.items() if k.endswith("_fd")}}
+
+
+def test_a_reexecuted_master_attaches_to_its_childrens_board(board: Scoreboard) -> None:
+    slot = board.reserve()
+    board.started(slot, 4242)
+    info = _attached_copy(board)
+    again = scoreboard.attach(info)
+    try:
+        assert again.snapshot().slots[slot].pid == 4242
+    finally:
+        again.close()
+
+
+def test_a_board_of_another_layout_is_refused(board: Scoreboard) -> None:
+    """An upgrade to a release whose board differs must not misread the old
+    one: its header is checked (the C board's version, the Python board's
+    layout word), and a mismatch refused."""
+    info = _attached_copy(board)
+    header = os.pread(info["memory_fd"], 128, 0)
+    os.pwrite(info["memory_fd"], b"\xab" * 128, 0)      # not this release's header
+    try:
+        with pytest.raises(OSError) as caught:
+            scoreboard.attach(info)
+        assert caught.value.errno == errno.EPROTO
+    finally:
+        os.pwrite(info["memory_fd"], header, 0)     # (the fixture's board, as it was)
+        for key, fd in info.items():
+            if key.endswith("_fd"):
+                os.close(fd)
+    assert board.snapshot().idle_counter == 0
+
+
+def test_the_python_board_checks_its_layout_word() -> None:
+    """Same size, same slots, another layout: refused all the same."""
+    b = PyScoreboard(NSLOTS)
+    try:
+        info = _attached_copy(b)
+        word = 8 * scoreboard._H_LAYOUT
+        good = os.pread(info["memory_fd"], 8, word)
+        os.pwrite(info["memory_fd"], struct.pack("q", scoreboard.PY_BOARD_LAYOUT + 1), word)
+        with pytest.raises(OSError) as caught:
+            scoreboard.attach(info)
+        assert caught.value.errno == errno.EPROTO
+        os.pwrite(info["memory_fd"], good, word)
+        scoreboard.attach(info).close()     # the same board, its word back: attached
+    finally:
+        b.close()

@@ -456,8 +456,12 @@ class CScoreboard(Scoreboard):
 
 # PyScoreboard layout: int64 words.  Header words, then 5 words per slot.
 (_H_NSLOTS, _H_IDLE, _H_MIN_SPARE, _H_CONNS, _H_REPAIRS, _H_DIRTY, _H_WAKE, _H_REQUESTS,
- _H_BUSY_DONE, _H_HOLD) = range(10)
-_HEADER = 10
+ _H_BUSY_DONE, _H_HOLD, _H_LAYOUT) = range(11)
+_HEADER = 11
+#: In _H_LAYOUT: "mpsPY" and a layout number, bumped with any change above,
+#: so that a re-executed master of another release never reads a board it
+#: would misread (as the C board's version field).
+PY_BOARD_LAYOUT = 0x6D70735059_0001
 _PID, _STATE, _CONNS, _CHANGED, _RETIRE, _REQUESTS, _BUSY_SINCE, _BUSY_NS, _REQUEST = range(9)
 _REQUEST_LEN = 64   # bytes: 8 words from _REQUEST on
 _SLOT = _REQUEST + _REQUEST_LEN // 8
@@ -497,8 +501,11 @@ class PyScoreboard(Scoreboard):
         self._w = memoryview(self._map).cast("q")
         if attach_fd < 0:
             self._w[_H_NSLOTS] = nslots
-        elif self._w[_H_NSLOTS] != nslots:
-            raise OSError(errno.EPROTO, "not a scoreboard of this size")
+            self._w[_H_LAYOUT] = PY_BOARD_LAYOUT
+        elif self._w[_H_LAYOUT] != PY_BOARD_LAYOUT or self._w[_H_NSLOTS] != nslots:
+            self._w.release()
+            self._map.close()
+            raise OSError(errno.EPROTO, "not a scoreboard of this release's layout and size")
         # An anonymous in-memory file: nothing in /tmp.  POSIX (lockf) locks
         # belong to the process, so each child locks for itself; never dup or
         # close this fd in a child: closing *any* fd of the file drops the lock.
