@@ -71,7 +71,7 @@ class Options:
     """What the HTTP layer takes from the settings."""
 
     limits: Limits = field(default_factory=Limits)
-    keepalive_requests: int = 100
+    keepalive_requests: int = 1000
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     access_log: str | None = None
     access_log_format: str = accesslog.COMBINED
