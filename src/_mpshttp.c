@@ -1242,6 +1242,7 @@ typedef struct {
     PyObject *conn, *req, *input;
     PyObject *status, *headers;     /* start_response's; NULL before it */
     PyObject *promoted;             /* the Python wsgi.Response, once one was needed */
+    PyObject *done;     /* once C sent the response: (length, sent, keep, body_allowed) */
     long code;
     int keep;
 } Exchange;
@@ -1257,6 +1258,7 @@ static int exchange_traverse(Exchange *x, visitproc visit, void *arg)
     Py_VISIT(x->status);
     Py_VISIT(x->headers);
     Py_VISIT(x->promoted);
+    Py_VISIT(x->done);
     return 0;
 }
 
@@ -1269,6 +1271,7 @@ static int exchange_clear(Exchange *x)
     Py_CLEAR(x->status);
     Py_CLEAR(x->headers);
     Py_CLEAR(x->promoted);
+    Py_CLEAR(x->done);
     return 0;
 }
 
@@ -1279,23 +1282,36 @@ static void exchange_dealloc(Exchange *x)
     PyObject_GC_Del(x);
 }
 
-/* The Python Response that takes the exchange over from here. */
+/* The Python Response that takes the exchange over from here -- also after
+ * C has sent the response (``done``): a write() or start_response the app
+ * kept and calls late then meets a response already sent, as in Python. */
 static int exchange_promote(Exchange *x)
 {
     if (x->promoted != NULL)
         return 0;
+    if (x->owner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this start_response's exchange is over");
+        return -1;
+    }
     PyObject *resp = PyObject_CallFunctionObjArgs(
         x->owner->promote, x->conn, x->req, x->input, x->keep ? Py_True : Py_False,
-        x->status ? x->status : Py_None, x->headers ? x->headers : Py_None, NULL);
+        x->status ? x->status : Py_None, x->headers ? x->headers : Py_None,
+        x->done ? x->done : Py_None, NULL);
     if (resp == NULL)
         return -1;
-    x->promoted = resp;
+    if (x->promoted != NULL)    /* (another thread promoted it meanwhile: that one serves) */
+        Py_DECREF(resp);
+    else
+        x->promoted = resp;
     return 0;
 }
 
 static PyObject *exchange_start_response(Exchange *x, PyObject *const *args, Py_ssize_t nargs,
                                          PyObject *kwnames)
 {
+    /* Sent by C already: a late call follows Python's rules for one. */
+    if (x->promoted == NULL && x->done != NULL && exchange_promote(x) < 0)
+        return NULL;
     if (x->promoted != NULL) {      /* Python serves this exchange now */
         PyObject *method = PyObject_GetAttr(x->promoted, str_start_response);
         if (method == NULL)
@@ -1328,6 +1344,10 @@ static PyObject *exchange_start_response(Exchange *x, PyObject *const *args, Py_
      * can have been sent before Python took over (write() promotes). */
     if ((exc_info == NULL || exc_info == Py_None) && x->status != NULL) {
         PyErr_SetString(PyExc_AssertionError, "start_response called twice without exc_info");
+        return NULL;
+    }
+    if (x->owner == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this start_response's exchange is over");
         return NULL;
     }
     if (!valid_start(status, headers)) {
@@ -1441,6 +1461,8 @@ static PyObject *joined_body(PyObject *parts)
     for (Py_ssize_t i = 0; i < count; i++) {
         if (!PyBytes_CheckExact(items[i]))
             return NULL;
+        if (PyBytes_GET_SIZE(items[i]) > PY_SSIZE_T_MAX - total)
+            return PyErr_NoMemory();
         total += PyBytes_GET_SIZE(items[i]);
     }
     if (count == 1)
@@ -1483,7 +1505,8 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
     if (keep < 0)
         return NULL;
     PyObject *send = NULL, *input = NULL, *env = NULL, *start = NULL, *result = NULL,
-        *error = NULL, *data = NULL, *head = NULL, *out = NULL, *code = NULL, *size = NULL;
+        *error = NULL, *data = NULL, *head = NULL, *out = NULL, *code = NULL, *size = NULL,
+        *date = NULL;
     Exchange *x = NULL;
 
     send = PyObject_GetAttr(reader, str_send_interim);
@@ -1515,7 +1538,7 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
     x->conn = Py_NewRef(conn);
     x->req = Py_NewRef((PyObject *)req);
     x->input = Py_NewRef(input);
-    x->status = x->headers = x->promoted = NULL;
+    x->status = x->headers = x->promoted = x->done = NULL;
     x->code = 0;
     x->keep = keep;
     PyObject_GC_Track(x);
@@ -1532,8 +1555,10 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
             PyException_SetTraceback(error, tb);
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        if (error == NULL)
+        if (error == NULL) {
+            PyErr_SetString(PyExc_SystemError, "the app failed without an exception");
             goto done;
+        }
         goto carry_on;
     }
     if (x->promoted != NULL || x->status == NULL
@@ -1551,7 +1576,7 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
     Py_DECREF(failed);
     if (failed != Py_None)
         goto carry_on;      /* bad input the app swallowed: Python answers it */
-    PyObject *date = date_header();
+    date = Py_XNewRef(date_header());
     code = PyLong_FromLong(x->code);
     size = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
     if (date == NULL || code == NULL || size == NULL)
@@ -1574,17 +1599,19 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
     int chunked = PyTuple_GET_ITEM(head, 3) == Py_True;
     int body_allowed = PyTuple_GET_ITEM(head, 4) == Py_True;
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    if (!body_allowed || n == 0) {
-        if (send_response(self, conn, PyTuple_GET_ITEM(head, 0), NULL) < 0)
-            goto done;
-        if (body_allowed && length > 0)
-            keeps = 0;      /* less than declared: the framing is lost */
-    } else if (length == n && !chunked) {
-        if (send_response(self, conn, PyTuple_GET_ITEM(head, 0), data) < 0)
-            goto done;
-    } else {
+    int whole = body_allowed && n > 0;
+    if (whole && (length != n || chunked))
         goto carry_on;      /* a declared length the body does not match */
-    }
+    if (body_allowed && !whole && length > 0)
+        keeps = 0;          /* less than declared: the framing is lost */
+    /* Sent from here on, for anything the app calls late (see exchange_promote),
+     * even while send_all waits with the GIL released. */
+    x->done = Py_BuildValue("(LnNN)", length, whole ? n : (Py_ssize_t)0,
+                            PyBool_FromLong(keeps), PyBool_FromLong(body_allowed));
+    if (x->done == NULL)
+        goto done;
+    if (send_response(self, conn, PyTuple_GET_ITEM(head, 0), whole ? data : NULL) < 0)
+        goto done;
     out = PyBool_FromLong(keeps);
     goto done;
 carry_on:
@@ -1603,6 +1630,7 @@ done:
     Py_XDECREF(head);
     Py_XDECREF(code);
     Py_XDECREF(size);
+    Py_XDECREF(date);
     Py_XDECREF(x);
     return out;
 }

@@ -476,3 +476,78 @@ def test_the_c_date_is_the_python_date() -> None:
             assert c == before
             return
     pytest.fail("the clock turned a second on every try")
+
+
+def late_caller(how: str) -> Any:
+    """An app that keeps the first request's write() or start_response and
+    calls it while serving the second: the first response is long sent."""
+    kept: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/1":
+            kept["write"] = start_response("200 OK", [("Content-Length", "3")])
+            kept["start"] = start_response
+            return [b"one"]
+        try:
+            if how == "write":
+                kept["write"](b"INJECTED")
+            else:
+                try:
+                    raise KeyError("late")
+                except KeyError:
+                    kept["start"]("500 Late", [("Content-Length", "4")], sys.exc_info())(b"late")
+        except Exception:      # (Python's rules: exc_info re-raised, as the head was sent)
+            pass
+        start_response("200 OK", [("Content-Length", "3")])
+        return [b"two"]
+    return app
+
+
+@pytest.mark.parametrize("how", ["write", "exc_info"])
+def test_a_late_call_never_sends_into_the_next_response(how: str) -> None:
+    request = b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+    python = serve_once(late_caller(how), False, request)
+    assert python.count(b"HTTP/1.1 ") == 2 and python.endswith(b"two")
+    assert serve_once(late_caller(how), True, request) == python
+
+
+def test_an_exchange_promoted_twice_at_once_keeps_one_response() -> None:
+    """promote is Python: another thread may promote the same exchange while
+    it runs (here: a nested write, as that thread would).  One Response
+    serves, one head is sent, and the other Response is not leaked."""
+    handler = wsgi.WSGIHandler(lambda environ, start_response: [])
+    handler.bind(Alone())
+    kept: dict[str, Any] = {}
+    made: list[wsgi.Response] = []
+
+    def promote(*args: Any) -> wsgi.Response:
+        resp = handler.promote(*args)
+        made.append(resp)
+        if len(made) == 1:
+            kept["write"](b"B")
+        return resp
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        kept["write"] = start_response("200 OK", [])
+        kept["write"](b"A")
+        return []
+
+    responder = speedups.Responder(app, handler.base, handler.keys, Input, promote,
+                                   message.send_all, message.ClientGone, wsgi.HeaderError,
+                                   wsgi.Response.check, handler.forwarded)
+    server, client = socket.socketpair()
+    with server, client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = message.Reader(server, handler.limits, handler.pool, handler.buf)
+        req = reader.next_request(True)
+        out = responder.respond(server, reader, req, handler.peer(server, ("127.0.0.1", 1)),
+                                True)
+        reader.close()
+        server.shutdown(socket.SHUT_WR)
+        assert out[0] is made[1]
+        refs = sys.getrefcount(made[0])     # (outside assert: pytest's rewrite holds values)
+        assert refs == 2        # the list's, and the argument's
+        sent = b""
+        while chunk := client.recv(65536):
+            sent += chunk
+    assert sent.count(b"HTTP/1.1 ") == 1 and b"\r\n1\r\nB\r\n" in sent and sent.endswith(b"A\r\n")

@@ -489,7 +489,9 @@ class WSGIHandler:
                     if out is False:
                         return
                     if out is not None:     # the app ran: Python goes on from there
-                        if not self.conclude(req, *out):
+                        going = self.conclude(req, *out)
+                        out = None      # (not held through a keep-alive wait)
+                        if not going:
                             return
                         continue
                 if not self.respond(conn, addr, peer, reader, req, keep):
@@ -612,12 +614,19 @@ class WSGIHandler:
         resp.finish()
 
     def promote(self, conn: socket.socket, req: Request, body: Input, keep: bool,
-                status: str | None, headers: list[tuple[str, str]] | None) -> Response:
+                status: str | None, headers: list[tuple[str, str]] | None,
+                done: tuple[int, int, bool, bool] | None = None) -> Response:
         """The Response that takes over an exchange the C Responder began
-        (its start_response was given ``status`` and ``headers``, checked)."""
+        (its start_response was given ``status`` and ``headers``, checked).
+        ``done``: C sent the response, and this one is for a write() or a
+        start_response the app kept and called late: (length, sent, keep,
+        body_allowed) as a Response that sent it would hold them."""
         resp = Response(conn, req, body, self.clock, keep, self.heads)
         if status is not None and headers is not None:
             resp.status, resp.code, resp.headers = status, int(status[:3]), headers
+        if done is not None:
+            resp.head_sent = True
+            resp.length, resp.sent, resp.keep, resp.body_allowed = done
         return resp
 
     def refuse(self, conn: socket.socket, addr: Any, exc: HTTPError) -> None:
