@@ -13,6 +13,7 @@ import collections
 import re
 import socket
 import sys
+import threading
 from typing import Any
 
 import httptools
@@ -551,3 +552,36 @@ def test_an_exchange_promoted_twice_at_once_keeps_one_response() -> None:
         while chunk := client.recv(65536):
             sent += chunk
     assert sent.count(b"HTTP/1.1 ") == 1 and b"\r\n1\r\nB\r\n" in sent and sent.endswith(b"A\r\n")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_body_larger_than_the_socket_takes_is_sent_whole(fast: bool) -> None:
+    """The one sendmsg() takes part of a 3 MB body; the rest goes through
+    send_all, waiting for the client to read: the client gets every byte."""
+    body = bytes(range(256)) * (3_000_000 // 256)
+
+    def big(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [body[:1000], body[1000:]]
+
+    handler = wsgi.WSGIHandler(big)
+    handler.bind(Alone())
+    if not fast:
+        handler.fast, handler.heads = None, {}
+    server, client = socket.socketpair()
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := client.recv(65536):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    with server, client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reader.start()
+        handler(server, ("127.0.0.1", 5000))
+        server.shutdown(socket.SHUT_RDWR)
+        reader.join(10)
+    assert not reader.is_alive()
+    head, _, sent = bytes(got).partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % len(body) in head and sent == body
