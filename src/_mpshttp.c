@@ -1,5 +1,5 @@
 /*
- * _mpshttp.c - mps.http._speedups: the WSGI layer's per-request string work.
+ * _mpshttp.c - mps.http._speedups: the WSGI layer's per-request work in C.
  *
  * Three pure functions of their arguments, no I/O and no state of their own,
  *
@@ -16,7 +16,7 @@
  *       A copy of ``base`` with the request's CGI keys and HTTP_* fields, the
  *       connection's (``extra``: key, value, key, value...) and wsgi.input.
  *
- * and two types for parsing, driven by httptools (llhttp):
+ * two types for parsing, driven by httptools (llhttp):
  *
  *   Sink(request_line, fields, field_size, max_body, opened, ready)
  *       The parser's on_* callbacks: each request's head checked against
@@ -24,8 +24,18 @@
  *   Request(started)
  *       One parsed request, as the rest of mps.http reads and updates it.
  *
- * mps/http/wsgi.py and message.py hold the Python versions of all five (used
- * where this module is not built, or with MPS_NO_SPEEDUPS=1);
+ * and the request path itself, for the common cases (see "respond" and "the
+ * connection loop" below):
+ *
+ *   Responder(...).respond(conn, reader, req, peer, keep)
+ *       A plain request's whole exchange with the app, handing anything
+ *       else to the Python path at the point reached.
+ *   Responder.serve_one(idle_first)
+ *       One connection: accepted (the scoreboard's C accept) and, for one
+ *       plain request without keep-alive, served start to close in C.
+ *
+ * mps/http/wsgi.py and message.py hold the Python versions of all of it
+ * (used where this module is not built, or with MPS_NO_SPEEDUPS=1);
  * tests/test_speedups.py checks that both give the same answer for the same
  * input, hypothesis-generated, and the live suites run both.  Per request
  * these were the Python layer's costliest steps after the app itself (each
@@ -1183,9 +1193,13 @@ static PyObject *speedups_configure(PyObject *module, PyObject *args)
  * by the client or the app, so the Python path goes on as if it had run
  * from the start.  Per request this replaces eight Python frames. */
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 static PyObject *str_start_response, *str_write, *str_send_interim, *str_failed,
     *key_forwarded_for, *key_forwarded_proto;
@@ -1228,11 +1242,26 @@ static PyObject *speedups_date(PyObject *module, PyObject *unused)
     return Py_XNewRef(date_header());
 }
 
+/* mps_accept_busy (src/_mpscore.c), as Scoreboard.accept_entry hands it over */
+typedef int (*accept_fn)(void *board, int64_t slot, int listen_fd, int epoll_fd,
+                         int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
+
 typedef struct {
     PyObject_HEAD
-    /* what WSGIHandler hands over once (see its make_responder) */
+    /* what WSGIHandler hands over once (see its __init__) */
     PyObject *app, *base, *keys, *input_cls, *promote, *send_all, *client_gone,
         *header_error, *check, *forwarded;
+    /* the connection loop (serve_one), once attach() ran in the child */
+    int attached;
+    accept_fn accept;
+    void *board, *addr;
+    uint32_t *addrlen;
+    int64_t slot;
+    int listen_fd, epoll_fd, wake_fd;
+    Py_buffer buf;                  /* the child's read buffer */
+    long long request_line, fields, field_size, max_body;
+    PyObject *parser_cls, *ready_cls, *marker, *make_socket, *finish;
+    PyObject *server_name, *server_port;        /* the first connection's, as peer() */
 } Responder;
 
 /* One request's start_response, and the state of the exchange. */
@@ -1245,6 +1274,7 @@ typedef struct {
     PyObject *done;     /* once C sent the response: (length, sent, keep, body_allowed) */
     long code;
     int keep;
+    int fd;             /* the connection's; -1 once it is closed (conn may be NULL) */
 } Exchange;
 
 static PyTypeObject ExchangeType, ResponderType;
@@ -1282,6 +1312,18 @@ static void exchange_dealloc(Exchange *x)
     PyObject_GC_Del(x);
 }
 
+/* The exchange's socket object (borrowed), made on first need for a
+ * connection the C loop accepted; None once that connection is closed. */
+static PyObject *exchange_conn(Exchange *x)
+{
+    if (x->conn != NULL)
+        return x->conn;
+    if (x->fd < 0 || x->owner == NULL || x->owner->make_socket == NULL)
+        return Py_None;
+    x->conn = PyObject_CallFunction(x->owner->make_socket, "i", x->fd);
+    return x->conn;
+}
+
 /* The Python Response that takes the exchange over from here -- also after
  * C has sent the response (``done``): a write() or start_response the app
  * kept and calls late then meets a response already sent, as in Python. */
@@ -1293,8 +1335,11 @@ static int exchange_promote(Exchange *x)
         PyErr_SetString(PyExc_RuntimeError, "this start_response's exchange is over");
         return -1;
     }
+    PyObject *conn = exchange_conn(x);
+    if (conn == NULL)
+        return -1;
     PyObject *resp = PyObject_CallFunctionObjArgs(
-        x->owner->promote, x->conn, x->req, x->input, x->keep ? Py_True : Py_False,
+        x->owner->promote, conn, x->req, x->input, x->keep ? Py_True : Py_False,
         x->status ? x->status : Py_None, x->headers ? x->headers : Py_None,
         x->done ? x->done : Py_None, NULL);
     if (resp == NULL)
@@ -1400,11 +1445,9 @@ static PyTypeObject ExchangeType = {
 
 /* Send head and body in one sendmsg(); what the socket does not take at
  * once goes through the Python send_all (it waits, bounded). */
-static int send_response(Responder *self, PyObject *conn, PyObject *head, PyObject *body)
+static int send_response(Responder *self, Exchange *x, PyObject *head, PyObject *body)
 {
-    int fd = PyObject_AsFileDescriptor(conn);
-    if (fd < 0)
-        return -1;
+    int fd = x->fd;
     struct iovec iov[2] = {
         {PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head)},
         {body ? PyBytes_AS_STRING(body) : NULL, body ? (size_t)PyBytes_GET_SIZE(body) : 0},
@@ -1444,7 +1487,9 @@ static int send_response(Responder *self, PyObject *conn, PyObject *head, PyObje
         p += iov[i].iov_len - skip;
         skip = 0;
     }
-    PyObject *r = PyObject_CallFunctionObjArgs(self->send_all, conn, rest, NULL);
+    PyObject *conn = exchange_conn(x);
+    PyObject *r = conn == NULL ? NULL
+        : PyObject_CallFunctionObjArgs(self->send_all, conn, rest, NULL);
     Py_DECREF(rest);
     if (r == NULL)
         return -1;
@@ -1484,32 +1529,33 @@ static PyObject *joined_body(PyObject *parts)
  *   (resp, input, environ, result, error): Python goes on from there
  *   (WSGIHandler.conclude): the app ran, returned ``result`` or raised
  *   ``error``, and ``resp`` holds what start_response was given. */
-static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ssize_t nargs)
+/* Is this a request the C path answers: complete, no body, no 100-continue?
+ * -1 on error. */
+static int plain_request(Request *req)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "respond(conn, reader, req, peer, keep)");
-        return NULL;
-    }
-    PyObject *conn = args[0], *reader = args[1], *peer = args[3];
-    if (Py_TYPE(args[2]) != &RequestType || !PyTuple_Check(peer))
-        Py_RETURN_NONE;
-    Request *req = (Request *)args[2];
     if (!req->complete || req->expect_continue)
-        Py_RETURN_NONE;
+        return 0;
     if (req->body != no_body) {
         int has_body = PyObject_IsTrue(req->body);
         if (has_body != 0)
-            return has_body < 0 ? NULL : Py_NewRef(Py_None);
+            return has_body < 0 ? -1 : 0;
     }
-    int keep = PyObject_IsTrue(args[4]);
-    if (keep < 0)
-        return NULL;
+    return 1;
+}
+
+/* respond() for a plain request (see plain_request), on ``conn`` (or, from
+ * the C loop, NULL: fd alone, a socket object made if Python needs one),
+ * ``reader`` None from the C loop (a plain request's body is never read).
+ * The exchange is left in *xout (a new reference) when asked for. */
+static PyObject *respond_core(Responder *self, PyObject *conn, int fd, PyObject *reader,
+                              Request *req, PyObject *peer, int keep, Exchange **xout)
+{
     PyObject *send = NULL, *input = NULL, *env = NULL, *start = NULL, *result = NULL,
         *error = NULL, *data = NULL, *head = NULL, *out = NULL, *code = NULL, *size = NULL,
         *date = NULL;
     Exchange *x = NULL;
 
-    send = PyObject_GetAttr(reader, str_send_interim);
+    send = reader == Py_None ? Py_NewRef(Py_None) : PyObject_GetAttr(reader, str_send_interim);
     if (send == NULL)
         goto done;
     input = PyObject_CallFunctionObjArgs(self->input_cls, reader, (PyObject *)req, send, NULL);
@@ -1535,7 +1581,8 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
     if (x == NULL)
         goto done;
     x->owner = (Responder *)Py_NewRef(self);
-    x->conn = Py_NewRef(conn);
+    x->conn = Py_XNewRef(conn);
+    x->fd = fd;
     x->req = Py_NewRef((PyObject *)req);
     x->input = Py_NewRef(input);
     x->status = x->headers = x->promoted = x->done = NULL;
@@ -1610,7 +1657,7 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
                             PyBool_FromLong(keeps), PyBool_FromLong(body_allowed));
     if (x->done == NULL)
         goto done;
-    if (send_response(self, conn, PyTuple_GET_ITEM(head, 0), whole ? data : NULL) < 0)
+    if (send_response(self, x, PyTuple_GET_ITEM(head, 0), whole ? data : NULL) < 0)
         goto done;
     out = PyBool_FromLong(keeps);
     goto done;
@@ -1631,8 +1678,316 @@ done:
     Py_XDECREF(code);
     Py_XDECREF(size);
     Py_XDECREF(date);
-    Py_XDECREF(x);
+    if (xout != NULL)
+        *xout = x;
+    else
+        Py_XDECREF(x);
     return out;
+}
+
+static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "respond(conn, reader, req, peer, keep)");
+        return NULL;
+    }
+    PyObject *conn = args[0], *peer = args[3];
+    if (Py_TYPE(args[2]) != &RequestType || !PyTuple_Check(peer))
+        Py_RETURN_NONE;
+    int plain = plain_request((Request *)args[2]);
+    if (plain <= 0)
+        return plain < 0 ? NULL : Py_NewRef(Py_None);
+    int keep = PyObject_IsTrue(args[4]);
+    if (keep < 0)
+        return NULL;
+    int fd = PyObject_AsFileDescriptor(conn);
+    if (fd < 0)
+        return NULL;
+    return respond_core(self, conn, fd, args[1], (Request *)args[2], peer, keep, NULL);
+}
+
+/* ------------------------------------------------------------ the connection loop */
+
+/* serve_one(idle_first): one connection, accepted and served in C where it
+ * can be -- Python's worker loop calls it once per connection, in place of
+ * Scoreboard.accept(), the handler and close().  The accept is the same C
+ * call with the GIL released (mps_accept_busy); no socket object, no Reader,
+ * no Python frame of mps's per connection.  It serves a connection whose
+ * first read holds one plain request (complete, no body) that does not ask
+ * to be kept alive: the one-connection-per-request shape.  Anything else it
+ * hands to Python with what it read still in the child's buffer, for
+ * WSGIHandler.__call__ to parse again from the start ("preread"): nothing of
+ * the connection was answered, and the parse leaves nothing behind.
+ *
+ * Returns None (served, and closed), a negative errno (accept() failed:
+ * what Scoreboard.accept raises), or (fd, preread) to hand over. */
+
+static PyObject *str_feed_data, *str_close, *key_remote_addr, *key_remote_port,
+    *key_server_name, *key_server_port;
+
+static int address_text(const struct sockaddr *sa, char *host, size_t size, int *port)
+{
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        *port = ntohs(in->sin_port);
+        return inet_ntop(AF_INET, &in->sin_addr, host, (socklen_t)size) ? 0 : -1;
+    }
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        *port = ntohs(in6->sin6_port);
+        return inet_ntop(AF_INET6, &in6->sin6_addr, host, (socklen_t)size) ? 0 : -1;
+    }
+    return -1;
+}
+
+/* WSGIHandler.peer()'s tuple for the connection just accepted; NULL without
+ * an exception when its address is not an IP one (Python serves it). */
+static PyObject *loop_peer(Responder *self, int fd)
+{
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
+        return NULL;
+    if (self->server_name == NULL) {    /* as _server_name(): the first connection's */
+        struct sockaddr_storage local;
+        socklen_t len = sizeof local;
+        char name[INET6_ADDRSTRLEN];
+        int local_port;
+        if (getsockname(fd, (struct sockaddr *)&local, &len) == 0
+                && address_text((struct sockaddr *)&local, name, sizeof name, &local_port) == 0) {
+            self->server_name = PyUnicode_FromString(name);
+            self->server_port = PyUnicode_FromFormat("%d", local_port);
+        } else {
+            self->server_name = PyUnicode_FromString("localhost");
+            self->server_port = PyUnicode_FromString("0");
+        }
+        if (self->server_name == NULL || self->server_port == NULL) {
+            Py_CLEAR(self->server_name);
+            Py_CLEAR(self->server_port);
+            return NULL;
+        }
+    }
+    PyObject *remote = PyUnicode_FromString(host);
+    PyObject *remote_port = PyUnicode_FromFormat("%d", port);
+    PyObject *peer = NULL;
+    if (remote != NULL && remote_port != NULL)
+        peer = PyTuple_Pack(8, key_remote_addr, remote, key_remote_port, remote_port,
+                            key_server_name, self->server_name, key_server_port,
+                            self->server_port);
+    Py_XDECREF(remote);
+    Py_XDECREF(remote_port);
+    return peer;
+}
+
+static PyObject *hand_over(int fd, Py_ssize_t preread)
+{
+    return Py_BuildValue("(in)", fd, preread);
+}
+
+/* The plain request a first read parsed to, when that is all it holds and
+ * it does not ask for keep-alive; NULL (no exception) otherwise, or with
+ * one on error.  A new reference. */
+static Request *lone_request(Sink *sink)
+{
+    if (sink->parsing != NULL || sink->last == NULL || PyObject_Length(sink->ready) != 1)
+        return NULL;
+    if (PyErr_Occurred())
+        return NULL;
+    Request *req = (Request *)PySequence_GetItem(sink->ready, 0);
+    if (req == NULL)
+        return NULL;
+    if (Py_TYPE(req) != &RequestType || req != sink->last || req->keep_alive) {
+        Py_DECREF(req);
+        return NULL;
+    }
+    int plain = plain_request(req);
+    if (plain <= 0) {
+        Py_DECREF(req);
+        return NULL;
+    }
+    return req;
+}
+
+static PyObject *serve_connection(Responder *self, int fd)
+{
+    ssize_t n = recv(fd, self->buf.buf, (size_t)self->buf.len, MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && (errno == ECONNRESET || errno == ETIMEDOUT))) {
+        close(fd);              /* gone before a request: nobody to answer */
+        Py_RETURN_NONE;
+    }
+    if (n < 0)
+        return hand_over(fd, 0);    /* nothing yet (or EINTR): Python waits for it */
+    PyObject *ready = NULL, *sink = NULL, *parser = NULL, *view = NULL, *fed = NULL,
+        *peer = NULL, *marked = NULL, *out = NULL;
+    Request *req = NULL;
+    Exchange *x = NULL;
+
+    ready = PyObject_CallNoArgs(self->ready_cls);
+    if (ready == NULL)
+        goto fail;
+    sink = PyObject_CallFunction((PyObject *)&SinkType, "LLLLdO", self->request_line,
+                                 self->fields, self->field_size, self->max_body, monotonic(),
+                                 ready);
+    if (sink == NULL)
+        goto fail;
+    parser = PyObject_CallOneArg(self->parser_cls, sink);
+    if (parser == NULL)
+        goto fail;
+    Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(parser));
+    view = PyMemoryView_FromMemory(self->buf.buf, n, PyBUF_READ);
+    if (view == NULL)
+        goto fail;
+    fed = PyObject_CallMethodOneArg(parser, str_feed_data, view);
+    if (fed == NULL) {
+        PyErr_Clear();          /* bad input, an upgrade: Python parses again and says so */
+        goto python;
+    }
+    req = lone_request((Sink *)sink);
+    if (req == NULL) {
+        if (PyErr_Occurred())
+            goto fail;
+        goto python;
+    }
+    peer = loop_peer(self, fd);
+    if (peer == NULL) {
+        if (PyErr_Occurred())
+            goto fail;
+        goto python;
+    }
+    marked = PyObject_CallFunctionObjArgs(self->marker, req->method, req->url, NULL);
+    if (marked == NULL)
+        goto fail;
+    out = respond_core(self, NULL, fd, Py_None, req, peer, 0, &x);
+    if (out == NULL) {
+        if (!PyErr_ExceptionMatches(self->client_gone))
+            goto fail;
+        PyErr_Clear();          /* reset: nobody to answer */
+    } else if (PyTuple_Check(out)) {
+        /* The app ran; Python sends what it left (conclude). */
+        PyObject *r = PyObject_CallFunctionObjArgs(self->finish, (PyObject *)req, out, NULL);
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+    goto closing;
+python:
+    /* Nothing answered: Python serves the connection, from what was read. */
+    if (x != NULL)
+        goto closing;       /* (never: respond_core answered or failed) */
+    Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(Py_None));
+    Py_XDECREF(ready);
+    Py_XDECREF(sink);
+    Py_XDECREF(parser);
+    Py_XDECREF(view);
+    Py_XDECREF(fed);
+    Py_XDECREF(peer);
+    Py_XDECREF((PyObject *)req);
+    return hand_over(fd, n);
+fail:
+closing:
+    {
+        /* Close the connection: through its socket object when Python made
+         * one (the object owns the fd then), else here. */
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        if (x != NULL && x->conn != NULL && x->conn != Py_None) {
+            PyObject *r = PyObject_CallMethodNoArgs(x->conn, str_close);
+            if (r == NULL)
+                PyErr_Clear();
+            Py_XDECREF(r);
+        } else {
+            close(fd);
+        }
+        if (x != NULL)
+            x->fd = -1;
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
+    if (sink != NULL)
+        Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(Py_None));
+    Py_XDECREF(ready);
+    Py_XDECREF(sink);
+    Py_XDECREF(parser);
+    Py_XDECREF(view);
+    Py_XDECREF(fed);
+    Py_XDECREF(peer);
+    Py_XDECREF(marked);
+    Py_XDECREF((PyObject *)req);
+    Py_XDECREF((PyObject *)x);
+    if (PyErr_Occurred()) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Py_XDECREF(out);
+    Py_RETURN_NONE;
+}
+
+static PyObject *responder_serve_one(Responder *self, PyObject *idle_first_obj)
+{
+    if (!self->attached) {
+        PyErr_SetString(PyExc_RuntimeError, "serve_one() before attach()");
+        return NULL;
+    }
+    int idle_first = PyObject_IsTrue(idle_first_obj);
+    if (idle_first < 0)
+        return NULL;
+    *self->addrlen = (uint32_t)sizeof(struct sockaddr_storage);
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = self->accept(self->board, self->slot, self->listen_fd, self->epoll_fd, idle_first,
+                      self->wake_fd, self->addr, self->addrlen);
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return PyLong_FromLong(fd);
+    return serve_connection(self, fd);
+}
+
+/* attach(entry, buffer, limits, parser_cls, ready_cls, marker, make_socket,
+ * finish): set up serve_one() in a child (see WSGIHandler.direct). */
+static PyObject *responder_attach(Responder *self, PyObject *args)
+{
+    unsigned long long accept, board, addr, addrlen;
+    long long slot, request_line, fields, field_size, max_body;
+    int listen_fd, epoll_fd, wake_fd;
+    PyObject *buffer, *parser_cls, *ready_cls, *marker, *make_socket, *finish;
+    if (!PyArg_ParseTuple(args, "(KKLiiiKK)O(LLLL)OOOOO:attach", &accept, &board, &slot,
+                          &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &buffer,
+                          &request_line, &fields, &field_size, &max_body, &parser_cls,
+                          &ready_cls, &marker, &make_socket, &finish))
+        return NULL;
+    if (accept == 0 || board == 0 || addr == 0 || addrlen == 0) {
+        PyErr_SetString(PyExc_ValueError, "attach(): a NULL address");
+        return NULL;
+    }
+    if (self->attached) {
+        PyBuffer_Release(&self->buf);
+        self->attached = 0;
+    }
+    if (PyObject_GetBuffer(buffer, &self->buf, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (self->buf.len < 1) {
+        PyBuffer_Release(&self->buf);
+        PyErr_SetString(PyExc_ValueError, "attach(): an empty buffer");
+        return NULL;
+    }
+    self->accept = (accept_fn)(uintptr_t)accept;
+    self->board = (void *)(uintptr_t)board;
+    self->addr = (void *)(uintptr_t)addr;
+    self->addrlen = (uint32_t *)(uintptr_t)addrlen;
+    self->slot = slot;
+    self->listen_fd = listen_fd;
+    self->epoll_fd = epoll_fd;
+    self->wake_fd = wake_fd;
+    self->request_line = request_line;
+    self->fields = fields;
+    self->field_size = field_size;
+    self->max_body = max_body;
+    Py_XSETREF(self->parser_cls, Py_NewRef(parser_cls));
+    Py_XSETREF(self->ready_cls, Py_NewRef(ready_cls));
+    Py_XSETREF(self->marker, Py_NewRef(marker));
+    Py_XSETREF(self->make_socket, Py_NewRef(make_socket));
+    Py_XSETREF(self->finish, Py_NewRef(finish));
+    self->attached = 1;
+    Py_RETURN_NONE;
 }
 
 static int responder_init(Responder *self, PyObject *args, PyObject *kwds)
@@ -1681,6 +2036,15 @@ static int responder_traverse(Responder *self, visitproc visit, void *arg)
     Py_VISIT(self->header_error);
     Py_VISIT(self->check);
     Py_VISIT(self->forwarded);
+    Py_VISIT(self->parser_cls);
+    Py_VISIT(self->ready_cls);
+    Py_VISIT(self->marker);
+    Py_VISIT(self->make_socket);
+    Py_VISIT(self->finish);
+    Py_VISIT(self->server_name);
+    Py_VISIT(self->server_port);
+    if (self->attached)
+        Py_VISIT(self->buf.obj);
     return 0;
 }
 
@@ -1696,6 +2060,17 @@ static int responder_clear(Responder *self)
     Py_CLEAR(self->header_error);
     Py_CLEAR(self->check);
     Py_CLEAR(self->forwarded);
+    Py_CLEAR(self->parser_cls);
+    Py_CLEAR(self->ready_cls);
+    Py_CLEAR(self->marker);
+    Py_CLEAR(self->make_socket);
+    Py_CLEAR(self->finish);
+    Py_CLEAR(self->server_name);
+    Py_CLEAR(self->server_port);
+    if (self->attached) {
+        self->attached = 0;
+        PyBuffer_Release(&self->buf);
+    }
     return 0;
 }
 
@@ -1710,6 +2085,10 @@ static PyMethodDef responder_methods[] = {
     {"respond", (PyCFunction)(void (*)(void))responder_respond_checked, METH_FASTCALL,
      "respond(conn, reader, req, peer, keep) -> None | bool | "
      "(resp, input, environ, result, error)"},
+    {"attach", (PyCFunction)responder_attach, METH_VARARGS,
+     "attach(entry, buffer, limits, parser_cls, ready_cls, marker, make_socket, finish)"},
+    {"serve_one", (PyCFunction)responder_serve_one, METH_O,
+     "serve_one(idle_first) -> None | -errno | (fd, preread)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1776,7 +2155,13 @@ PyMODINIT_FUNC PyInit__speedups(void)
             || (str_failed = PyUnicode_InternFromString("failed")) == NULL
             || (key_forwarded_for = PyUnicode_InternFromString("HTTP_X_FORWARDED_FOR")) == NULL
             || (key_forwarded_proto = PyUnicode_InternFromString("HTTP_X_FORWARDED_PROTO"))
-                == NULL)
+                == NULL
+            || (str_feed_data = PyUnicode_InternFromString("feed_data")) == NULL
+            || (str_close = PyUnicode_InternFromString("close")) == NULL
+            || (key_remote_addr = PyUnicode_InternFromString("REMOTE_ADDR")) == NULL
+            || (key_remote_port = PyUnicode_InternFromString("REMOTE_PORT")) == NULL
+            || (key_server_name = PyUnicode_InternFromString("SERVER_NAME")) == NULL
+            || (key_server_port = PyUnicode_InternFromString("SERVER_PORT")) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)

@@ -33,7 +33,7 @@ import requests
 
 import wsgi_apps
 from conftest import BACKENDS, TESTS, Master, pid_alive, run_mps, wait_until
-from mps.http.message import NO_SPEEDUPS_ENV
+from mps.http.message import NO_SPEEDUPS_ENV, SPEEDUPS
 
 #: Turns the validator's warnings into errors in the server: a 500 then.
 STRICT_ENV = {"PYTHONWARNINGS": "error::wsgiref.validate.WSGIWarning"}
@@ -887,6 +887,97 @@ def test_max_requests_recycles_children(start_master: Callable[..., Master],
     assert third != first
     wait_until(lambda: not pid_alive(first.pop()), what="the recycled child to leave")
     assert m.status()["totals"]["recycled"] >= 1
+
+
+# ================================================================ the C connection loop
+
+CLOSE_REQUESTS = [
+    req("GET", "/cgi/a%20b?x=1&y=%41", "Connection: close"),
+    req("HEAD", "/cgi/h", "Connection: close"),
+    req("GET", "/cgi/old", version="HTTP/1.0"),
+    req("GET", "/cgi/fwd", "Connection: close", "X-Forwarded-For: 203.0.113.7",
+        "X-Forwarded-Proto: https"),
+    req("GET", "/cgi/dup", "Connection: close", "Accept: a", "Accept: b", "X_Under: no"),
+    req("GET", "http://test/cgi/absolute?q", "Connection: close"),
+]
+
+
+def close_exchange(port: int, data: bytes) -> bytes:
+    """One request on its own connection; all the server sends until it closes."""
+    with Conn(port) as c:
+        return re.sub(rb"Date: [^\r]*\r\n", b"", c.send(data).rest())
+
+
+def test_the_c_loop_answers_as_the_python_layer(start_master: Callable[..., Master]) -> None:
+    """One request per connection (Connection: close, HTTP/1.0) is served by
+    mps.http's C connection loop -- accept, parse, environ, app, response,
+    close -- on the C build; the same requests on the Python build give the
+    same bytes (but for Date, and which path served)."""
+    if not SPEEDUPS:
+        pytest.skip("mps.http._speedups is not built here (no C compiler at install): "
+                    "apt-get install gcc and reinstall mps")
+    # (Bound by the master: TCP_DEFER_ACCEPT, so the first read has the
+    # request.  On a listener handed in, a connection accepted before its
+    # bytes arrive goes to the Python path, which waits for them.)
+    c_build = start_master(wsgi="wsgi_apps:router", bind="127.0.0.1:0", **POOL, env=STRICT_ENV)
+    python = start_master(wsgi="wsgi_apps:router", bind="127.0.0.1:0", **POOL,
+                          env={**STRICT_ENV, NO_SPEEDUPS_ENV: "1"})
+    c_build.wait_ready()
+    python.wait_ready()
+    for data in CLOSE_REQUESTS:
+        got_c, got_py = close_exchange(c_build.port, data), close_exchange(python.port, data)
+        if not data.startswith(b"HEAD"):
+            assert json.loads(got_c.partition(b"\r\n\r\n")[2])["served by"] == "c-loop"
+            assert json.loads(got_py.partition(b"\r\n\r\n")[2])["served by"] == "python"
+        # (SERVER_PORT: each server's own, both five digits -- ephemeral ports)
+        got_c = got_c.replace(b"c-loop", b"python").replace(b"%d" % c_build.port, b"PORT")
+        assert got_c == got_py.replace(b"%d" % python.port, b"PORT"), data
+    # A kept-alive request is handed to the Python path (it owns keep-alive).
+    with Conn(c_build.port) as c:
+        assert c.send(req("GET", "/cgi/ka")).reply().json()["served by"] == "python"
+
+
+def test_the_c_loop_hands_over_what_it_cannot_serve(start_master: Callable[..., Master]) -> None:
+    """What the C loop does not serve itself reaches the Python path whole:
+    a body, a head that arrives in pieces, pipelining, bad input."""
+    m = start_master(wsgi="wsgi_apps:router", bind="127.0.0.1:0", **POOL, env=STRICT_ENV)
+    m.wait_ready()
+    posted = ask(m.port, req("POST", "/echo/", "Connection: close", body=b"0123456789"))
+    assert posted.status == 200 and posted.json()["body_len"] == 10
+    with Conn(m.port) as c:     # the head in two pieces: the first read has half
+        c.send(b"GET /cgi/slowly HTTP/1.1\r\nHo")
+        time.sleep(0.05)
+        assert c.send(b"st: test\r\nConnection: close\r\n\r\n").reply().status == 200
+    with Conn(m.port) as c:     # two requests in the first read
+        c.send(req("GET", "/cgi/1") + req("GET", "/cgi/2", "Connection: close"))
+        assert [c.reply().json()["PATH_INFO"] for _ in range(2)] == ["/1", "/2"]
+        assert c.at_eof()
+    bad = ask(m.port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n")
+    assert bad.status == 400
+
+
+def test_the_c_loop_keeps_the_pools_rules(start_master: Callable[..., Master]) -> None:
+    """Connections served in C count toward max_requests, show their request
+    in the status while busy, and an app error is a 500 the child survives."""
+    m = start_master(wsgi="wsgi_apps:router", bind="127.0.0.1:0", **ONE_CHILD, max_requests=3,
+                     env=STRICT_ENV)
+    m.wait_ready()
+    pids = [int(ask(m.port, req("GET", "/pid/", "Connection: close")).body) for _ in range(7)]
+    assert len(set(pids)) >= 3 and pids[0] == pids[1] == pids[2] != pids[3]
+    assert m.status()["totals"]["recycled"] >= 2
+    failed = ask(m.port, req("GET", "/faults/raise", "Connection: close"))
+    assert failed.status == 500
+    log_has(m, "app failure on purpose")
+    with Conn(m.port) as c:
+        c.send(req("GET", "/slow/?s=1", "Connection: close"))
+
+        def busy() -> dict[str, Any] | None:
+            # (until it takes the next connection, the child is busy with the last)
+            slots = [s for s in m.status()["slots"]
+                     if s["state"] == "busy" and s.get("request") == "GET /slow/?s=1"]
+            return slots[0] if slots else None
+        assert wait_until(busy, what="the busy slot to show the request")["state_age_s"] >= 0
+        assert c.reply().body.startswith(b"done ")
 
 
 # ================================================================ operability

@@ -334,8 +334,26 @@ def falcon_app() -> Any:
     return validator(_terminated_input(app))
 
 
+@validator
+def cgi(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """The request's CGI keys and scheme as JSON (REMOTE_PORT varies, so it
+    is only said to be digits), and which path served it: "c-loop" when
+    wsgi.input has no reader (mps.http's C connection loop made it)."""
+    inner = getattr(environ["wsgi.input"], "input", environ["wsgi.input"])
+    keys = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
+            "SERVER_NAME", "SERVER_PORT", "REMOTE_ADDR", "wsgi.url_scheme")
+    info = {k: environ.get(k) for k in keys}
+    info.update({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+    info["REMOTE_PORT digits"] = environ.get("REMOTE_PORT", "").isdigit()
+    info["served by"] = "c-loop" if getattr(inner, "_reader", 0) is None else "python"
+    body = json.dumps(info, sort_keys=True).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
 ROUTES: dict[str, Callable[..., Iterable[bytes]]] = {
     "hello": hello, "echo": echo, "lines": lines, "pid": pid, "slow": slow, "faults": faults,
     "closing": closing, "environ": environ_types, "bounded": bounded, "errors": errors,
-    "exc": exc, "late": late,
+    "exc": exc, "late": late, "cgi": cgi,
 }

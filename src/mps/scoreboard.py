@@ -416,6 +416,29 @@ class CScoreboard(Scoreboard):
         return (socket.socket(peers.family, peers.type, peers.proto, fd),
                 peers.decode(self._addrlen[0]))
 
+    def accept_entry(self, slot: int, listener: socket.socket) -> tuple[int, ...]:
+        """Child: what a C caller of accept() needs, as addresses and fds --
+        mps_accept_busy's, the board's, the slot, the listener, the waiter,
+        the wake-up fd, the peer buffer and its length -- for mps.http's C
+        connection loop (speedups.Responder.serve_one), which then calls it
+        with the GIL released exactly as accept() does.  adopt() turns what
+        it accepted into accept()'s (socket, address)."""
+        if self._peers is None or self._peers.listener is not listener:
+            self.prepare_accept(listener)
+        assert self._peers is not None
+        address = _ffi.cast("uintptr_t", _ffi.addressof(_lib, "mps_accept_busy"))
+        return (int(address), int(_ffi.cast("uintptr_t", self._board)), slot,
+                self._peers.fd, self._epoll_fd, self.wake_fd,
+                int(_ffi.cast("uintptr_t", self._peer_buf)),
+                int(_ffi.cast("uintptr_t", self._addrlen)))
+
+    def adopt(self, fd: int) -> tuple[socket.socket, Any]:
+        """accept()'s answer for a connection a C caller accepted (accept_entry)."""
+        peers = self._peers
+        assert peers is not None
+        return (socket.socket(peers.family, peers.type, peers.proto, fd),
+                peers.decode(self._addrlen[0]))
+
     def snapshot(self) -> Snapshot:
         _check(self._master(_lib.mps_snapshot, self._head, self._states, self._slots))
         h = self._head

@@ -4,6 +4,11 @@ Per connection the child makes two scoreboard calls: ``accept`` (on the C
 backend one C call: accept4() with the GIL released, then the busy
 transition, then the master's wake-up when idle children ran short) and
 ``idle``.  Nothing on that path logs or allocates beyond the connection.
+
+A handler may take the accept over (``direct``: mps.http's C connection
+loop, on the C board): one C call then accepts the same way and serves the
+connection itself where it can, or hands it back with its first bytes read.
+The loop below keeps the rest -- recycling, signals, the drain -- either way.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from types import FrameType
-from collections.abc import Iterable
-from typing import NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
 from . import logs
 from .daemon import die_with_parent
@@ -73,6 +78,12 @@ class Worker:
         self.identity = identity    # (uid, gid) to switch to after fork, or None
         self.alive = True
         self.wake_r = -1        # the signal wake-up pipe (see boot)
+        #: The handler's C connection loop (see boot), or None: accept() and
+        #: the handler, per connection.  With it: the board's adopt(fd), and
+        #: the handler taking a connection over with its first bytes read.
+        self.serve_one: Callable[[bool], Any] | None = None
+        self.adopt: Callable[[int], tuple[socket.socket, Any]] | None = None
+        self.resume: Callable[[socket.socket, Any, int], None] | None = None
         #: The mask to restore once the child's own handlers are in place (the
         #: master blocks its signals across fork()); None: leave it as it is.
         self.signal_mask: set[int] | None = None
@@ -124,17 +135,44 @@ class Worker:
         bind = getattr(self.app.handler, "bind", None)
         if bind is not None:    # a protocol layer that holds connections (HTTP keep-alive)
             bind(ChildPool(self))
+        direct = getattr(self.app.handler, "direct", None)
+        entry = getattr(self.board, "accept_entry", None)
+        adopt = getattr(self.board, "adopt", None)
+        if direct is not None and entry is not None and adopt is not None:
+            # The handler accepts and serves in C where it can (mps.http):
+            # on the C board, with the accept() the loop below would make.
+            self.serve_one = direct(entry(self.child.slot, self.listener),
+                                    lambda fd: adopt(fd)[0])
+            # (the handler, as one that takes a connection over with preread)
+            self.adopt, self.resume = adopt, getattr(self.app.handler, "__call__")
         return True
 
     def serve(self) -> int:
         # Locals: this loop runs once per connection.
         board, listener, slot = self.board, self.listener, self.child.slot
         accept, handle = board.accept, self.app.handler
+        one, adopt, resume = self.serve_one, self.adopt, self.resume
         left = self.child.limit or -1      # connections before recycling; -1 = never
         done = False        # a connection finished: the next accept marks us idle first
         while self.alive:
+            conn: socket.socket | None = None
+            preread = 0
             try:
-                conn, addr = accept(slot, listener, done)
+                if one is None:
+                    conn, addr = accept(slot, listener, done)
+                else:
+                    try:
+                        # accept(), and the connection served in C where it can be
+                        got = one(done)
+                    except Exception:   # accepted, then failed while served (and closed)
+                        got = None
+                        self.handle_error("a connection served in C")
+                    if got.__class__ is int:
+                        raise OSError(-got, os.strerror(-got))      # as accept() would
+                    if got is not None:
+                        fd, preread = got       # handed over, its first bytes read
+                        assert adopt is not None
+                        conn, addr = adopt(fd)
             except OSError as exc:
                 done = False    # the idle transition happened (or failed) in the call
                 if exc.errno == errno.ESHUTDOWN:
@@ -143,12 +181,17 @@ class Worker:
                     break
                 continue
             done = True
-            try:
-                handle(conn, addr)
-            except Exception:
-                self.handle_error(addr)
-            finally:
-                conn.close()    # always: the handler need not
+            if conn is not None:
+                try:
+                    if preread:
+                        assert resume is not None
+                        resume(conn, addr, preread)
+                    else:
+                        handle(conn, addr)
+                except Exception:
+                    self.handle_error(addr)
+                finally:
+                    conn.close()    # always: the handler need not
             left -= 1
             if not left:
                 if board.held():

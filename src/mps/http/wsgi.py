@@ -15,6 +15,7 @@ response is written (so a closing response says ``Connection: close``):
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
+
+import httptools
 
 from ..logs import printable
 from ..pool import Alone, PoolView
@@ -430,10 +433,12 @@ class WSGIHandler:
         #: for what it hands back); None: all in Python, as without the
         #: speedups or with an access log (its timing and environ copy).
         self.fast: Callable[..., Any] | None = None
+        self.responder: Any = None
         if SPEEDUPS and not self.options.access_log:
-            self.fast = speedups.Responder(
+            self.responder = speedups.Responder(
                 app, self.base, self.keys, Input, self.promote, send_all, ClientGone,
-                HeaderError, Response.check, self.forwarded).respond
+                HeaderError, Response.check, self.forwarded)
+            self.fast = self.responder.respond
 
     @classmethod
     def from_settings(cls, app: WSGIApp, settings: Any) -> WSGIHandler:
@@ -463,10 +468,40 @@ class WSGIHandler:
             self.access = accesslog.AccessLog(self.options.access_log,
                                               self.options.access_log_format)
 
+    def direct(self, entry: tuple[int, ...],
+               make_socket: Callable[[int], socket.socket]) -> Callable[[bool], Any] | None:
+        """In the child, once: the C connection loop's call (Responder.serve_one),
+        which accepts with ``entry`` (Scoreboard.accept_entry) and serves the
+        one-connection-per-request shape in C, handing every other connection
+        to __call__ (with ``preread``); None where Python serves them all."""
+        if self.fast is None or self.fast != self.responder.respond:
+            return None     # (the Python path, or a test replaced it)
+        lim = self.limits
+        self.responder.attach(entry, self.buf, (lim.request_line, lim.fields, lim.field_size,
+                                                lim.max_body),
+                              httptools.HttpRequestParser, collections.deque,
+                              self.pool.begin_request, make_socket, self.finish)
+        serve_one: Callable[[bool], Any] = self.responder.serve_one
+        return serve_one
+
+    def finish(self, req: Request, out: tuple[Any, ...]) -> None:
+        """The rest of a request the C loop began and handed over after the
+        app ran (as __call__ does with what Responder.respond hands back)."""
+        try:
+            self.conclude(req, *out)
+        except HTTPError as exc:    # (a plain request has no body to go wrong)
+            self.refuse(out[0].conn, None, exc)
+        except ClientGone:
+            pass
+
     # ------------------------------------------------------ a connection
 
-    def __call__(self, conn: socket.socket, addr: Any) -> None:
+    def __call__(self, conn: socket.socket, addr: Any, preread: int = 0) -> None:
+        """Serve ``conn``; ``preread``: its first bytes are in the child's
+        buffer already (read by the C loop, which handed the connection over)."""
         reader = Reader(conn, self.limits, self.pool, self.buf)
+        if preread:
+            reader.take(preread)
         peer = self.peer(conn, addr)
         began = time.monotonic()
         served = 0
