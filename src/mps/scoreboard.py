@@ -353,6 +353,7 @@ class CScoreboard(Scoreboard):
         self._drift = _ffi.new("int64_t *")
         self._peers: Peers | None = None
         self._peer_buf: Any = None
+        self._entry: tuple[int, ...] = ()
         self.busy = partial(_lib.mps_busy, self._board)
         self.idle = partial(_lib.mps_idle, self._board)
         self.idle_count = partial(_lib.mps_idle_count, self._board)
@@ -396,6 +397,11 @@ class CScoreboard(Scoreboard):
     def prepare_accept(self, listener: socket.socket) -> None:
         self._peers = Peers(listener)
         self._peer_buf = _ffi.from_buffer(self._peers.buf)
+        # accept_entry's addresses, here in the master: cffi's casts would
+        # allocate in every child.
+        self._entry = tuple(int(_ffi.cast("uintptr_t", p)) for p in (
+            _ffi.addressof(_lib, "mps_accept_busy"), self._board, self._peer_buf,
+            self._addrlen))
 
     def accept(self, slot: int, listener: socket.socket, idle_first: bool = False,
                wait: bool = True) -> tuple[socket.socket, Any]:
@@ -426,11 +432,9 @@ class CScoreboard(Scoreboard):
         if self._peers is None or self._peers.listener is not listener:
             self.prepare_accept(listener)
         assert self._peers is not None
-        address = _ffi.cast("uintptr_t", _ffi.addressof(_lib, "mps_accept_busy"))
-        return (int(address), int(_ffi.cast("uintptr_t", self._board)), slot,
-                self._peers.fd, self._epoll_fd, self.wake_fd,
-                int(_ffi.cast("uintptr_t", self._peer_buf)),
-                int(_ffi.cast("uintptr_t", self._addrlen)))
+        accept, board, peer_buf, addrlen = self._entry
+        return (accept, board, slot, self._peers.fd, self._epoll_fd, self.wake_fd, peer_buf,
+                addrlen)
 
     def adopt(self, fd: int) -> tuple[socket.socket, Any]:
         """accept()'s answer for a connection a C caller accepted (accept_entry)."""
