@@ -1261,7 +1261,8 @@ typedef struct {
     Py_buffer buf;                  /* the child's read buffer */
     long long request_line, fields, field_size, max_body;
     PyObject *parser_cls, *ready_cls, *marker, *make_socket, *finish;
-    PyObject *server_name, *server_port;        /* the first connection's, as peer() */
+    PyObject *handler;      /* the WSGIHandler: its server (name, port) cache */
+    PyObject *keep;         /* what owns addr and addrlen (the board) */
 } Responder;
 
 /* One request's start_response, and the state of the exchange. */
@@ -1320,8 +1321,22 @@ static PyObject *exchange_conn(Exchange *x)
         return x->conn;
     if (x->fd < 0 || x->owner == NULL || x->owner->make_socket == NULL)
         return Py_None;
-    x->conn = PyObject_CallFunction(x->owner->make_socket, "i", x->fd);
-    return x->conn;
+    PyObject *conn = PyObject_CallFunction(x->owner->make_socket, "i", x->fd);
+    if (conn == NULL)
+        return NULL;
+    if (x->conn != NULL || x->fd < 0) {
+        /* make_socket is Python: meanwhile another thread made one, or the
+         * connection was closed (and its fd may already be another's).
+         * This object must never close that fd: detached, dropped. */
+        PyObject *r = PyObject_CallMethod(conn, "detach", NULL);
+        Py_XDECREF(r);
+        Py_DECREF(conn);
+        if (r == NULL)
+            return NULL;
+        return x->conn != NULL ? x->conn : Py_None;
+    }
+    x->conn = conn;
+    return conn;
 }
 
 /* The Python Response that takes the exchange over from here -- also after
@@ -1722,7 +1737,7 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
  * Returns None (served, and closed), a negative errno (accept() failed:
  * what Scoreboard.accept raises), or (fd, preread) to hand over. */
 
-static PyObject *str_feed_data, *str_close, *key_remote_addr, *key_remote_port,
+static PyObject *str_feed_data, *str_close, *str_server, *key_remote_addr, *key_remote_port,
     *key_server_name, *key_server_port;
 
 static int address_text(const struct sockaddr *sa, char *host, size_t size, int *port)
@@ -1748,40 +1763,51 @@ static PyObject *loop_peer(Responder *self, int fd)
     int port;
     if (address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
         return NULL;
-    if (self->server_name == NULL) {    /* as _server_name(): the first connection's */
+    /* SERVER_NAME/PORT: the handler's, shared with its peer() -- whichever
+     * path saw the child's first connection set it, from that one. */
+    PyObject *server = PyObject_GetAttr(self->handler, str_server);
+    if (server == NULL)
+        return NULL;
+    if (server == Py_None) {
         struct sockaddr_storage local;
         socklen_t len = sizeof local;
         char name[INET6_ADDRSTRLEN];
         int local_port;
+        Py_DECREF(server);
         if (getsockname(fd, (struct sockaddr *)&local, &len) == 0
-                && address_text((struct sockaddr *)&local, name, sizeof name, &local_port) == 0) {
-            self->server_name = PyUnicode_FromString(name);
-            self->server_port = PyUnicode_FromFormat("%d", local_port);
-        } else {
-            self->server_name = PyUnicode_FromString("localhost");
-            self->server_port = PyUnicode_FromString("0");
-        }
-        if (self->server_name == NULL || self->server_port == NULL) {
-            Py_CLEAR(self->server_name);
-            Py_CLEAR(self->server_port);
+                && address_text((struct sockaddr *)&local, name, sizeof name, &local_port) == 0)
+            server = Py_BuildValue("(sN)", name, PyUnicode_FromFormat("%d", local_port));
+        else
+            server = Py_BuildValue("(ss)", "localhost", "0");
+        if (server == NULL || PyObject_SetAttr(self->handler, str_server, server) < 0) {
+            Py_XDECREF(server);
             return NULL;
         }
+    }
+    if (!PyTuple_Check(server) || PyTuple_GET_SIZE(server) != 2) {
+        Py_DECREF(server);
+        PyErr_SetString(PyExc_TypeError, "handler.server: not a (name, port) pair");
+        return NULL;
     }
     PyObject *remote = PyUnicode_FromString(host);
     PyObject *remote_port = PyUnicode_FromFormat("%d", port);
     PyObject *peer = NULL;
     if (remote != NULL && remote_port != NULL)
         peer = PyTuple_Pack(8, key_remote_addr, remote, key_remote_port, remote_port,
-                            key_server_name, self->server_name, key_server_port,
-                            self->server_port);
+                            key_server_name, PyTuple_GET_ITEM(server, 0), key_server_port,
+                            PyTuple_GET_ITEM(server, 1));
     Py_XDECREF(remote);
     Py_XDECREF(remote_port);
+    Py_DECREF(server);
     return peer;
 }
 
 static PyObject *hand_over(int fd, Py_ssize_t preread)
 {
-    return Py_BuildValue("(in)", fd, preread);
+    PyObject *out = Py_BuildValue("(in)", fd, preread);
+    if (out == NULL)
+        close(fd);      /* (an exception means: accepted, failed, closed) */
+    return out;
 }
 
 /* The plain request a first read parsed to, when that is all it holds and
@@ -1941,18 +1967,23 @@ static PyObject *responder_serve_one(Responder *self, PyObject *idle_first_obj)
     return serve_connection(self, fd);
 }
 
-/* attach(entry, buffer, limits, parser_cls, ready_cls, marker, make_socket,
- * finish): set up serve_one() in a child (see WSGIHandler.direct). */
+/* attach(entry, owner, buffer, limits, parser_cls, ready_cls, marker,
+ * make_socket, handler): set up serve_one() in a child (see
+ * WSGIHandler.direct); ``owner`` keeps the entry's memory alive, ``handler``
+ * gives finish() and the server-name cache. */
 static PyObject *responder_attach(Responder *self, PyObject *args)
 {
     unsigned long long accept, board, addr, addrlen;
     long long slot, request_line, fields, field_size, max_body;
     int listen_fd, epoll_fd, wake_fd;
-    PyObject *buffer, *parser_cls, *ready_cls, *marker, *make_socket, *finish;
-    if (!PyArg_ParseTuple(args, "(KKLiiiKK)O(LLLL)OOOOO:attach", &accept, &board, &slot,
-                          &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &buffer,
+    PyObject *owner, *buffer, *parser_cls, *ready_cls, *marker, *make_socket, *handler;
+    if (!PyArg_ParseTuple(args, "(KKLiiiKK)OO(LLLL)OOOOO:attach", &accept, &board, &slot,
+                          &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &owner, &buffer,
                           &request_line, &fields, &field_size, &max_body, &parser_cls,
-                          &ready_cls, &marker, &make_socket, &finish))
+                          &ready_cls, &marker, &make_socket, &handler))
+        return NULL;
+    PyObject *finish = PyObject_GetAttrString(handler, "finish");
+    if (finish == NULL)
         return NULL;
     if (accept == 0 || board == 0 || addr == 0 || addrlen == 0) {
         PyErr_SetString(PyExc_ValueError, "attach(): a NULL address");
@@ -1962,10 +1993,13 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
         PyBuffer_Release(&self->buf);
         self->attached = 0;
     }
-    if (PyObject_GetBuffer(buffer, &self->buf, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(buffer, &self->buf, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        Py_DECREF(finish);
         return NULL;
+    }
     if (self->buf.len < 1) {
         PyBuffer_Release(&self->buf);
+        Py_DECREF(finish);
         PyErr_SetString(PyExc_ValueError, "attach(): an empty buffer");
         return NULL;
     }
@@ -1985,7 +2019,9 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
     Py_XSETREF(self->ready_cls, Py_NewRef(ready_cls));
     Py_XSETREF(self->marker, Py_NewRef(marker));
     Py_XSETREF(self->make_socket, Py_NewRef(make_socket));
-    Py_XSETREF(self->finish, Py_NewRef(finish));
+    Py_XSETREF(self->finish, finish);
+    Py_XSETREF(self->handler, Py_NewRef(handler));
+    Py_XSETREF(self->keep, Py_NewRef(owner));
     self->attached = 1;
     Py_RETURN_NONE;
 }
@@ -2041,8 +2077,8 @@ static int responder_traverse(Responder *self, visitproc visit, void *arg)
     Py_VISIT(self->marker);
     Py_VISIT(self->make_socket);
     Py_VISIT(self->finish);
-    Py_VISIT(self->server_name);
-    Py_VISIT(self->server_port);
+    Py_VISIT(self->handler);
+    Py_VISIT(self->keep);
     if (self->attached)
         Py_VISIT(self->buf.obj);
     return 0;
@@ -2065,8 +2101,8 @@ static int responder_clear(Responder *self)
     Py_CLEAR(self->marker);
     Py_CLEAR(self->make_socket);
     Py_CLEAR(self->finish);
-    Py_CLEAR(self->server_name);
-    Py_CLEAR(self->server_port);
+    Py_CLEAR(self->handler);
+    Py_CLEAR(self->keep);
     if (self->attached) {
         self->attached = 0;
         PyBuffer_Release(&self->buf);
@@ -2086,7 +2122,8 @@ static PyMethodDef responder_methods[] = {
      "respond(conn, reader, req, peer, keep) -> None | bool | "
      "(resp, input, environ, result, error)"},
     {"attach", (PyCFunction)responder_attach, METH_VARARGS,
-     "attach(entry, buffer, limits, parser_cls, ready_cls, marker, make_socket, finish)"},
+     "attach(entry, owner, buffer, limits, parser_cls, ready_cls, marker, make_socket, "
+     "handler)"},
     {"serve_one", (PyCFunction)responder_serve_one, METH_O,
      "serve_one(idle_first) -> None | -errno | (fd, preread)"},
     {NULL, NULL, 0, NULL},
@@ -2158,6 +2195,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
                 == NULL
             || (str_feed_data = PyUnicode_InternFromString("feed_data")) == NULL
             || (str_close = PyUnicode_InternFromString("close")) == NULL
+            || (str_server = PyUnicode_InternFromString("server")) == NULL
             || (key_remote_addr = PyUnicode_InternFromString("REMOTE_ADDR")) == NULL
             || (key_remote_port = PyUnicode_InternFromString("REMOTE_PORT")) == NULL
             || (key_server_name = PyUnicode_InternFromString("SERVER_NAME")) == NULL

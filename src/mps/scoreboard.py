@@ -438,10 +438,15 @@ class CScoreboard(Scoreboard):
 
     def adopt(self, fd: int) -> tuple[socket.socket, Any]:
         """accept()'s answer for a connection a C caller accepted (accept_entry)."""
+        assert self._peers is not None
+        address = self._peers.decode(self._addrlen[0])
+        return self.socket_for(fd), address     # (the socket last: then it owns fd)
+
+    def socket_for(self, fd: int) -> socket.socket:
+        """The socket object of a connection a C caller accepted."""
         peers = self._peers
         assert peers is not None
-        return (socket.socket(peers.family, peers.type, peers.proto, fd),
-                peers.decode(self._addrlen[0]))
+        return socket.socket(peers.family, peers.type, peers.proto, fd)
 
     def snapshot(self) -> Snapshot:
         _check(self._master(_lib.mps_snapshot, self._head, self._states, self._slots))

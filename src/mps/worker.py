@@ -141,8 +141,8 @@ class Worker:
         if direct is not None and entry is not None and adopt is not None:
             # The handler accepts and serves in C where it can (mps.http):
             # on the C board, with the accept() the loop below would make.
-            self.serve_one = direct(entry(self.child.slot, self.listener),
-                                    lambda fd: adopt(fd)[0])
+            self.serve_one = direct(entry(self.child.slot, self.listener), self.board,
+                                    getattr(self.board, "socket_for"))
             # (the handler, as one that takes a connection over with preread)
             self.adopt, self.resume = adopt, getattr(self.app.handler, "__call__")
         return True
@@ -172,7 +172,11 @@ class Worker:
                     if got is not None:
                         fd, preread = got       # handed over, its first bytes read
                         assert adopt is not None
-                        conn, addr = adopt(fd)
+                        try:
+                            conn, addr = adopt(fd)
+                        except Exception:   # (adopt makes the socket last: fd is ours)
+                            os.close(fd)
+                            self.handle_error("a connection handed over from C")
             except OSError as exc:
                 done = False    # the idle transition happened (or failed) in the call
                 if exc.errno == errno.ESHUTDOWN:

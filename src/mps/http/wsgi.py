@@ -468,19 +468,20 @@ class WSGIHandler:
             self.access = accesslog.AccessLog(self.options.access_log,
                                               self.options.access_log_format)
 
-    def direct(self, entry: tuple[int, ...],
+    def direct(self, entry: tuple[int, ...], owner: object,
                make_socket: Callable[[int], socket.socket]) -> Callable[[bool], Any] | None:
         """In the child, once: the C connection loop's call (Responder.serve_one),
-        which accepts with ``entry`` (Scoreboard.accept_entry) and serves the
+        which accepts with ``entry`` (Scoreboard.accept_entry; ``owner``, the
+        board, keeps its memory alive) and serves the
         one-connection-per-request shape in C, handing every other connection
         to __call__ (with ``preread``); None where Python serves them all."""
         if self.fast is None or self.fast != self.responder.respond:
             return None     # (the Python path, or a test replaced it)
         lim = self.limits
-        self.responder.attach(entry, self.buf, (lim.request_line, lim.fields, lim.field_size,
-                                                lim.max_body),
+        self.responder.attach(entry, owner, self.buf,
+                              (lim.request_line, lim.fields, lim.field_size, lim.max_body),
                               httptools.HttpRequestParser, collections.deque,
-                              self.pool.begin_request, make_socket, self.finish)
+                              self.pool.begin_request, make_socket, self)
         serve_one: Callable[[bool], Any] = self.responder.serve_one
         return serve_one
 
