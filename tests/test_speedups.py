@@ -10,7 +10,9 @@ random pieces).
 from __future__ import annotations
 
 import collections
+import os
 import re
+import select
 import socket
 import sys
 import threading
@@ -585,3 +587,59 @@ def test_a_body_larger_than_the_socket_takes_is_sent_whole(fast: bool) -> None:
     assert not reader.is_alive()
     head, _, sent = bytes(got).partition(b"\r\n\r\n")
     assert b"Content-Length: %d" % len(body) in head and sent == body
+
+
+def test_a_connection_served_in_c_gets_one_socket_object_at_most() -> None:
+    """The C loop makes a connection's socket object only when Python needs
+    one, by calling Python -- where another thread may get in and make one
+    too (here: a nested write() while the first is made).  The one that
+    lost is detached, never left owning the fd, which could by then be
+    another connection's."""
+    from mps.scoreboard import CScoreboard, c_available
+    if not c_available():
+        pytest.skip("the C scoreboard core is not built: apt-get install gcc, reinstall mps")
+    board = CScoreboard(1)
+    listener = socket.socket()
+    waiter = select.epoll()
+    try:
+        slot = board.reserve()
+        board.started(slot, os.getpid())
+        board.idle(slot)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        waiter.register(listener, select.EPOLLIN)
+        board.set_waiter(waiter)
+        board.prepare_accept(listener)
+        made: list[socket.socket] = []
+        kept: dict[str, Any] = {}
+
+        def socket_for(fd: int) -> socket.socket:
+            sock = board.socket_for(fd)
+            made.append(sock)
+            if len(made) == 1:
+                kept["write"](b"")      # as another thread would, meanwhile
+            return sock
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            kept["write"] = start_response("200 OK", [("Content-Length", "2")])
+            kept["write"](b"ok")
+            return []
+
+        handler = wsgi.WSGIHandler(app)
+        handler.bind(Alone())
+        serve_one = handler.direct(board.accept_entry(slot, listener), board, socket_for)
+        assert serve_one is not None
+        with socket.create_connection(listener.getsockname(), timeout=10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert serve_one(False) is None         # served in C, and closed
+            reply = b""
+            while chunk := client.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\nok")
+        assert len(made) == 2
+        assert made[0].fileno() == -1 and made[1].fileno() == -1   # detached; closed
+    finally:
+        waiter.close()
+        listener.close()
+        board.close()
