@@ -12,6 +12,29 @@ def echo(conn: socket.socket, addr: Any) -> None:
     conn.sendall(b"%d: %s" % (os.getpid(), conn.recv(128)))
 
 
+def filed(conn: socket.socket, addr: Any) -> None:
+    """Reply through a makefile() file left open: it is flushed as it is freed."""
+    f = conn.makefile("wb")
+    f.write(b"filed %d" % os.getpid())
+
+
+_KEPT: list[Any] = []
+
+
+def keep_file(conn: socket.socket, addr: Any) -> None:
+    """The first connection's makefile() file outlives the handler; the next
+    connection to this child writes "late" to it and closes it."""
+    if _KEPT:
+        kept = _KEPT.pop()
+        kept.write(b" late")
+        kept.close()
+        conn.sendall(b"second")
+    else:
+        kept = conn.makefile("wb")
+        _KEPT.append(kept)
+        conn.sendall(b"first")
+
+
 def hold(conn: socket.socket, addr: Any) -> None:
     """Reply with the pid at once, then hold the child until the client closes."""
     conn.sendall(b"%d\n" % os.getpid())

@@ -25,6 +25,32 @@ def test_echo_is_the_seeds_handler(start_master, backend):
     assert int(pid) in m.child_pids()
 
 
+def test_a_handler_may_reply_through_makefile(start_master, backend):
+    m = start_master(app="apps.py:filed", backend=backend, **SMALL)
+    m.wait_ready()
+    with m.connect() as s:
+        reply = b""
+        while chunk := s.recv(64):
+            reply += chunk
+    assert reply.startswith(b"filed ")
+
+
+def test_a_file_the_handler_keeps_keeps_the_connection_open(start_master, backend):
+    """After the handler the child closes the connection, as socket.close()
+    does: a makefile() file the handler kept holds it open until it closes."""
+    m = start_master(app="apps.py:keep_file", backend=backend, start_servers=1, min_spare=1,
+                     max_spare=1, max_children=1)
+    m.wait_ready()
+    with m.connect() as first:
+        assert first.recv(64) == b"first"
+        with m.connect() as second:
+            assert second.recv(64) == b"second"
+        rest = b""
+        while chunk := first.recv(64):
+            rest += chunk
+    assert rest == b" late"
+
+
 def test_sigkilled_children_release_their_slots(start_master, backend):
     m = start_master(backend=backend, **SMALL)
     m.wait_ready()
