@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import re
 import select
 import signal
@@ -793,10 +794,12 @@ class KeepAliveLoad:
     connection).  Anything else is a failure: a fresh connection closed
     without a response, a response cut short, a malformed one, a reset
     mid-response.  A new connection that is refused (the server is
-    stopping) ends that client."""
+    stopping) ends that client.  ``close``: every request asks for
+    ``Connection: close`` (one connection per request)."""
 
-    def __init__(self, port: int, threads: int) -> None:
+    def __init__(self, port: int, threads: int, close: bool = False) -> None:
         self.port = port
+        self.extra = "Connection: close\r\n" if close else ""
         self.clients = [KeepAliveClient() for _ in range(threads)]
         self.failed: list[str] = []
         self.refused = 0
@@ -859,7 +862,7 @@ class KeepAliveLoad:
                 me.connections += 1
             reused = conn.replies > 0
             try:
-                conn.send(get(path))
+                conn.send(get(path, self.extra))
                 reply = conn.reply()
             except (BrokenPipeError, ConnectionResetError, Closed) as exc:
                 partial = isinstance(exc, Closed) and exc.partial
@@ -956,6 +959,35 @@ def test_term_with_keepalive_clients_loses_no_request(start_master, tmp_path):
           f"idle close, {load.refused} clients refused once the server stopped accepting")
     assert_no_request_lost(load, log)
     assert load.refused == 6    # every client ran until the server was gone
+
+
+def test_term_and_hup_with_one_request_per_connection_lose_nothing(start_master):
+    """Clients that ask for one request per connection, served by mps.http's
+    C connection loop (no access log, which would keep them on the Python
+    path): HUP replaces every child under them, then TERM stops the pool,
+    and no connection the server accepted goes unanswered."""
+    m = start_http(start_master, "wsgi_apps:cgi", bind="127.0.0.1:0", **POOL_HUP)
+    if SPEEDUPS:
+        probe = exchange(m.port, get("/probe", "Connection: close\r\n"))[0]
+        assert json.loads(probe.body)["served by"] == "c-loop"
+    old = m.child_pids()
+    with KeepAliveLoad(m.port, threads=6, close=True) as load:
+        load.wait_for(300)
+        m.signal(signal.SIGHUP)
+        doc = wait_until(lambda: (d := m.try_status()) and d["generation"] == 1
+                         and not ({s["pid"] for s in d["slots"]} & old) and d,
+                         what="every old child replaced")
+        load.wait_for(300)      # served by the new generation
+        assert load.failed == [] and load.refused == 0
+        m.signal(signal.SIGTERM)
+        assert m.wait_exit(30) == 0
+        wait_until(lambda: not any(t.is_alive() for t in load.threads), timeout=15,
+                   what="every client to notice the server is gone")
+    print(f"\nHUP then TERM under one-request-per-connection load: {load.ok} answered")
+    assert load.failed == [], load.failed[:5]
+    assert load.refused == 6    # every client ran until the server was gone
+    assert doc["totals"]["crashed"] == 0
+    assert sum(c.connections for c in load.clients) >= load.ok     # one per request
 
 
 def test_hup_with_keepalive_clients_loses_no_request(start_master, tmp_path):
