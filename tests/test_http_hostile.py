@@ -961,6 +961,19 @@ def test_term_with_keepalive_clients_loses_no_request(start_master, tmp_path):
     assert load.refused == 6    # every client ran until the server was gone
 
 
+def hup_under_load(m: Master, load: KeepAliveLoad) -> dict[str, Any]:
+    """HUP once ``load`` is under way; the status once every old child is
+    replaced and the new generation has served 300 more."""
+    old = m.child_pids()
+    load.wait_for(300)
+    m.signal(signal.SIGHUP)
+    doc: dict[str, Any] = wait_until(
+        lambda: (d := m.try_status()) and d["generation"] == 1
+        and not ({s["pid"] for s in d["slots"]} & old) and d, what="every old child replaced")
+    load.wait_for(300)      # served by the new generation
+    return doc
+
+
 def test_term_and_hup_with_one_request_per_connection_lose_nothing(start_master):
     """Clients that ask for one request per connection, served by mps.http's
     C connection loop (no access log, which would keep them on the Python
@@ -970,14 +983,8 @@ def test_term_and_hup_with_one_request_per_connection_lose_nothing(start_master)
     if SPEEDUPS:
         probe = exchange(m.port, get("/probe", "Connection: close\r\n"))[0]
         assert json.loads(probe.body)["served by"] == "c-loop"
-    old = m.child_pids()
     with KeepAliveLoad(m.port, threads=6, close=True) as load:
-        load.wait_for(300)
-        m.signal(signal.SIGHUP)
-        doc = wait_until(lambda: (d := m.try_status()) and d["generation"] == 1
-                         and not ({s["pid"] for s in d["slots"]} & old) and d,
-                         what="every old child replaced")
-        load.wait_for(300)      # served by the new generation
+        doc = hup_under_load(m, load)
         assert load.failed == [] and load.refused == 0
         m.signal(signal.SIGTERM)
         assert m.wait_exit(30) == 0
@@ -994,14 +1001,8 @@ def test_hup_with_keepalive_clients_loses_no_request(start_master, tmp_path):
     log = tmp_path / "access.log"
     m = start_http(start_master, "wsgi_apps:hello", bind="127.0.0.1:0", **POOL_HUP,
                    access_log=str(log), access_log_format="%U %s")
-    old = m.child_pids()
     with KeepAliveLoad(m.port, threads=6) as load:
-        load.wait_for(300)
-        m.signal(signal.SIGHUP)
-        doc = wait_until(lambda: (d := m.try_status()) and d["generation"] == 1
-                         and not ({s["pid"] for s in d["slots"]} & old) and d,
-                         what="every old child replaced")
-        load.wait_for(300)      # served by the new generation
+        doc = hup_under_load(m, load)
         retries = sum(c.retries for c in load.clients)
     print(f"\nHUP under keep-alive load: {load.ok} answered, {retries} retried after an "
           f"idle close")
