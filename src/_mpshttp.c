@@ -1755,13 +1755,17 @@ static int address_text(const struct sockaddr *sa, char *host, size_t size, int 
     return -1;
 }
 
-/* WSGIHandler.peer()'s tuple for the connection just accepted; NULL without
- * an exception when its address is not an IP one (Python serves it). */
+/* WSGIHandler.peer()'s tuple for the connection just accepted: an IP peer's
+ * address and port, a Unix socket's peer REMOTE_ADDR "" alone (as Python's
+ * for an address that is not a tuple); NULL without an exception for any
+ * other family (Python serves it). */
 static PyObject *loop_peer(Responder *self, int fd)
 {
     char host[INET6_ADDRSTRLEN];
     int port;
-    if (address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
+    int unix_peer = ((const struct sockaddr *)self->addr)->sa_family == AF_UNIX;
+    if (!unix_peer
+            && address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
         return NULL;
     /* SERVER_NAME/PORT: the handler's, shared with its peer() -- whichever
      * path saw the child's first connection set it, from that one. */
@@ -1788,6 +1792,16 @@ static PyObject *loop_peer(Responder *self, int fd)
         Py_DECREF(server);
         PyErr_SetString(PyExc_TypeError, "handler.server: not a (name, port) pair");
         return NULL;
+    }
+    if (unix_peer) {
+        PyObject *empty = PyUnicode_FromString("");
+        PyObject *peer = empty == NULL ? NULL
+            : PyTuple_Pack(6, key_remote_addr, empty, key_server_name,
+                           PyTuple_GET_ITEM(server, 0), key_server_port,
+                           PyTuple_GET_ITEM(server, 1));
+        Py_XDECREF(empty);
+        Py_DECREF(server);
+        return peer;
     }
     PyObject *remote = PyUnicode_FromString(host);
     PyObject *remote_port = PyUnicode_FromFormat("%d", port);

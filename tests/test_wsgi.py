@@ -937,6 +937,37 @@ def test_the_c_loop_answers_as_the_python_layer(start_master: Callable[..., Mast
         assert c.send(req("GET", "/cgi/ka")).reply().json()["served by"] == "python"
 
 
+def test_the_c_loop_serves_a_unix_socket_as_the_python_layer(
+        start_master: Callable[..., Master], tmp_path: Path) -> None:
+    """Behind nginx on a Unix socket: REMOTE_ADDR is "" and there is no
+    REMOTE_PORT, in both builds.  (No TCP_DEFER_ACCEPT there: the request
+    is queued behind a busy child here, so the first read has it.)"""
+    if not SPEEDUPS:
+        pytest.skip("mps.http._speedups is not built here (no C compiler at install): "
+                    "apt-get install gcc and reinstall mps")
+    replies = {}
+    for layer, env in (("c", STRICT_ENV), ("python", {**STRICT_ENV, NO_SPEEDUPS_ENV: "1"})):
+        path = tmp_path / f"{layer}.sock"
+        m = start_master(wsgi="wsgi_apps:router", extra_args=["--bind", f"unix:{path}"],
+                         **ONE_CHILD, env=env)
+        m.wait_ready()
+        with socket.socket(socket.AF_UNIX) as busy, socket.socket(socket.AF_UNIX) as queued:
+            busy.settimeout(10)
+            queued.settimeout(10)
+            busy.connect(str(path))
+            busy.sendall(req("GET", "/slow/?s=0.3", "Connection: close"))
+            wait_until(lambda: m.status()["children"]["busy"] == 1, what="the child busy")
+            queued.connect(str(path))
+            queued.sendall(req("GET", "/cgi/u?q", "Connection: close"))
+            got = b""
+            while chunk := queued.recv(65536):
+                got += chunk
+        replies[layer] = re.sub(rb"Date: [^\r]*\r\n", b"", got)
+    served = json.loads(replies["c"].partition(b"\r\n\r\n")[2])
+    assert served["served by"] == "c-loop" and served["REMOTE_ADDR"] == ""
+    assert replies["c"].replace(b"c-loop", b"python") == replies["python"]
+
+
 def test_the_c_loop_hands_over_what_it_cannot_serve(start_master: Callable[..., Master]) -> None:
     """What the C loop does not serve itself reaches the Python path whole:
     a body, a head that arrives in pieces, pipelining, bad input."""
