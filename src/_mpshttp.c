@@ -1830,9 +1830,7 @@ static PyObject *hand_over(int fd, Py_ssize_t preread)
 static Request *lone_request(Sink *sink)
 {
     if (sink->parsing != NULL || sink->last == NULL || PyObject_Length(sink->ready) != 1)
-        return NULL;
-    if (PyErr_Occurred())
-        return NULL;
+        return NULL;    /* (an error, if Length raised one, reaches the caller) */
     Request *req = (Request *)PySequence_GetItem(sink->ready, 0);
     if (req == NULL)
         return NULL;
@@ -1912,8 +1910,6 @@ static PyObject *serve_connection(Responder *self, int fd)
     goto closing;
 python:
     /* Nothing answered: Python serves the connection, from what was read. */
-    if (x != NULL)
-        goto closing;       /* (never: respond_core answered or failed) */
     Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(Py_None));
     Py_XDECREF(ready);
     Py_XDECREF(sink);

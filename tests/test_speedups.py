@@ -615,7 +615,7 @@ def test_a_connection_served_in_c_gets_one_socket_object_at_most() -> None:
         kept: dict[str, Any] = {}
 
         def socket_for(fd: int) -> socket.socket:
-            sock = board.socket_for(fd)
+            sock = CScoreboard.socket_for(board, fd)
             made.append(sock)
             if len(made) == 1:
                 kept["write"](b"")      # as another thread would, meanwhile
@@ -628,7 +628,8 @@ def test_a_connection_served_in_c_gets_one_socket_object_at_most() -> None:
 
         handler = wsgi.WSGIHandler(app)
         handler.bind(Alone())
-        serve_one = handler.direct(board.accept_entry(slot, listener), board, socket_for)
+        board.socket_for = socket_for   # type: ignore[method-assign]
+        serve_one = handler.direct(board.accept_entry(slot, listener), board)
         assert serve_one is not None
         with socket.create_connection(listener.getsockname(), timeout=10) as client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

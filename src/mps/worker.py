@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from types import FrameType
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from . import logs
 from .daemon import die_with_parent
@@ -79,11 +79,8 @@ class Worker:
         self.alive = True
         self.wake_r = -1        # the signal wake-up pipe (see boot)
         #: The handler's C connection loop (see boot), or None: accept() and
-        #: the handler, per connection.  With it: the board's adopt(fd), and
-        #: the handler taking a connection over with its first bytes read.
+        #: the handler, per connection.
         self.serve_one: Callable[[bool], Any] | None = None
-        self.adopt: Callable[[int], tuple[socket.socket, Any]] | None = None
-        self.resume: Callable[[socket.socket, Any, int], None] | None = None
         #: The mask to restore once the child's own handlers are in place (the
         #: master blocks its signals across fork()); None: leave it as it is.
         self.signal_mask: set[int] | None = None
@@ -137,21 +134,21 @@ class Worker:
             bind(ChildPool(self))
         direct = getattr(self.app.handler, "direct", None)
         entry = getattr(self.board, "accept_entry", None)
-        adopt = getattr(self.board, "adopt", None)
-        if direct is not None and entry is not None and adopt is not None:
+        if direct is not None and entry is not None:
             # The handler accepts and serves in C where it can (mps.http):
             # on the C board, with the accept() the loop below would make.
-            self.serve_one = direct(entry(self.child.slot, self.listener), self.board,
-                                    getattr(self.board, "socket_for"))
-            # (the handler, as one that takes a connection over with preread)
-            self.adopt, self.resume = adopt, getattr(self.app.handler, "__call__")
+            self.serve_one = direct(entry(self.child.slot, self.listener), self.board)
         return True
 
     def serve(self) -> int:
         # Locals: this loop runs once per connection.
         board, listener, slot = self.board, self.listener, self.child.slot
         accept, handle = board.accept, self.app.handler
-        one, adopt, resume = self.serve_one, self.adopt, self.resume
+        one = self.serve_one
+        # With the C loop: the C board's adopt(fd), and the handler as one that
+        # takes a connection over with its first bytes read.
+        adopt = cast(Callable[[int], tuple[socket.socket, Any]], getattr(board, "adopt", None))
+        resume = cast(Callable[[socket.socket, Any, int], object], handle)
         left = self.child.limit or -1      # connections before recycling; -1 = never
         done = False        # a connection finished: the next accept marks us idle first
         while self.alive:
@@ -171,7 +168,6 @@ class Worker:
                         raise OSError(-got, os.strerror(-got))      # as accept() would
                     if got is not None:
                         fd, preread = got       # handed over, its first bytes read
-                        assert adopt is not None
                         try:
                             conn, addr = adopt(fd)
                         except Exception:   # (adopt makes the socket last: fd is ours)
@@ -188,7 +184,6 @@ class Worker:
             if conn is not None:
                 try:
                     if preread:
-                        assert resume is not None
                         resume(conn, addr, preread)
                     else:
                         handle(conn, addr)

@@ -468,20 +468,20 @@ class WSGIHandler:
             self.access = accesslog.AccessLog(self.options.access_log,
                                               self.options.access_log_format)
 
-    def direct(self, entry: tuple[int, ...], owner: object,
-               make_socket: Callable[[int], socket.socket]) -> Callable[[bool], Any] | None:
+    def direct(self, entry: tuple[int, ...], board: Any) -> Callable[[bool], Any] | None:
         """In the child, once: the C connection loop's call (Responder.serve_one),
-        which accepts with ``entry`` (Scoreboard.accept_entry; ``owner``, the
-        board, keeps its memory alive) and serves the
-        one-connection-per-request shape in C, handing every other connection
-        to __call__ (with ``preread``); None where Python serves them all."""
-        if self.fast is None or self.fast != self.responder.respond:
-            return None     # (the Python path, or a test replaced it)
+        which accepts with ``entry`` (``board``.accept_entry; the board keeps
+        its memory alive and makes a socket object when Python needs one) and
+        serves the one-connection-per-request shape in C, handing every other
+        connection to __call__ (with ``preread``); None where Python serves
+        them all."""
+        if self.fast is None:
+            return None
         lim = self.limits
-        self.responder.attach(entry, owner, self.buf,
+        self.responder.attach(entry, board, self.buf,
                               (lim.request_line, lim.fields, lim.field_size, lim.max_body),
                               httptools.HttpRequestParser, collections.deque,
-                              self.pool.begin_request, make_socket, self)
+                              self.pool.begin_request, board.socket_for, self)
         serve_one: Callable[[bool], Any] = self.responder.serve_one
         return serve_one
 
@@ -504,7 +504,7 @@ class WSGIHandler:
         if preread:
             reader.take(preread)
         peer = self.peer(conn, addr)
-        began = time.monotonic()
+        began = reader.sink.opened     # (the connection's start, read once)
         served = 0
         pool, fast = self.pool, self.fast
         try:
