@@ -740,15 +740,22 @@ def deploy_a_release_that_cannot_boot(m: Master, app: Path, flag: Path) -> Resul
     return r
 
 
+def serving_v1(start_master: Callable[..., Master], tmp_path: Path) -> tuple[Master, Path, Path]:
+    """A pool serving v1 of an app; the app's path, and the flag that
+    deploy_a_release_that_cannot_boot will use."""
+    app, flag = tmp_path / "app.py", tmp_path / "broken"
+    write_app(app, "v1")
+    m = start_master(app=f"{app}:handle", env=NO_PYC, **SMALL)
+    m.wait_ready()
+    return m, app, flag
+
+
 def test_an_upgrade_whose_children_cannot_boot_keeps_the_old_generation_serving(
         start_master, tmp_path):
     """post_fork fails in every new child: the upgrade is reported failed
     and the old children serve on (a plain start would stop: nothing else
     serves); once the cause is gone, the retried boot completes the upgrade."""
-    app, flag = tmp_path / "app.py", tmp_path / "broken"
-    write_app(app, "v1")
-    m = start_master(app=f"{app}:handle", env=NO_PYC, **SMALL)
-    m.wait_ready()
+    m, app, flag = serving_v1(start_master, tmp_path)
     with Load(m.port, threads=4) as load:
         load.wait_for(50)
         r = deploy_a_release_that_cannot_boot(m, app, flag)
@@ -800,10 +807,7 @@ def test_a_fixed_release_replaces_one_whose_children_cannot_boot(start_master, t
     cause: the next reload hands the old generation (still serving, held)
     to the fixed release, which takes over with no restart and no failed
     connection."""
-    app, flag = tmp_path / "app.py", tmp_path / "broken"
-    write_app(app, "v1")
-    m = start_master(app=f"{app}:handle", env=NO_PYC, **SMALL)
-    m.wait_ready()
+    m, app, flag = serving_v1(start_master, tmp_path)
     with Load(m.port, threads=4) as load:
         load.wait_for(50)
         deploy_a_release_that_cannot_boot(m, app, flag)
