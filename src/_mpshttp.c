@@ -24,6 +24,10 @@
  *   Request(started)
  *       One parsed request, as the rest of mps.http reads and updates it.
  *
+ *   llhttp(path) -> bool, parse_lone(data, *limits) -> list | None
+ *       The C loop's parse: httptools' llhttp called from C (see "llhttp,
+ *       directly"), driving the same Sink.
+ *
  * and the request path itself, for the common cases (see "respond" and "the
  * connection loop" below):
  *
@@ -974,25 +978,13 @@ static PyObject *sink_on_header(Sink *s, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
-static PyObject *call_parser(Sink *s, PyObject *name)
+/* on_headers_complete's checks and bookkeeping, given what the parser
+ * says of the head (``method`` a new reference, given away): for a request
+ * the caller holds a reference to (ready.append may run Python code). */
+static PyObject *headers_done(Sink *s, Request *req, PyObject *method, int v11, int v10,
+                              int keep)
 {
-    return PyObject_CallMethodNoArgs(s->parser, name);
-}
-
-/* on_headers_complete's work, on a request the caller holds a reference to
- * (the parser's methods and ready.append may run Python code). */
-static PyObject *headers_complete(Sink *s, Request *req)
-{
-    PyObject *method = call_parser(s, str_get_method);
-    if (method == NULL)
-        return NULL;
     Py_SETREF(req->method, method);
-    PyObject *version = call_parser(s, str_get_http_version);
-    if (version == NULL)
-        return NULL;
-    int v11 = PyUnicode_Check(version) && PyUnicode_CompareWithASCIIString(version, "1.1") == 0;
-    int v10 = PyUnicode_Check(version) && PyUnicode_CompareWithASCIIString(version, "1.0") == 0;
-    Py_DECREF(version);
     if (!v11 && !v10)
         return raise_new(err_version);
     if (!PyBytes_Check(method)) {
@@ -1011,14 +1003,7 @@ static PyObject *headers_complete(Sink *s, Request *req)
         return raise_new(err_bad_request);     /* a 1.1 request without Host: 400 */
     if (v10)
         req->expect_continue = 0;   /* no 1xx to a 1.0 client (RFC 9110 10.1.1) */
-    PyObject *keep = call_parser(s, str_should_keep_alive);
-    if (keep == NULL)
-        return NULL;
-    int k = PyObject_IsTrue(keep);
-    Py_DECREF(keep);
-    if (k < 0)
-        return NULL;
-    req->keep_alive = (char)k;
+    req->keep_alive = (char)keep;
     if (req->content_length > s->max_body)
         return raise_new(err_payload_too_large);
     if (s->parsing == req)
@@ -1028,6 +1013,42 @@ static PyObject *headers_complete(Sink *s, Request *req)
         return NULL;
     Py_DECREF(r);
     Py_RETURN_NONE;
+}
+
+static PyObject *call_parser(Sink *s, PyObject *name)
+{
+    return PyObject_CallMethodNoArgs(s->parser, name);
+}
+
+/* on_headers_complete's work, what httptools' parser says asked of it. */
+static PyObject *headers_complete(Sink *s, Request *req)
+{
+    PyObject *method = call_parser(s, str_get_method);
+    if (method == NULL)
+        return NULL;
+    PyObject *version = call_parser(s, str_get_http_version);
+    if (version == NULL) {
+        Py_DECREF(method);
+        return NULL;
+    }
+    int v11 = PyUnicode_Check(version) && PyUnicode_CompareWithASCIIString(version, "1.1") == 0;
+    int v10 = PyUnicode_Check(version) && PyUnicode_CompareWithASCIIString(version, "1.0") == 0;
+    Py_DECREF(version);
+    int k = 0;
+    if (v11 || v10) {
+        PyObject *keep = call_parser(s, str_should_keep_alive);
+        if (keep == NULL) {
+            Py_DECREF(method);
+            return NULL;
+        }
+        k = PyObject_IsTrue(keep);
+        Py_DECREF(keep);
+        if (k < 0) {
+            Py_DECREF(method);
+            return NULL;
+        }
+    }
+    return headers_done(s, req, method, v11, v10, k);
 }
 
 /* A Sink made without __init__ (Sink.__new__) has no deque and no parser. */
@@ -1164,6 +1185,401 @@ static PyTypeObject SinkType = {
     .tp_methods = sink_methods,
 };
 
+/* ------------------------------------------------------------ llhttp, directly
+ *
+ * The C loop (serve_one) parses with the llhttp that httptools bundles,
+ * through the C API its parser module exports, and with C callbacks: the
+ * same parser in the same strict mode (httptools sets no lenient flag, nor
+ * do we), without the Python-level HttpRequestParser, its bound methods and
+ * a Python call per callback (1.1 us in a microbenchmark; about 0.5 us of a
+ * connection's 29 in the server).  The callbacks drive the Sink as httptools
+ * does (a header field is handed on when its value ends), so the requests
+ * are the same objects, checked by the same code.
+ *
+ * The settings struct below is llhttp 9.3's and later (on_protocol first
+ * among the spans).  llhttp() checks the layout with probe requests before
+ * anything uses it, every span is checked to lie in the bytes fed before it
+ * is read, and the parser's own struct gets more room than it needs:
+ * against any other llhttp the probes fail, and mps.http serves every
+ * connection on the Python path instead (WSGIHandler.direct). */
+
+#include <dlfcn.h>
+
+typedef int (*ll_cb)(void *parser);
+typedef int (*ll_data_cb)(void *parser, const char *at, size_t length);
+
+struct ll_settings {
+    ll_cb on_message_begin;
+    ll_data_cb on_protocol, on_url, on_status, on_method, on_version, on_header_field,
+        on_header_value, on_chunk_extension_name, on_chunk_extension_value;
+    ll_cb on_headers_complete;
+    ll_data_cb on_body;
+    ll_cb on_message_complete, on_protocol_complete, on_url_complete, on_status_complete,
+        on_method_complete, on_version_complete, on_header_field_complete,
+        on_header_value_complete, on_chunk_extension_name_complete,
+        on_chunk_extension_value_complete, on_chunk_header, on_chunk_complete, on_reset;
+    void *spare[16];        /* (room for a later llhttp's, never read by ours) */
+};
+
+#define LL_HTTP_REQUEST 1
+#define LL_PARSER_ROOM 512      /* llhttp 9's llhttp_t takes 88 bytes */
+
+static struct {
+    void (*init)(void *parser, int type, const struct ll_settings *settings);
+    int (*execute)(void *parser, const char *data, size_t len);
+    uint8_t (*method)(void *parser);
+    const char *(*method_name)(int method);
+    uint8_t (*major)(void *parser);
+    uint8_t (*minor)(void *parser);
+    int (*keep_alive)(void *parser);
+    uint8_t (*upgrade)(void *parser);
+} ll;
+static int ll_bound;        /* llhttp() found it and the probes passed */
+static struct ll_settings ll_settings;
+
+/* One parse: llhttp's parser first (the callbacks' argument is its address). */
+struct lone {
+    union {
+        unsigned char room[LL_PARSER_ROOM];
+        void *align_p;
+        uint64_t align_u;
+    } parser;
+    Sink *sink;
+    const char *start, *end;        /* the bytes fed */
+    const char *name, *value;       /* the header field being parsed */
+    size_t name_len, value_len;
+    char has_name, has_value;       /* (httptools: its current name/value is not None) */
+};
+
+/* A callback's span, joined to what it continues: -1 unless it lies in the
+ * bytes fed (else this is not the llhttp we know) and, continuing a piece,
+ * right after it (pieces of one field are adjacent in one buffer). */
+static int lone_span(struct lone *l, const char *at, size_t n, const char **p, size_t *len,
+                     char *has)
+{
+    if (at < l->start || at > l->end || n > (size_t)(l->end - at))
+        return -1;
+    if (!*has) {
+        *p = at;
+        *len = n;
+        *has = 1;
+        return 0;
+    }
+    if (*p + *len != at)
+        return -1;
+    *len += n;
+    return 0;
+}
+
+/* A Sink call's result as a callback's: 0, or -1 with the exception kept
+ * (the caller clears it: the Python path parses again and answers). */
+static int lone_result(PyObject *r)
+{
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* httptools' _maybe_call_on_header: the field whose value ended, to the Sink. */
+static int lone_flush(struct lone *l)
+{
+    if (!l->has_value)
+        return 0;
+    if (!l->has_name)
+        return -1;
+    PyObject *args[2];
+    args[0] = PyBytes_FromStringAndSize(l->name, (Py_ssize_t)l->name_len);
+    args[1] = PyBytes_FromStringAndSize(l->value, (Py_ssize_t)l->value_len);
+    l->has_name = l->has_value = 0;
+    int rc = -1;
+    if (args[0] != NULL && args[1] != NULL)
+        rc = lone_result(sink_on_header(l->sink, args, 2));
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    return rc;
+}
+
+static int lone_message_begin(void *p)
+{
+    struct lone *l = p;
+    return lone_result(sink_on_message_begin(l->sink, NULL));
+}
+
+static int lone_url(void *p, const char *at, size_t n)
+{
+    struct lone *l = p;
+    const char *u;
+    size_t len;
+    char has = 0;
+    if (lone_span(l, at, n, &u, &len, &has) < 0)
+        return -1;
+    PyObject *url = PyBytes_FromStringAndSize(u, (Py_ssize_t)len);
+    if (url == NULL)
+        return -1;
+    int rc = lone_result(sink_on_url(l->sink, url));
+    Py_DECREF(url);
+    return rc;
+}
+
+static int lone_header_field(void *p, const char *at, size_t n)
+{
+    struct lone *l = p;
+    if (lone_flush(l) < 0)
+        return -1;
+    return lone_span(l, at, n, &l->name, &l->name_len, &l->has_name);
+}
+
+static int lone_header_value(void *p, const char *at, size_t n)
+{
+    struct lone *l = p;
+    return lone_span(l, at, n, &l->value, &l->value_len, &l->has_value);
+}
+
+static int lone_headers_complete(void *p)
+{
+    struct lone *l = p;
+    if (lone_flush(l) < 0)
+        return -1;
+    Request *req = l->sink->parsing;
+    if (req == NULL || ll.upgrade(p))
+        return -1;      /* (an upgrade: Python says what it says to one) */
+    const char *name = ll.method_name(ll.method(p));
+    PyObject *method = PyBytes_FromString(name != NULL ? name : "");
+    if (method == NULL)
+        return -1;
+    int major = ll.major(p), minor = ll.minor(p);
+    Py_INCREF(req);
+    int rc = lone_result(headers_done(l->sink, req, method, major == 1 && minor == 1,
+                                      major == 1 && minor == 0, ll.keep_alive(p) != 0));
+    Py_DECREF(req);
+    return rc;
+}
+
+static int lone_message_complete(void *p)
+{
+    struct lone *l = p;
+    return lone_result(sink_on_message_complete(l->sink, NULL));
+}
+
+/* A body, a chunk: not the plain request the loop serves; Python's. */
+static int lone_give_up(void *p)
+{
+    (void)p;
+    return -1;
+}
+
+static int lone_give_up_data(void *p, const char *at, size_t n)
+{
+    (void)p, (void)at, (void)n;
+    return -1;
+}
+
+/* Parse [data, data+n) into ``sink`` (fresh, its ready list empty): 0, or
+ * -1 when the parser stopped (an error, whose exception the caller clears,
+ * or a request the Python path serves). */
+static int lone_parse(struct lone *l, Sink *sink, const char *data, size_t n)
+{
+    l->sink = sink;
+    l->start = data;
+    l->end = data + n;
+    l->has_name = l->has_value = 0;
+    ll.init(&l->parser, LL_HTTP_REQUEST, &ll_settings);
+    int err = ll.execute(&l->parser, data, n);
+    l->sink = NULL;
+    return err == 0 ? 0 : -1;
+}
+
+/* A Sink of the limits, for lone_parse: ready a list. */
+static Sink *lone_sink(long long request_line, long long fields, long long field_size,
+                       long long max_body)
+{
+    Sink *s = PyObject_GC_New(Sink, &SinkType);
+    if (s == NULL)
+        return NULL;
+    s->request_line = request_line;
+    s->max_fields = fields;
+    s->field_size = field_size;
+    s->max_body = max_body;
+    s->opened = 0.0;
+    s->parsing = s->last = NULL;
+    s->ready = PyList_New(0);
+    s->parser = Py_NewRef(Py_None);
+    s->head_bytes = 0;
+    PyObject_GC_Track(s);
+    if (s->ready == NULL) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* The sink made ready for the next connection's first bytes. */
+static int lone_reset(Sink *s, double opened)
+{
+    Py_CLEAR(s->parsing);
+    Py_CLEAR(s->last);
+    s->opened = opened;
+    s->head_bytes = 0;
+    return PyList_SetSlice(s->ready, 0, PyList_GET_SIZE(s->ready), NULL);
+}
+
+/* Each probe, and the request it must parse to (NULL fields: none). */
+static const struct {
+    const char *data, *method, *url, *version;
+    const char *fields[4];
+    int keep;
+} ll_probes[] = {
+    {"GET /probe?x=1 HTTP/1.1\r\nHost: h\r\nX-Probe: a b\r\n\r\n", "GET", "/probe?x=1",
+     "HTTP/1.1", {"Host", "h", "X-Probe", "a b"}, 1},
+    {"HEAD /p HTTP/1.0\r\nConnection: close\r\n\r\n", "HEAD", "/p", "HTTP/1.0",
+     {"Connection", "close", NULL, NULL}, 0},
+};
+
+static int bytes_equal(PyObject *b, const char *s)
+{
+    return PyBytes_Check(b) && (size_t)PyBytes_GET_SIZE(b) == strlen(s)
+        && memcmp(PyBytes_AS_STRING(b), s, strlen(s)) == 0;
+}
+
+/* 1 when every probe parses to its request, 0 when not, -1 on error. */
+static int ll_probe(void)
+{
+    struct lone *l = PyMem_Calloc(1, sizeof *l);
+    Sink *sink = lone_sink(8190, 100, 8190, 1 << 20);
+    int ok = -1;
+    if (l == NULL || sink == NULL)
+        goto out;
+    ok = 1;
+    for (size_t i = 0; ok == 1 && i < sizeof ll_probes / sizeof ll_probes[0]; i++) {
+        if (lone_reset(sink, 0.0) < 0) {
+            ok = -1;
+            break;
+        }
+        if (lone_parse(l, sink, ll_probes[i].data, strlen(ll_probes[i].data)) < 0) {
+            PyErr_Clear();
+            ok = 0;
+            break;
+        }
+        Request *r = sink->last;
+        if (PyList_GET_SIZE(sink->ready) != 1 || r == NULL
+                || PyList_GET_ITEM(sink->ready, 0) != (PyObject *)r || !r->complete
+                || r->keep_alive != ll_probes[i].keep
+                || !bytes_equal(r->method, ll_probes[i].method)
+                || !bytes_equal(r->url, ll_probes[i].url)
+                || !PyUnicode_Check(r->version)
+                || PyUnicode_CompareWithASCIIString(r->version, ll_probes[i].version) != 0
+                || !PyList_Check(r->headers)) {
+            ok = 0;
+            break;
+        }
+        Py_ssize_t want = 0;
+        while (want < 2 && ll_probes[i].fields[2 * want] != NULL)
+            want++;
+        if (PyList_GET_SIZE(r->headers) != want)
+            ok = 0;
+        for (Py_ssize_t f = 0; ok == 1 && f < want; f++) {
+            PyObject *pair = PyList_GET_ITEM(r->headers, f);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2
+                    || !bytes_equal(PyTuple_GET_ITEM(pair, 0), ll_probes[i].fields[2 * f])
+                    || !bytes_equal(PyTuple_GET_ITEM(pair, 1), ll_probes[i].fields[2 * f + 1]))
+                ok = 0;
+        }
+    }
+out:
+    if (ok < 0 && !PyErr_Occurred())
+        PyErr_NoMemory();
+    PyMem_Free(l);
+    Py_XDECREF(sink);
+    return ok;
+}
+
+/* llhttp(path) -> bool: bind the llhttp in httptools' parser module (its
+ * file, loaded already) for serve_one, if it is one whose layout this file
+ * knows (the probes parse as they must).  None unbinds it. */
+static PyObject *speedups_llhttp(PyObject *module, PyObject *path)
+{
+    (void)module;
+    ll_bound = 0;
+    if (path == Py_None)
+        Py_RETURN_FALSE;
+    PyObject *encoded;
+    if (!PyUnicode_FSConverter(path, &encoded))
+        return NULL;
+    void *so = dlopen(PyBytes_AS_STRING(encoded), RTLD_NOW | RTLD_NOLOAD);
+    Py_DECREF(encoded);
+    if (so == NULL)
+        Py_RETURN_FALSE;        /* (not loaded: not the module in use) */
+    void **fns[] = {(void **)&ll.init, (void **)&ll.execute, (void **)&ll.method,
+                    (void **)&ll.method_name, (void **)&ll.major, (void **)&ll.minor,
+                    (void **)&ll.keep_alive, (void **)&ll.upgrade};
+    static const char *names[] = {"llhttp_init", "llhttp_execute", "llhttp_get_method",
+                                  "llhttp_method_name", "llhttp_get_http_major",
+                                  "llhttp_get_http_minor", "llhttp_should_keep_alive",
+                                  "llhttp_get_upgrade"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *fns[i] = dlsym(so, names[i]);
+        if (*fns[i] == NULL) {
+            dlclose(so);
+            Py_RETURN_FALSE;
+        }
+    }
+    /* (the handle stays open: the module is never unloaded anyway) */
+    memset(&ll_settings, 0, sizeof ll_settings);
+    ll_settings.on_message_begin = lone_message_begin;
+    ll_settings.on_url = lone_url;
+    ll_settings.on_header_field = lone_header_field;
+    ll_settings.on_header_value = lone_header_value;
+    ll_settings.on_headers_complete = lone_headers_complete;
+    ll_settings.on_body = lone_give_up_data;
+    ll_settings.on_message_complete = lone_message_complete;
+    ll_settings.on_chunk_header = lone_give_up;
+    ll_settings.on_chunk_complete = lone_give_up;
+    int ok = ll_probe();
+    if (ok < 0)
+        return NULL;
+    ll_bound = ok;
+    return PyBool_FromLong(ok);
+}
+
+/* parse_lone(data, request_line, fields, field_size, max_body) -> list | None:
+ * the requests whose heads the C loop's parse of ``data`` completed, or None
+ * where it stopped (tests compare it with httptools' Python API). */
+static PyObject *speedups_parse_lone(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer data;
+    long long limits[4];
+    if (!PyArg_ParseTuple(args, "y*LLLL:parse_lone", &data, &limits[0], &limits[1],
+                          &limits[2], &limits[3]))
+        return NULL;
+    PyObject *out = NULL;
+    struct lone *l = NULL;
+    Sink *sink = NULL;
+    if (!ll_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "parse_lone(): llhttp() is not bound");
+        goto done;
+    }
+    l = PyMem_Calloc(1, sizeof *l);
+    sink = lone_sink(limits[0], limits[1], limits[2], limits[3]);
+    if (l == NULL || sink == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
+    if (lone_parse(l, sink, data.buf, (size_t)data.len) < 0) {
+        PyErr_Clear();
+        out = Py_NewRef(Py_None);
+    } else {
+        out = Py_NewRef(sink->ready);
+    }
+done:
+    PyBuffer_Release(&data);
+    PyMem_Free(l);
+    Py_XDECREF(sink);
+    return out;
+}
+
 static PyObject *speedups_configure(PyObject *module, PyObject *args)
 {
     (void)module;
@@ -1259,8 +1675,9 @@ typedef struct {
     int64_t slot;
     int listen_fd, epoll_fd, wake_fd;
     Py_buffer buf;                  /* the child's read buffer */
-    long long request_line, fields, field_size, max_body;
-    PyObject *parser_cls, *ready_cls, *marker, *make_socket, *finish;
+    struct lone *lone;              /* the parse of each connection's first bytes */
+    Sink *sink;                     /* its requests (ready: a list) */
+    PyObject *marker, *make_socket, *finish;
     PyObject *handler;      /* the WSGIHandler: its server (name, port) cache */
     PyObject *keep;         /* what owns addr and addrlen (the board) */
 } Responder;
@@ -1737,7 +2154,7 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
  * Returns None (served, and closed), a negative errno (accept() failed:
  * what Scoreboard.accept raises), or (fd, preread) to hand over. */
 
-static PyObject *str_feed_data, *str_close, *str_server, *key_remote_addr, *key_remote_port,
+static PyObject *str_close, *str_server, *key_remote_addr, *key_remote_port,
     *key_server_name, *key_server_port;
 
 static int address_text(const struct sockaddr *sa, char *host, size_t size, int *port)
@@ -1855,32 +2272,18 @@ static PyObject *serve_connection(Responder *self, int fd)
     }
     if (n < 0)
         return hand_over(fd, 0);    /* nothing yet (or EINTR): Python waits for it */
-    PyObject *ready = NULL, *sink = NULL, *parser = NULL, *view = NULL, *fed = NULL,
-        *peer = NULL, *marked = NULL, *out = NULL;
+    PyObject *peer = NULL, *marked = NULL, *out = NULL;
     Request *req = NULL;
     Exchange *x = NULL;
+    Sink *sink = self->sink;
 
-    ready = PyObject_CallNoArgs(self->ready_cls);
-    if (ready == NULL)
+    if (lone_reset(sink, monotonic()) < 0)
         goto fail;
-    sink = PyObject_CallFunction((PyObject *)&SinkType, "LLLLdO", self->request_line,
-                                 self->fields, self->field_size, self->max_body, monotonic(),
-                                 ready);
-    if (sink == NULL)
-        goto fail;
-    parser = PyObject_CallOneArg(self->parser_cls, sink);
-    if (parser == NULL)
-        goto fail;
-    Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(parser));
-    view = PyMemoryView_FromMemory(self->buf.buf, n, PyBUF_READ);
-    if (view == NULL)
-        goto fail;
-    fed = PyObject_CallMethodOneArg(parser, str_feed_data, view);
-    if (fed == NULL) {
-        PyErr_Clear();          /* bad input, an upgrade: Python parses again and says so */
+    if (lone_parse(self->lone, sink, self->buf.buf, (size_t)n) < 0) {
+        PyErr_Clear();          /* bad input, an upgrade, a body: Python parses again */
         goto python;
     }
-    req = lone_request((Sink *)sink);
+    req = lone_request(sink);
     if (req == NULL) {
         if (PyErr_Occurred())
             goto fail;
@@ -1910,14 +2313,10 @@ static PyObject *serve_connection(Responder *self, int fd)
     goto closing;
 python:
     /* Nothing answered: Python serves the connection, from what was read. */
-    Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(Py_None));
-    Py_XDECREF(ready);
-    Py_XDECREF(sink);
-    Py_XDECREF(parser);
-    Py_XDECREF(view);
-    Py_XDECREF(fed);
     Py_XDECREF(peer);
     Py_XDECREF((PyObject *)req);
+    if (lone_reset(sink, 0.0) < 0)
+        PyErr_Clear();      /* (only the requests are held on to: reset next time) */
     return hand_over(fd, n);
 fail:
 closing:
@@ -1936,15 +2335,10 @@ closing:
         }
         if (x != NULL)
             x->fd = -1;
+        if (lone_reset(sink, 0.0) < 0)
+            PyErr_Clear();
         PyErr_Restore(exc_type, exc_value, exc_tb);
     }
-    if (sink != NULL)
-        Py_XSETREF(((Sink *)sink)->parser, Py_NewRef(Py_None));
-    Py_XDECREF(ready);
-    Py_XDECREF(sink);
-    Py_XDECREF(parser);
-    Py_XDECREF(view);
-    Py_XDECREF(fed);
     Py_XDECREF(peer);
     Py_XDECREF(marked);
     Py_XDECREF((PyObject *)req);
@@ -1977,21 +2371,31 @@ static PyObject *responder_serve_one(Responder *self, PyObject *idle_first_obj)
     return serve_connection(self, fd);
 }
 
-/* attach(entry, owner, buffer, limits, parser_cls, ready_cls, marker,
- * make_socket, handler): set up serve_one() in a child (see
- * WSGIHandler.direct); ``owner`` keeps the entry's memory alive, ``handler``
- * gives finish() and the server-name cache. */
+/* attach(entry, owner, buffer, limits, marker, make_socket, handler): set
+ * up serve_one() in a child (see WSGIHandler.direct), once llhttp() bound
+ * the parser; ``owner`` keeps the entry's memory alive, ``handler`` gives
+ * finish() and the server-name cache. */
 static PyObject *responder_attach(Responder *self, PyObject *args)
 {
     unsigned long long accept, board, addr, addrlen;
     long long slot, request_line, fields, field_size, max_body;
     int listen_fd, epoll_fd, wake_fd;
-    PyObject *owner, *buffer, *parser_cls, *ready_cls, *marker, *make_socket, *handler;
-    if (!PyArg_ParseTuple(args, "(KKLiiiKK)OO(LLLL)OOOOO:attach", &accept, &board, &slot,
+    PyObject *owner, *buffer, *marker, *make_socket, *handler;
+    if (!PyArg_ParseTuple(args, "(KKLiiiKK)OO(LLLL)OOO:attach", &accept, &board, &slot,
                           &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &owner, &buffer,
-                          &request_line, &fields, &field_size, &max_body, &parser_cls,
-                          &ready_cls, &marker, &make_socket, &handler))
+                          &request_line, &fields, &field_size, &max_body, &marker,
+                          &make_socket, &handler))
         return NULL;
+    if (!ll_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "attach(): llhttp() is not bound");
+        return NULL;
+    }
+    if (self->lone == NULL && (self->lone = PyMem_Calloc(1, sizeof *self->lone)) == NULL)
+        return PyErr_NoMemory();
+    Sink *sink = lone_sink(request_line, fields, field_size, max_body);
+    if (sink == NULL)
+        return NULL;
+    Py_XSETREF(self->sink, sink);
     PyObject *finish = PyObject_GetAttrString(handler, "finish");
     if (finish == NULL)
         return NULL;
@@ -2021,12 +2425,6 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
     self->listen_fd = listen_fd;
     self->epoll_fd = epoll_fd;
     self->wake_fd = wake_fd;
-    self->request_line = request_line;
-    self->fields = fields;
-    self->field_size = field_size;
-    self->max_body = max_body;
-    Py_XSETREF(self->parser_cls, Py_NewRef(parser_cls));
-    Py_XSETREF(self->ready_cls, Py_NewRef(ready_cls));
     Py_XSETREF(self->marker, Py_NewRef(marker));
     Py_XSETREF(self->make_socket, Py_NewRef(make_socket));
     Py_XSETREF(self->finish, finish);
@@ -2082,8 +2480,7 @@ static int responder_traverse(Responder *self, visitproc visit, void *arg)
     Py_VISIT(self->header_error);
     Py_VISIT(self->check);
     Py_VISIT(self->forwarded);
-    Py_VISIT(self->parser_cls);
-    Py_VISIT(self->ready_cls);
+    Py_VISIT(self->sink);
     Py_VISIT(self->marker);
     Py_VISIT(self->make_socket);
     Py_VISIT(self->finish);
@@ -2106,8 +2503,7 @@ static int responder_clear(Responder *self)
     Py_CLEAR(self->header_error);
     Py_CLEAR(self->check);
     Py_CLEAR(self->forwarded);
-    Py_CLEAR(self->parser_cls);
-    Py_CLEAR(self->ready_cls);
+    Py_CLEAR(self->sink);
     Py_CLEAR(self->marker);
     Py_CLEAR(self->make_socket);
     Py_CLEAR(self->finish);
@@ -2124,6 +2520,7 @@ static void responder_dealloc(Responder *self)
 {
     PyObject_GC_UnTrack(self);
     responder_clear(self);
+    PyMem_Free(self->lone);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -2132,8 +2529,7 @@ static PyMethodDef responder_methods[] = {
      "respond(conn, reader, req, peer, keep) -> None | bool | "
      "(resp, input, environ, result, error)"},
     {"attach", (PyCFunction)responder_attach, METH_VARARGS,
-     "attach(entry, owner, buffer, limits, parser_cls, ready_cls, marker, make_socket, "
-     "handler)"},
+     "attach(entry, owner, buffer, limits, marker, make_socket, handler)"},
     {"serve_one", (PyCFunction)responder_serve_one, METH_O,
      "serve_one(idle_first) -> None | -errno | (fd, preread)"},
     {NULL, NULL, 0, NULL},
@@ -2163,6 +2559,12 @@ static PyMethodDef speedups_methods[] = {
      " -> (head, length, keep, chunked, body_allowed)."},
     {"environ", (PyCFunction)(void (*)(void))speedups_environ, METH_FASTCALL,
      "environ(base, method, target, version, headers, keys, extra, input) -> dict."},
+    {"llhttp", speedups_llhttp, METH_O,
+     "llhttp(path) -> bool: parse in serve_one with the llhttp of httptools' parser "
+     "module at path, if its probes pass (None: stop)."},
+    {"parse_lone", speedups_parse_lone, METH_VARARGS,
+     "parse_lone(data, request_line, fields, field_size, max_body) -> list | None: "
+     "serve_one's parse, for tests."},
     {"date", speedups_date, METH_NOARGS,
      "date() -> bytes: the Date header line, formatted at most once a second."},
     {"configure", speedups_configure, METH_VARARGS,
@@ -2203,7 +2605,6 @@ PyMODINIT_FUNC PyInit__speedups(void)
             || (key_forwarded_for = PyUnicode_InternFromString("HTTP_X_FORWARDED_FOR")) == NULL
             || (key_forwarded_proto = PyUnicode_InternFromString("HTTP_X_FORWARDED_PROTO"))
                 == NULL
-            || (str_feed_data = PyUnicode_InternFromString("feed_data")) == NULL
             || (str_close = PyUnicode_InternFromString("close")) == NULL
             || (str_server = PyUnicode_InternFromString("server")) == NULL
             || (key_remote_addr = PyUnicode_InternFromString("REMOTE_ADDR")) == NULL

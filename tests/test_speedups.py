@@ -217,6 +217,90 @@ def test_the_sinks_refuse_alike_with_the_right_errors() -> None:
             assert parse(sink_class, data, [])[-2] == error, (sink_class, data)
 
 
+# ------------------------------------------------------------ the C loop's parse
+
+def httptools_parse(data: bytes) -> tuple[list[dict[str, Any]] | None, bool]:
+    """httptools' Python API and the C sink, fed ``data`` at once: the
+    requests whose heads completed (None: the parse stopped), and whether a
+    body or a chunk began."""
+    ready: collections.deque[Any] = collections.deque()
+    sink = speedups.Sink(LIMITS.request_line, LIMITS.fields, LIMITS.field_size, LIMITS.max_body,
+                         0.0, ready)
+    parser = httptools.HttpRequestParser(sink)
+    sink.parser = parser
+    stopped = False
+    try:
+        parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        stopped = True
+    finally:
+        sink.parser = None
+    begun = list(ready) + ([sink.last] if sink.last is not None and sink.last not in ready else [])
+    body = any(r.body_size or r.chunks for r in begun)
+    return None if stopped else [request_fields(r) for r in ready], body
+
+
+def request_fields(r: Any) -> dict[str, Any]:
+    return {f: getattr(r, f) for f in FIELDS if f != "started"} | {"body": b"".join(r.body)}
+
+
+def c_loop_parse(data: bytes) -> list[dict[str, Any]] | None:
+    got = speedups.parse_lone(data, LIMITS.request_line, LIMITS.fields, LIMITS.field_size,
+                              LIMITS.max_body)
+    return None if got is None else [request_fields(r) for r in got]
+
+
+@EXAMPLES
+@given(data=st.one_of(valid_requests(), mutated_requests(),
+                      st.lists(valid_requests(), min_size=2, max_size=3).map(b"".join)))
+def test_the_c_loop_parses_as_httptools_python_api(data: bytes) -> None:
+    """serve_one calls httptools' llhttp directly: the same requests as
+    through httptools.HttpRequestParser, or a stop (Python serves the
+    connection) where that parse fails, or at a body or a chunk."""
+    want, body = httptools_parse(data)
+    got = c_loop_parse(data)
+    if got is None:
+        assert want is None or body, want
+    else:
+        assert got == want
+
+
+def test_the_c_loop_parses_the_common_requests() -> None:
+    got = c_loop_parse(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nA:\r\nConnection: close\r\n\r\n")
+    assert got is not None and len(got) == 1
+    assert (got[0]["method"], got[0]["url"], got[0]["version"], got[0]["keep_alive"]) == (
+        b"GET", b"/a?b=1", "HTTP/1.1", False)
+    assert got[0]["headers"] == [(b"Host", b"x"), (b"A", b""), (b"Connection", b"close")]
+    assert got[0]["complete"]
+    # Stops: a body, chunks, an upgrade, bad input; a head not yet whole parses on.
+    for data in [b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab",
+                 b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na",
+                 b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", b"GET /\x01 HTTP/1.1\r\n"]:
+        assert c_loop_parse(data) is None, data
+    assert c_loop_parse(b"GET / HTTP/1.1\r\nHost: x\r\n") == []
+
+
+def test_the_c_loop_parses_with_the_installed_httptools() -> None:
+    """Where httptools bundles an llhttp that src/_mpshttp.c does not know,
+    mps still serves (in Python) but loses its C loop: this says so."""
+    assert message.LLHTTP, f"httptools {httptools.__version__}: its llhttp is not one " \
+                           "src/_mpshttp.c knows (see speedups.llhttp)"
+
+
+def test_llhttp_binds_only_httptools_parser() -> None:
+    path = sys.modules[httptools.HttpRequestParser.__module__].__file__
+    try:
+        assert speedups.llhttp(None) is False
+        with pytest.raises(RuntimeError, match="not bound"):
+            speedups.parse_lone(b"GET / HTTP/1.0\r\n\r\n", 1, 1, 1, 1)
+        assert speedups.llhttp(speedups.__file__) is False       # no llhttp in it
+        assert speedups.llhttp("/nonexistent/parser.so") is False
+    finally:
+        assert speedups.llhttp(path) is True
+    assert c_loop_parse(b"GET / HTTP/1.0\r\n\r\n") is not None
+
+
 # ------------------------------------------------------------ misuse from Python
 
 def test_a_request_field_cannot_be_deleted_or_mistyped() -> None:

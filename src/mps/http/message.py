@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 
@@ -163,6 +164,10 @@ class Request:
 if BUILT:    # (also when not serving: tests compare both versions)
     speedups.configure(BadRequest, URITooLong, HeadersTooLarge, PayloadTooLarge,
                        NotImplementedCoding, NotImplementedMethod, VersionNotSupported, _NO_BODY)
+#: The C connection loop parses with httptools' llhttp called directly
+#: (speedups.llhttp: where httptools bundles an llhttp whose layout
+#: src/_mpshttp.c knows; else Python serves every connection).
+LLHTTP = BUILT and speedups.llhttp(sys.modules[httptools.HttpRequestParser.__module__].__file__)
 
 #: Longest one response write may wait for a client that does not read.
 SEND_TIMEOUT_S = 30.0

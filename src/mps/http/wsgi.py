@@ -15,7 +15,6 @@ response is written (so a closing response says ``Connection: close``):
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
@@ -28,15 +27,13 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
 
-import httptools
-
 from ..logs import printable
 from ..pool import Alone, PoolView
 from ..proxy import Allowed
 from . import accesslog
 from .body import Input
-from .message import (BUILT, SEND_TIMEOUT_S, SPEEDUPS, ClientGone, HTTPError, Limits, Reader,
-                      Request, send_all)
+from .message import (BUILT, LLHTTP, SEND_TIMEOUT_S, SPEEDUPS, ClientGone, HTTPError, Limits,
+                      Reader, Request, send_all)
 
 if BUILT:
     from . import _speedups as speedups
@@ -475,12 +472,11 @@ class WSGIHandler:
         serves the one-connection-per-request shape in C, handing every other
         connection to __call__ (with ``preread``); None where Python serves
         them all."""
-        if self.fast is None:
+        if self.fast is None or not LLHTTP:
             return None
         lim = self.limits
         self.responder.attach(entry, board, self.buf,
                               (lim.request_line, lim.fields, lim.field_size, lim.max_body),
-                              httptools.HttpRequestParser, collections.deque,
                               self.pool.begin_request, board.socket_for, self)
         serve_one: Callable[[bool], Any] = self.responder.serve_one
         return serve_one
