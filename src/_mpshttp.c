@@ -1658,9 +1658,11 @@ static PyObject *speedups_date(PyObject *module, PyObject *unused)
     return Py_XNewRef(date_header());
 }
 
-/* mps_accept_busy (src/_mpscore.c), as Scoreboard.accept_entry hands it over */
+/* mps_accept_busy and mps_begin_request (src/_mpscore.c), as
+ * Scoreboard.accept_entry hands them over */
 typedef int (*accept_fn)(void *board, int64_t slot, int listen_fd, int epoll_fd,
                          int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
+typedef int (*begin_fn)(void *board, int64_t slot, const char *method, const char *target);
 
 typedef struct {
     PyObject_HEAD
@@ -1670,6 +1672,7 @@ typedef struct {
     /* the connection loop (serve_one), once attach() ran in the child */
     int attached;
     accept_fn accept;
+    begin_fn begin;         /* PoolView.begin_request's call */
     void *board, *addr;
     uint32_t *addrlen;
     int64_t slot;
@@ -1677,7 +1680,7 @@ typedef struct {
     Py_buffer buf;                  /* the child's read buffer */
     struct lone *lone;              /* the parse of each connection's first bytes */
     Sink *sink;                     /* its requests (ready: a list) */
-    PyObject *marker, *make_socket, *finish;
+    PyObject *make_socket, *finish;
     PyObject *handler;      /* the WSGIHandler: its server (name, port) cache */
     PyObject *keep;         /* what owns addr and addrlen (the board) */
 } Responder;
@@ -2272,7 +2275,7 @@ static PyObject *serve_connection(Responder *self, int fd)
     }
     if (n < 0)
         return hand_over(fd, 0);    /* nothing yet (or EINTR): Python waits for it */
-    PyObject *peer = NULL, *marked = NULL, *out = NULL;
+    PyObject *peer = NULL, *out = NULL;
     Request *req = NULL;
     Exchange *x = NULL;
     Sink *sink = self->sink;
@@ -2295,9 +2298,9 @@ static PyObject *serve_connection(Responder *self, int fd)
             goto fail;
         goto python;
     }
-    marked = PyObject_CallFunctionObjArgs(self->marker, req->method, req->url, NULL);
-    if (marked == NULL)
-        goto fail;
+    /* (bytes end in a NUL, and llhttp lets none into either) */
+    self->begin(self->board, self->slot, PyBytes_AS_STRING(req->method),
+                PyBytes_AS_STRING(req->url));
     out = respond_core(self, NULL, fd, Py_None, req, peer, 0, &x);
     if (out == NULL) {
         if (!PyErr_ExceptionMatches(self->client_gone))
@@ -2340,7 +2343,6 @@ closing:
         PyErr_Restore(exc_type, exc_value, exc_tb);
     }
     Py_XDECREF(peer);
-    Py_XDECREF(marked);
     Py_XDECREF((PyObject *)req);
     Py_XDECREF((PyObject *)x);
     if (PyErr_Occurred()) {
@@ -2371,19 +2373,19 @@ static PyObject *responder_serve_one(Responder *self, PyObject *idle_first_obj)
     return serve_connection(self, fd);
 }
 
-/* attach(entry, owner, buffer, limits, marker, make_socket, handler): set
- * up serve_one() in a child (see WSGIHandler.direct), once llhttp() bound
- * the parser; ``owner`` keeps the entry's memory alive, ``handler`` gives
+/* attach(entry, owner, buffer, limits, make_socket, handler): set up
+ * serve_one() in a child (see WSGIHandler.direct), once llhttp() bound the
+ * parser; ``owner`` keeps the entry's memory alive, ``handler`` gives
  * finish() and the server-name cache. */
 static PyObject *responder_attach(Responder *self, PyObject *args)
 {
-    unsigned long long accept, board, addr, addrlen;
+    unsigned long long accept, begin, board, addr, addrlen;
     long long slot, request_line, fields, field_size, max_body;
     int listen_fd, epoll_fd, wake_fd;
-    PyObject *owner, *buffer, *marker, *make_socket, *handler;
-    if (!PyArg_ParseTuple(args, "(KKLiiiKK)OO(LLLL)OOO:attach", &accept, &board, &slot,
-                          &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &owner, &buffer,
-                          &request_line, &fields, &field_size, &max_body, &marker,
+    PyObject *owner, *buffer, *make_socket, *handler;
+    if (!PyArg_ParseTuple(args, "(KKKLiiiKK)OO(LLLL)OO:attach", &accept, &begin, &board,
+                          &slot, &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &owner,
+                          &buffer, &request_line, &fields, &field_size, &max_body,
                           &make_socket, &handler))
         return NULL;
     if (!ll_bound) {
@@ -2399,7 +2401,7 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
     PyObject *finish = PyObject_GetAttrString(handler, "finish");
     if (finish == NULL)
         return NULL;
-    if (accept == 0 || board == 0 || addr == 0 || addrlen == 0) {
+    if (accept == 0 || begin == 0 || board == 0 || addr == 0 || addrlen == 0) {
         PyErr_SetString(PyExc_ValueError, "attach(): a NULL address");
         return NULL;
     }
@@ -2418,6 +2420,7 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
         return NULL;
     }
     self->accept = (accept_fn)(uintptr_t)accept;
+    self->begin = (begin_fn)(uintptr_t)begin;
     self->board = (void *)(uintptr_t)board;
     self->addr = (void *)(uintptr_t)addr;
     self->addrlen = (uint32_t *)(uintptr_t)addrlen;
@@ -2425,7 +2428,6 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
     self->listen_fd = listen_fd;
     self->epoll_fd = epoll_fd;
     self->wake_fd = wake_fd;
-    Py_XSETREF(self->marker, Py_NewRef(marker));
     Py_XSETREF(self->make_socket, Py_NewRef(make_socket));
     Py_XSETREF(self->finish, finish);
     Py_XSETREF(self->handler, Py_NewRef(handler));
@@ -2481,7 +2483,6 @@ static int responder_traverse(Responder *self, visitproc visit, void *arg)
     Py_VISIT(self->check);
     Py_VISIT(self->forwarded);
     Py_VISIT(self->sink);
-    Py_VISIT(self->marker);
     Py_VISIT(self->make_socket);
     Py_VISIT(self->finish);
     Py_VISIT(self->handler);
@@ -2504,7 +2505,6 @@ static int responder_clear(Responder *self)
     Py_CLEAR(self->check);
     Py_CLEAR(self->forwarded);
     Py_CLEAR(self->sink);
-    Py_CLEAR(self->marker);
     Py_CLEAR(self->make_socket);
     Py_CLEAR(self->finish);
     Py_CLEAR(self->handler);
@@ -2529,7 +2529,7 @@ static PyMethodDef responder_methods[] = {
      "respond(conn, reader, req, peer, keep) -> None | bool | "
      "(resp, input, environ, result, error)"},
     {"attach", (PyCFunction)responder_attach, METH_VARARGS,
-     "attach(entry, owner, buffer, limits, marker, make_socket, handler)"},
+     "attach(entry, owner, buffer, limits, make_socket, handler)"},
     {"serve_one", (PyCFunction)responder_serve_one, METH_O,
      "serve_one(idle_first) -> None | -errno | (fd, preread)"},
     {NULL, NULL, 0, NULL},

@@ -400,8 +400,8 @@ class CScoreboard(Scoreboard):
         # accept_entry's addresses, here in the master: cffi's casts would
         # allocate in every child.
         self._entry = tuple(int(_ffi.cast("uintptr_t", p)) for p in (
-            _ffi.addressof(_lib, "mps_accept_busy"), self._board, self._peer_buf,
-            self._addrlen))
+            _ffi.addressof(_lib, "mps_accept_busy"), _ffi.addressof(_lib, "mps_begin_request"),
+            self._board, self._peer_buf, self._addrlen))
 
     def accept(self, slot: int, listener: socket.socket, idle_first: bool = False,
                wait: bool = True) -> tuple[socket.socket, Any]:
@@ -424,17 +424,18 @@ class CScoreboard(Scoreboard):
 
     def accept_entry(self, slot: int, listener: socket.socket) -> tuple[int, ...]:
         """Child: what a C caller of accept() needs, as addresses and fds --
-        mps_accept_busy's, the board's, the slot, the listener, the waiter,
-        the wake-up fd, the peer buffer and its length -- for mps.http's C
-        connection loop (speedups.Responder.serve_one), which then calls it
-        with the GIL released exactly as accept() does.  adopt() turns what
-        it accepted into accept()'s (socket, address)."""
+        mps_accept_busy's, mps_begin_request's (request_marker's call), the
+        board's, the slot, the listener, the waiter, the wake-up fd, the peer
+        buffer and its length -- for mps.http's C connection loop
+        (speedups.Responder.serve_one), which then calls it with the GIL
+        released exactly as accept() does.  adopt() turns what it accepted
+        into accept()'s (socket, address)."""
         if self._peers is None or self._peers.listener is not listener:
             self.prepare_accept(listener)
         assert self._peers is not None
-        accept, board, peer_buf, addrlen = self._entry
-        return (accept, board, slot, self._peers.fd, self._epoll_fd, self.wake_fd, peer_buf,
-                addrlen)
+        accept, begin, board, peer_buf, addrlen = self._entry
+        return (accept, begin, board, slot, self._peers.fd, self._epoll_fd, self.wake_fd,
+                peer_buf, addrlen)
 
     def adopt(self, fd: int) -> tuple[socket.socket, Any]:
         """accept()'s answer for a connection a C caller accepted (accept_entry)."""

@@ -471,13 +471,14 @@ class WSGIHandler:
         its memory alive and makes a socket object when Python needs one) and
         serves the one-connection-per-request shape in C, handing every other
         connection to __call__ (with ``preread``); None where Python serves
-        them all."""
+        them all.  It marks each request on the board itself (as the pool's
+        begin_request, which on the C board is that call)."""
         if self.fast is None or not LLHTTP:
             return None
         lim = self.limits
         self.responder.attach(entry, board, self.buf,
                               (lim.request_line, lim.fields, lim.field_size, lim.max_body),
-                              self.pool.begin_request, board.socket_for, self)
+                              board.socket_for, self)
         serve_one: Callable[[bool], Any] = self.responder.serve_one
         return serve_one
 
