@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import select
@@ -390,6 +391,59 @@ def test_retired_idle_child_keeps_the_connection_it_just_accepted(board: Scorebo
     assert snap.idle_counter == 0 and consistent(snap)
     assert board.idle(slot) == 1
     assert consistent(board.snapshot())
+
+
+def test_accept_on_a_listener_made_blocking_under_it_still_hears_signals(
+        board: Scoreboard) -> None:
+    """Another master sharing an fd:// listener hands it back blocking as it
+    leaves: a child's accept() must still return on a signal (Python retries
+    a blocking accept that one interrupts, PEP 475, so a TERM would wait for
+    the next connection there)."""
+    import threading
+    slot = child_slot(board)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    waiter = select.epoll()
+    waiter.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    waiter.register(wake_r, select.EPOLLIN)
+    board.prepare_accept(listener)
+    board.set_waiter(waiter)
+    flags = fcntl.fcntl(listener.fileno(), fcntl.F_GETFL)
+    fcntl.fcntl(listener.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    outcome: list[BaseException | None] = []
+
+    def accept() -> None:
+        try:
+            board.accept(slot, listener)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+    previous = signal.signal(signal.SIGWINCH, lambda *_: None)
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        # What a handled signal does in a child: a byte to the wake-up pipe,
+        # and EINTR for a system call under way.
+        os.write(wake_w, b"s")
+        deadline = time.monotonic() + 5
+        while thread.is_alive() and time.monotonic() < deadline:
+            assert thread.ident is not None
+            signal.pthread_kill(thread.ident, signal.SIGWINCH)
+            thread.join(0.05)
+        assert not thread.is_alive(), "accept() blocked on the listener"
+        assert len(outcome) == 1 and isinstance(outcome[0], InterruptedError), outcome
+    finally:
+        if thread.is_alive():
+            listener.shutdown(socket.SHUT_RDWR)     # (wakes the blocked accept)
+            thread.join(5)
+        signal.signal(signal.SIGWINCH, previous)
+        waiter.close()
+        listener.close()
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def test_retire_a_busy_slot_takes_effect_at_its_next_idle(board: Scoreboard) -> None:

@@ -288,11 +288,17 @@ class Scoreboard(ABC):
         if idle_first and self.idle(slot):
             raise OSError(errno.ESHUTDOWN, "retired by the master")
         while True:
+            if self.waiter is not None:
+                # Python retries an accept() that a signal interrupts (PEP
+                # 475): on a shared (fd://) listener that another master
+                # handed back blocking as it left, a TERM would wait here for
+                # the next connection.  So the flag is checked first, and the
+                # description made non-blocking again (as the master does:
+                # the C backend, whose accept returns EINTR, needs neither).
+                flags = fcntl.fcntl(listener.fileno(), fcntl.F_GETFL)
+                if not flags & os.O_NONBLOCK:
+                    fcntl.fcntl(listener.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
             try:
-                # (Python retries an accept() that a signal interrupts, PEP
-                # 475: on a listener another master made blocking, a TERM
-                # waits for the next connection here.  The C backend returns
-                # EINTR; the master makes the listener non-blocking again.)
                 conn, addr = listener.accept()
                 break
             except BlockingIOError:
