@@ -1222,7 +1222,7 @@ struct ll_settings {
 };
 
 #define LL_HTTP_REQUEST 1
-#define LL_PARSER_ROOM 512      /* llhttp 9's llhttp_t takes 88 bytes */
+#define LL_PARSER_ROOM 512      /* llhttp 9.4's llhttp_t takes 96 bytes */
 
 static struct {
     void (*init)(void *parser, int type, const struct ll_settings *settings);
@@ -1290,7 +1290,8 @@ static int lone_flush(struct lone *l)
         return -1;
     PyObject *args[2];
     args[0] = PyBytes_FromStringAndSize(l->name, (Py_ssize_t)l->name_len);
-    args[1] = PyBytes_FromStringAndSize(l->value, (Py_ssize_t)l->value_len);
+    args[1] = args[0] == NULL ? NULL
+        : PyBytes_FromStringAndSize(l->value, (Py_ssize_t)l->value_len);
     l->has_name = l->has_value = 0;
     int rc = -1;
     if (args[0] != NULL && args[1] != NULL)
@@ -1510,20 +1511,23 @@ static PyObject *speedups_llhttp(PyObject *module, PyObject *path)
     Py_DECREF(encoded);
     if (so == NULL)
         Py_RETURN_FALSE;        /* (not loaded: not the module in use) */
-    void **fns[] = {(void **)&ll.init, (void **)&ll.execute, (void **)&ll.method,
-                    (void **)&ll.method_name, (void **)&ll.major, (void **)&ll.minor,
-                    (void **)&ll.keep_alive, (void **)&ll.upgrade};
     static const char *names[] = {"llhttp_init", "llhttp_execute", "llhttp_get_method",
                                   "llhttp_method_name", "llhttp_get_http_major",
                                   "llhttp_get_http_minor", "llhttp_should_keep_alive",
                                   "llhttp_get_upgrade"};
+    void *found[sizeof names / sizeof names[0]];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        *fns[i] = dlsym(so, names[i]);
-        if (*fns[i] == NULL) {
+        found[i] = dlsym(so, names[i]);
+        if (found[i] == NULL) {
             dlclose(so);
-            Py_RETURN_FALSE;
+            Py_RETURN_FALSE;    /* (ll keeps what it had: unbound, never called) */
         }
     }
+    void **fns[] = {(void **)&ll.init, (void **)&ll.execute, (void **)&ll.method,
+                    (void **)&ll.method_name, (void **)&ll.major, (void **)&ll.minor,
+                    (void **)&ll.keep_alive, (void **)&ll.upgrade};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        *fns[i] = found[i];
     /* (the handle stays open: the module is never unloaded anyway) */
     memset(&ll_settings, 0, sizeof ll_settings);
     ll_settings.on_message_begin = lone_message_begin;
@@ -2280,6 +2284,8 @@ static PyObject *serve_connection(Responder *self, int fd)
     Exchange *x = NULL;
     Sink *sink = self->sink;
 
+    if (!ll_bound)
+        goto python;            /* (llhttp(None) since attach: Python parses) */
     if (lone_reset(sink, monotonic()) < 0)
         goto fail;
     if (lone_parse(self->lone, sink, self->buf.buf, (size_t)n) < 0) {
@@ -2392,17 +2398,18 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "attach(): llhttp() is not bound");
         return NULL;
     }
+    if (accept == 0 || begin == 0 || board == 0 || addr == 0 || addrlen == 0) {
+        PyErr_SetString(PyExc_ValueError, "attach(): a NULL address");
+        return NULL;
+    }
     if (self->lone == NULL && (self->lone = PyMem_Calloc(1, sizeof *self->lone)) == NULL)
         return PyErr_NoMemory();
     Sink *sink = lone_sink(request_line, fields, field_size, max_body);
     if (sink == NULL)
         return NULL;
-    Py_XSETREF(self->sink, sink);
     PyObject *finish = PyObject_GetAttrString(handler, "finish");
-    if (finish == NULL)
-        return NULL;
-    if (accept == 0 || begin == 0 || board == 0 || addr == 0 || addrlen == 0) {
-        PyErr_SetString(PyExc_ValueError, "attach(): a NULL address");
+    if (finish == NULL) {
+        Py_DECREF(sink);
         return NULL;
     }
     if (self->attached) {
@@ -2410,15 +2417,18 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
         self->attached = 0;
     }
     if (PyObject_GetBuffer(buffer, &self->buf, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) {
+        Py_DECREF(sink);
         Py_DECREF(finish);
         return NULL;
     }
     if (self->buf.len < 1) {
         PyBuffer_Release(&self->buf);
+        Py_DECREF(sink);
         Py_DECREF(finish);
         PyErr_SetString(PyExc_ValueError, "attach(): an empty buffer");
         return NULL;
     }
+    Py_XSETREF(self->sink, sink);
     self->accept = (accept_fn)(uintptr_t)accept;
     self->begin = (begin_fn)(uintptr_t)begin;
     self->board = (void *)(uintptr_t)board;
