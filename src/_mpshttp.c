@@ -1621,7 +1621,7 @@ static PyObject *speedups_configure(PyObject *module, PyObject *args)
 #include <sys/uio.h>
 #include <unistd.h>
 
-static PyObject *str_start_response, *str_write, *str_send_interim, *str_failed,
+static PyObject *str_start_response, *str_write, *str_send_interim,
     *key_forwarded_for, *key_forwarded_proto;
 
 static const char wdays[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
@@ -1844,12 +1844,8 @@ static PyObject *exchange_start_response(Exchange *x, PyObject *const *args, Py_
     }
     Py_XSETREF(x->status, Py_NewRef(status));
     Py_XSETREF(x->headers, Py_NewRef(headers));
-    const Py_UCS1 *d = PyUnicode_1BYTE_DATA(status);
-    if (PyUnicode_KIND(status) == PyUnicode_1BYTE_KIND)
-        x->code = (d[0] - '0') * 100 + (d[1] - '0') * 10 + (d[2] - '0');
-    else
-        x->code = (PyUnicode_READ_CHAR(status, 0) - '0') * 100
-            + (PyUnicode_READ_CHAR(status, 1) - '0') * 10 + (PyUnicode_READ_CHAR(status, 2) - '0');
+    x->code = (PyUnicode_READ_CHAR(status, 0) - '0') * 100       /* (three digits: valid) */
+        + (PyUnicode_READ_CHAR(status, 1) - '0') * 10 + (PyUnicode_READ_CHAR(status, 2) - '0');
     return PyObject_GetAttr((PyObject *)x, str_write);
 usage:
     PyErr_SetString(PyExc_TypeError, "start_response(status, headers, exc_info=None)");
@@ -1962,12 +1958,6 @@ static PyObject *joined_body(PyObject *parts)
     return data;
 }
 
-/* respond(conn, reader, req, peer, keep) -> None | bool | tuple
- *   None: not a request this serves (Python serves it from the start);
- *   True/False: answered, and whether the connection goes on;
- *   (resp, input, environ, result, error): Python goes on from there
- *   (WSGIHandler.conclude): the app ran, returned ``result`` or raised
- *   ``error``, and ``resp`` holds what start_response was given. */
 /* Is this a request the C path answers: complete, no body, no 100-continue?
  * -1 on error. */
 static int plain_request(Request *req)
@@ -2056,12 +2046,8 @@ static PyObject *respond_core(Responder *self, PyObject *conn, int fd, PyObject 
             goto done;
         goto carry_on;
     }
-    PyObject *failed = PyObject_GetAttr(input, str_failed);
-    if (failed == NULL)
-        goto done;
-    Py_DECREF(failed);
-    if (failed != Py_None)
-        goto carry_on;      /* bad input the app swallowed: Python answers it */
+    /* (No wsgi.input error to answer for: a plain request's body is whole
+     * and empty, so reading it never reaches the socket.) */
     date = Py_XNewRef(date_header());
     code = PyLong_FromLong(x->code);
     size = PyLong_FromSsize_t(PyBytes_GET_SIZE(data));
@@ -2124,8 +2110,18 @@ done:
     return out;
 }
 
+/* respond(conn, reader, req, peer, keep) -> None | bool | tuple
+ *   None: not a request this serves (Python serves it from the start);
+ *   True/False: answered, and whether the connection goes on;
+ *   (resp, input, environ, result, error): Python goes on from there
+ *   (WSGIHandler.conclude): the app ran, returned ``result`` or raised
+ *   ``error``, and ``resp`` holds what start_response was given. */
 static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (self->app == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Responder used before __init__");
+        return NULL;
+    }
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "respond(conn, reader, req, peer, keep)");
         return NULL;
@@ -2253,21 +2249,12 @@ static PyObject *hand_over(int fd, Py_ssize_t preread)
  * one on error.  A new reference. */
 static Request *lone_request(Sink *sink)
 {
-    if (sink->parsing != NULL || sink->last == NULL || PyObject_Length(sink->ready) != 1)
-        return NULL;    /* (an error, if Length raised one, reaches the caller) */
-    Request *req = (Request *)PySequence_GetItem(sink->ready, 0);
-    if (req == NULL)
+    if (sink->parsing != NULL || PyList_GET_SIZE(sink->ready) != 1)
         return NULL;
-    if (Py_TYPE(req) != &RequestType || req != sink->last || req->keep_alive) {
-        Py_DECREF(req);
-        return NULL;
-    }
-    int plain = plain_request(req);
-    if (plain <= 0) {
-        Py_DECREF(req);
-        return NULL;
-    }
-    return req;
+    Request *req = (Request *)PyList_GET_ITEM(sink->ready, 0);    /* (lone_sink's list) */
+    if (req != sink->last || req->keep_alive || plain_request(req) <= 0)
+        return NULL;    /* (plain_request's error, if any, reaches the caller) */
+    return (Request *)Py_NewRef(req);
 }
 
 static PyObject *serve_connection(Responder *self, int fd)
@@ -2286,7 +2273,7 @@ static PyObject *serve_connection(Responder *self, int fd)
 
     if (!ll_bound)
         goto python;            /* (llhttp(None) since attach: Python parses) */
-    if (lone_reset(sink, monotonic()) < 0)
+    if (lone_reset(sink, monotonic()) < 0)     /* (the last connection's request let go) */
         goto fail;
     if (lone_parse(self->lone, sink, self->buf.buf, (size_t)n) < 0) {
         PyErr_Clear();          /* bad input, an upgrade, a body: Python parses again */
@@ -2324,8 +2311,6 @@ python:
     /* Nothing answered: Python serves the connection, from what was read. */
     Py_XDECREF(peer);
     Py_XDECREF((PyObject *)req);
-    if (lone_reset(sink, 0.0) < 0)
-        PyErr_Clear();      /* (only the requests are held on to: reset next time) */
     return hand_over(fd, n);
 fail:
 closing:
@@ -2344,8 +2329,6 @@ closing:
         }
         if (x != NULL)
             x->fd = -1;
-        if (lone_reset(sink, 0.0) < 0)
-            PyErr_Clear();
         PyErr_Restore(exc_type, exc_value, exc_tb);
     }
     Py_XDECREF(peer);
@@ -2463,23 +2446,6 @@ static int responder_init(Responder *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static int responder_ready(Responder *self)
-{
-    if (self->app == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Responder used before __init__");
-        return 0;
-    }
-    return 1;
-}
-
-static PyObject *responder_respond_checked(Responder *self, PyObject *const *args,
-                                           Py_ssize_t nargs)
-{
-    if (!responder_ready(self))
-        return NULL;
-    return responder_respond(self, args, nargs);
-}
-
 static int responder_traverse(Responder *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->app);
@@ -2535,7 +2501,7 @@ static void responder_dealloc(Responder *self)
 }
 
 static PyMethodDef responder_methods[] = {
-    {"respond", (PyCFunction)(void (*)(void))responder_respond_checked, METH_FASTCALL,
+    {"respond", (PyCFunction)(void (*)(void))responder_respond, METH_FASTCALL,
      "respond(conn, reader, req, peer, keep) -> None | bool | "
      "(resp, input, environ, result, error)"},
     {"attach", (PyCFunction)responder_attach, METH_VARARGS,
@@ -2611,7 +2577,6 @@ PyMODINIT_FUNC PyInit__speedups(void)
             || (str_start_response = PyUnicode_InternFromString("start_response")) == NULL
             || (str_write = PyUnicode_InternFromString("write")) == NULL
             || (str_send_interim = PyUnicode_InternFromString("send_interim")) == NULL
-            || (str_failed = PyUnicode_InternFromString("failed")) == NULL
             || (key_forwarded_for = PyUnicode_InternFromString("HTTP_X_FORWARDED_FOR")) == NULL
             || (key_forwarded_proto = PyUnicode_InternFromString("HTTP_X_FORWARDED_PROTO"))
                 == NULL
