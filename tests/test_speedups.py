@@ -162,9 +162,10 @@ FIELDS = ("method", "url", "version", "headers", "keep_alive", "content_length",
           "expect_continue", "body_size", "complete", "fields", "host", "chunks", "started")
 
 
-def parse(sink_class: type, data: bytes, cuts: list[int]) -> list[Any]:
-    """What a sink makes of ``data`` fed in pieces: each request as its
-    fields, then how the parse ended (an error's class name, or "ok")."""
+def feed(sink_class: type, data: bytes, cuts: list[int]) -> tuple[list[Any], list[Any], str, int]:
+    """``data`` through httptools' Python API into a sink, in pieces: the
+    requests whose heads completed, every request begun, how the parse
+    ended (an error's class name, or "ok") and the sink's head_bytes."""
     ready: collections.deque[Any] = collections.deque()
     sink = sink_class(LIMITS.request_line, LIMITS.fields, LIMITS.field_size, LIMITS.max_body,
                       1.5, ready)
@@ -184,12 +185,23 @@ def parse(sink_class: type, data: bytes, cuts: list[int]) -> list[Any]:
         outcome = type(exc).__name__
     finally:
         sink.parser = None
-    seen = list(ready) + ([sink.last] if sink.last is not None and sink.last not in ready else [])
-    made = [{f: getattr(r, f) for f in FIELDS} | {"body": b"".join(r.body)} for r in seen]
-    for fields in made:
-        if fields["started"] != 1.5:
-            fields["started"] = "later"     # a clock reading: only whether it is the connection's
-    return made + [outcome, sink.head_bytes]
+    begun = list(ready) + ([sink.last] if sink.last is not None and sink.last not in ready else [])
+    return list(ready), begun, outcome, sink.head_bytes
+
+
+def request_fields(r: Any) -> dict[str, Any]:
+    """A request's fields but its start time (a clock reading)."""
+    return {f: getattr(r, f) for f in FIELDS if f != "started"} | {"body": b"".join(r.body)}
+
+
+def parse(sink_class: type, data: bytes, cuts: list[int]) -> list[Any]:
+    """What a sink makes of ``data`` fed in pieces: each request begun as its
+    fields, then how the parse ended and head_bytes."""
+    _, begun, outcome, head_bytes = feed(sink_class, data, cuts)
+    # (started: only whether it is the connection's, 1.5, or a later reading)
+    made = [request_fields(r) | {"started": 1.5 if r.started == 1.5 else "later"}
+            for r in begun]
+    return made + [outcome, head_bytes]
 
 
 @EXAMPLES
@@ -219,31 +231,6 @@ def test_the_sinks_refuse_alike_with_the_right_errors() -> None:
 
 # ------------------------------------------------------------ the C loop's parse
 
-def httptools_parse(data: bytes) -> tuple[list[dict[str, Any]] | None, bool]:
-    """httptools' Python API and the C sink, fed ``data`` at once: the
-    requests whose heads completed (None: the parse stopped), and whether a
-    body or a chunk began."""
-    ready: collections.deque[Any] = collections.deque()
-    sink = speedups.Sink(LIMITS.request_line, LIMITS.fields, LIMITS.field_size, LIMITS.max_body,
-                         0.0, ready)
-    parser = httptools.HttpRequestParser(sink)
-    sink.parser = parser
-    stopped = False
-    try:
-        parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        stopped = True
-    finally:
-        sink.parser = None
-    begun = list(ready) + ([sink.last] if sink.last is not None and sink.last not in ready else [])
-    body = any(r.body_size or r.chunks for r in begun)
-    return None if stopped else [request_fields(r) for r in ready], body
-
-
-def request_fields(r: Any) -> dict[str, Any]:
-    return {f: getattr(r, f) for f in FIELDS if f != "started"} | {"body": b"".join(r.body)}
-
-
 def c_loop_parse(data: bytes) -> list[dict[str, Any]] | None:
     got = speedups.parse_lone(data, LIMITS.request_line, LIMITS.fields, LIMITS.field_size,
                               LIMITS.max_body)
@@ -257,10 +244,11 @@ def test_the_c_loop_parses_as_httptools_python_api(data: bytes) -> None:
     """serve_one calls httptools' llhttp directly: the same requests as
     through httptools.HttpRequestParser, or a stop (Python serves the
     connection) where that parse fails, or at a body or a chunk."""
-    want, body = httptools_parse(data)
+    ready, begun, outcome, _ = feed(speedups.Sink, data, [])
+    want = [request_fields(r) for r in ready] if outcome == "ok" else None
     got = c_loop_parse(data)
     if got is None:
-        assert want is None or body, want
+        assert want is None or any(r.body_size or r.chunks for r in begun), want
     else:
         assert got == want
 
