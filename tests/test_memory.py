@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import wait_until
 
 from mps import signals
+from mps.forking import VERSIONS
 
 
 def test_the_master_forks_without_random_or_socketserver(start_master, tmp_path: Path):
@@ -98,3 +102,126 @@ def test_block_and_set_mask_return_plain_ints():
     assert got["types"] == ["int"]          # no enums made on the way
     assert got["after"] == got["before"]
     assert got["handled"] is True
+
+
+# -- forking.Forker: threading's and logging's at-fork hooks, left out ------
+
+#: Run in a fresh interpreter (pytest's own process has a faulthandler
+#: thread, and Forker.quiet() rightly does nothing with two threads).  It
+#: forks one child inside Forker.quiet() and prints what the child saw.
+FORK_PROBE = textwrap.dedent("""
+    import json, logging, os, random, sys, threading
+    from mps.forking import Forker
+
+    logging.basicConfig(stream=sys.stderr)
+    ran = []
+    os.register_at_fork(after_in_child=lambda: ran.append("app hook"))
+    forker = Forker.find()
+    skipped = {w: sorted(h.__module__ + "." + h.__name__ for h in hs)
+               for w, hs in forker.skipped().items()}
+    holder = None
+    if sys.argv[1] == "threaded":
+        # Another thread holds the handler's lock across the fork: the child
+        # can log only if logging's hook re-made the lock.
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with logging.getLogger().handlers[0].lock:
+                held.set()
+                release.wait(30)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(10)
+    limbo = threading._active_limbo_lock
+    state = random.getstate()
+    r, w = os.pipe()
+    with forker.quiet():
+        pid = os.fork()
+        if pid == 0:
+            try:
+                forker.restore()
+                logged = threading.Thread(target=lambda: logging.getLogger("child").warning("x"))
+                logged.start()
+                logged.join(5)
+                os.write(w, json.dumps({
+                    "app_hook_ran": ran == ["app hook"],
+                    "random_reseeded": random.getstate() != state,
+                    "threading_hook_ran": threading._active_limbo_lock is not limbo,
+                    "a_thread_logged": not logged.is_alive(),
+                    "hooks_back": sorted(h.__module__ + "." + h.__name__
+                                         for h in forker.lists["child"]
+                                         if h.__module__ in ("threading", "logging")),
+                }).encode())
+            finally:
+                os._exit(0)
+    if holder is not None:
+        release.set()
+        holder.join()
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = json.loads(f.read() or "{}")
+    os.waitpid(pid, 0)
+    print(json.dumps({"skipped": skipped, "child": child, "parent_hooks_back": sorted(
+        h.__module__ + "." + h.__name__ for h in forker.lists.get("child", [])
+        if h.__module__ in ("threading", "logging"))}))
+""")
+
+HOOKS_BACK = ["logging._after_at_fork_child_reinit_locks", "threading._after_fork"]
+
+
+def fork_probe(how: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", FORK_PROBE, how], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(sys.version_info[:2] not in VERSIONS,
+                    reason=f"Forker leaves every hook in on CPython {sys.version_info[:2]}")
+def test_a_single_threaded_fork_skips_only_threading_and_logging_hooks():
+    got = fork_probe("single")
+    assert got["skipped"] == {"before": ["logging._acquireLock"],
+                              "parent": ["logging._releaseLock"],
+                              "child": HOOKS_BACK}
+    assert got["child"] == {
+        "app_hook_ran": True,           # every other hook runs: the app's,
+        "random_reseeded": True,        # random's,
+        "threading_hook_ran": False,    # not threading's,
+        "a_thread_logged": True,        # and logging's lock is free without its hook
+        "hooks_back": HOOKS_BACK,       # for the child's own forks
+    }
+    assert got["parent_hooks_back"] == HOOKS_BACK
+
+
+def test_with_a_second_thread_every_hook_runs():
+    got = fork_probe("threaded")
+    assert got["child"]["threading_hook_ran"] is True
+    assert got["child"]["a_thread_logged"] is True     # the lock held at fork was re-made
+    assert got["child"]["app_hook_ran"] is True
+    assert got["child"]["random_reseeded"] is True
+
+
+def test_children_run_the_apps_at_fork_hooks_and_reseed_random(start_master, tmp_path: Path):
+    # Through a real master: each child ran the hook the app registered, and
+    # random (imported by the app, so in the master) gave each its own seed.
+    app = tmp_path / "forkhook_app.py"
+    app.write_text(textwrap.dedent("""
+        import json, os, random
+        hooked = []
+        os.register_at_fork(after_in_child=lambda: hooked.append(os.getpid()))
+
+        def handle(conn, addr):
+            conn.sendall(json.dumps([os.getpid(), hooked, random.getrandbits(64)]).encode())
+    """))
+    m = start_master(f"{app}:handle", start_servers=2, min_spare=2, max_spare=2,
+                     max_children=2, max_requests=1)
+    m.wait_ready(idle=2)
+    seen: dict[int, tuple[list[int], int]] = {}
+
+    def two_children() -> bool:
+        pid, hooked, bits = json.loads(m.echo(b""))
+        seen[pid] = (hooked, bits)
+        return len(seen) >= 2
+
+    wait_until(two_children, what="answers from two children")
+    assert all(hooked == [pid] for pid, (hooked, _) in seen.items())
+    assert len({bits for _, bits in seen.values()}) == len(seen)

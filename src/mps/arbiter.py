@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, fields
 
 from . import daemon, logs, metrics, signals, sockets, status
+from .forking import Forker
 from .notify import Notifier
 from .upgrade import Check, Handoff, OldGeneration, Progress, keep_board_fds, reexec
 from .config import Settings
@@ -155,6 +156,7 @@ class Arbiter:
         #: This image is an upgrade whose children cannot boot (see
         #: upgrade_cannot_boot); the old generation serves, held.
         self.boot_stuck = False
+        self.forker = Forker({})    # every hook runs until start() finds the lists
 
     # ----------------------------------------------------------- life cycle
 
@@ -220,6 +222,7 @@ class Arbiter:
         self.app.call_hook("on_starting")
         self.started = True
         self.board.prepare_accept(self.listener)    # once here, not in every child
+        self.forker = Forker.find()     # before gc.freeze(), which hides what it looks for
         gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
         self.spawn_many(s.start_servers)
 
@@ -661,9 +664,10 @@ class Arbiter:
         # What every child of the batch gets, made once: each page the master
         # writes between two forks is one more private page in every child.
         close_fds = self.child_close_fds()
-        for _ in range(count):
-            if not self.spawn(close_fds):
-                return
+        with self.forker.quiet():
+            for _ in range(count):
+                if not self.spawn(close_fds):
+                    return
 
     def spawn(self, close_fds: tuple[int, ...]) -> bool:
         """Fork one child into a reserved slot; False when no slot or fork failed."""
@@ -687,6 +691,7 @@ class Arbiter:
             return False
         if pid == 0:
             try:
+                self.forker.restore()
                 child.pid = os.getpid()
                 child_main(self.app, self.board, self.listener, child, self.pid,
                            close_fds, self.identity, old_mask)
