@@ -107,16 +107,25 @@ def test_block_and_set_mask_return_plain_ints():
 # -- forking.Forker: threading's and logging's at-fork hooks, left out ------
 
 #: Run in a fresh interpreter (pytest's own process has a faulthandler
-#: thread, and Forker.quiet() rightly does nothing with two threads).  It
+#: thread, and Forker.quiet() rightly skips nothing with two threads).  It
 #: forks one child inside Forker.quiet() and prints what the child saw.
 FORK_PROBE = textwrap.dedent("""
-    import json, logging, os, random, sys, threading
+    import gc, json, logging, os, random, sys, threading
     from mps.forking import Forker
 
-    logging.basicConfig(stream=sys.stderr)
+    class Handler(logging.StreamHandler):
+        reinits = 0
+        def _at_fork_reinit(self):      # (logging's after-in-child hook calls it)
+            Handler.reinits += 1
+            super()._at_fork_reinit()
+
+    logging.getLogger().addHandler(Handler(sys.stderr))
     ran = []
     os.register_at_fork(after_in_child=lambda: ran.append("app hook"))
     forker = Forker.find()
+    names = lambda hooks: [getattr(h, "__module__", None) or "?" for h in hooks]
+    lists = lambda: {w: names(l) for w, l in forker.lists.items()}
+    before = lists()
     skipped = {w: sorted(h.__module__ + "." + h.__name__ for h in hs)
                for w, hs in forker.skipped().items()}
     holder = None
@@ -135,21 +144,20 @@ FORK_PROBE = textwrap.dedent("""
     state = random.getstate()
     r, w = os.pipe()
     with forker.quiet():
-        pid = os.fork()
+        os.register_at_fork(after_in_child=lambda: ran.append("registered meanwhile"))
+        pid = forker.fork()
         if pid == 0:
             try:
-                forker.restore()
                 logged = threading.Thread(target=lambda: logging.getLogger("child").warning("x"))
                 logged.start()
                 logged.join(5)
                 os.write(w, json.dumps({
-                    "app_hook_ran": ran == ["app hook"],
+                    "app_hook_ran": ran == ["app hook", "registered meanwhile"],
                     "random_reseeded": random.getstate() != state,
                     "threading_hook_ran": threading._active_limbo_lock is not limbo,
+                    "logging_hook_ran": Handler.reinits == 1,
                     "a_thread_logged": not logged.is_alive(),
-                    "hooks_back": sorted(h.__module__ + "." + h.__name__
-                                         for h in forker.lists["child"]
-                                         if h.__module__ in ("threading", "logging")),
+                    "lists": lists(),
                 }).encode())
             finally:
                 os._exit(0)
@@ -160,12 +168,15 @@ FORK_PROBE = textwrap.dedent("""
     with os.fdopen(r) as f:
         child = json.loads(f.read() or "{}")
     os.waitpid(pid, 0)
-    print(json.dumps({"skipped": skipped, "child": child, "parent_hooks_back": sorted(
-        h.__module__ + "." + h.__name__ for h in forker.lists.get("child", [])
-        if h.__module__ in ("threading", "logging"))}))
+    try:
+        with forker.quiet():
+            raise KeyError("a failed batch")
+    except KeyError:
+        pass
+    gc.freeze()
+    print(json.dumps({"skipped": skipped, "child": child, "before": before, "after": lists(),
+                      "found_when_frozen": bool(Forker.find().lists)}))
 """)
-
-HOOKS_BACK = ["logging._after_at_fork_child_reinit_locks", "threading._after_fork"]
 
 
 def fork_probe(how: str) -> dict:
@@ -175,53 +186,70 @@ def fork_probe(how: str) -> dict:
     return json.loads(out.stdout)
 
 
+def with_meanwhile(lists: dict) -> dict:
+    """``lists`` (module names by list) with the probe's hook registered inside
+    quiet() added, after the others, where it goes: the child list."""
+    return {**lists, "child": lists["child"] + ["__main__"]}
+
+
 @pytest.mark.skipif(sys.version_info[:2] not in VERSIONS,
-                    reason=f"Forker leaves every hook in on CPython {sys.version_info[:2]}")
+                    reason=f"Forker skips no hook on CPython {sys.version_info[:2]}")
 def test_a_single_threaded_fork_skips_only_threading_and_logging_hooks():
     got = fork_probe("single")
     assert got["skipped"] == {"before": ["logging._acquireLock"],
                               "parent": ["logging._releaseLock"],
-                              "child": HOOKS_BACK}
+                              "child": ["logging._after_at_fork_child_reinit_locks",
+                                        "threading._after_fork"]}
     assert got["child"] == {
-        "app_hook_ran": True,           # every other hook runs: the app's,
-        "random_reseeded": True,        # random's,
+        "app_hook_ran": True,           # every other hook runs: the app's (one
+        "random_reseeded": True,        # registered in the batch too), random's,
         "threading_hook_ran": False,    # not threading's,
-        "a_thread_logged": True,        # and logging's lock is free without its hook
-        "hooks_back": HOOKS_BACK,       # for the child's own forks
+        "logging_hook_ran": False,      # not logging's,
+        "a_thread_logged": True,        # and logging's lock is free without its hooks
+        "lists": with_meanwhile(got["before"]),     # all back, for the child's own forks
     }
-    assert got["parent_hooks_back"] == HOOKS_BACK
+    assert {"threading", "logging"} <= set(got["before"]["child"])
+    assert got["after"] == with_meanwhile(got["before"])    # back, after a failed batch too
+    assert got["found_when_frozen"] is False    # frozen lists: every hook runs
 
 
 def test_with_a_second_thread_every_hook_runs():
     got = fork_probe("threaded")
     assert got["child"]["threading_hook_ran"] is True
+    assert got["child"]["logging_hook_ran"] is True
     assert got["child"]["a_thread_logged"] is True     # the lock held at fork was re-made
     assert got["child"]["app_hook_ran"] is True
     assert got["child"]["random_reseeded"] is True
+    assert got["after"] == with_meanwhile(got["before"])
 
 
-def test_children_run_the_apps_at_fork_hooks_and_reseed_random(start_master, tmp_path: Path):
+def test_children_skip_threadings_hook_and_run_the_apps(start_master, tmp_path: Path):
     # Through a real master: each child ran the hook the app registered, and
-    # random (imported by the app, so in the master) gave each its own seed.
+    # random (imported by the app, so in the master) gave each its own seed;
+    # threading's hook did not run (it would have made a new lock).
     app = tmp_path / "forkhook_app.py"
     app.write_text(textwrap.dedent("""
-        import json, os, random
+        import json, os, random, threading
         hooked = []
         os.register_at_fork(after_in_child=lambda: hooked.append(os.getpid()))
+        LIMBO = threading._active_limbo_lock
 
         def handle(conn, addr):
-            conn.sendall(json.dumps([os.getpid(), hooked, random.getrandbits(64)]).encode())
+            conn.sendall(json.dumps([os.getpid(), hooked, random.getrandbits(64),
+                                     threading._active_limbo_lock is LIMBO]).encode())
     """))
     m = start_master(f"{app}:handle", start_servers=2, min_spare=2, max_spare=2,
                      max_children=2, max_requests=1)
     m.wait_ready(idle=2)
-    seen: dict[int, tuple[list[int], int]] = {}
+    seen: dict[int, tuple[list[int], int, bool]] = {}
 
     def two_children() -> bool:
-        pid, hooked, bits = json.loads(m.echo(b""))
-        seen[pid] = (hooked, bits)
+        pid, hooked, bits, same_lock = json.loads(m.echo(b""))
+        seen[pid] = (hooked, bits, same_lock)
         return len(seen) >= 2
 
     wait_until(two_children, what="answers from two children")
-    assert all(hooked == [pid] for pid, (hooked, _) in seen.items())
-    assert len({bits for _, bits in seen.values()}) == len(seen)
+    assert all(hooked == [pid] for pid, (hooked, _, _) in seen.items())
+    assert len({bits for _, bits, _ in seen.values()}) == len(seen)
+    skips = sys.version_info[:2] in VERSIONS
+    assert all(same is skips for _, _, same in seen.values())

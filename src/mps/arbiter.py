@@ -683,7 +683,7 @@ class Arbiter:
         # while it still has the master's handlers; it unblocks after its own.
         old_mask = signals.block(RECORDED)
         try:
-            pid = os.fork()
+            pid = self.forker.fork()
         except OSError as exc:
             signals.set_mask(old_mask)
             self.board.release(slot)    # roll back, or it says STARTING forever
@@ -691,7 +691,6 @@ class Arbiter:
             return False
         if pid == 0:
             try:
-                self.forker.restore()
                 child.pid = os.getpid()
                 child_main(self.app, self.board, self.listener, child, self.pid,
                            close_fds, self.identity, old_mask)

@@ -9,8 +9,8 @@ bytecode quickened in place), and each page they write is one more private
 page.  Measured on CPython 3.11: 0.38 MiB of an idle echo child's 1.3 MiB.
 
 `Forker.quiet()` takes exactly those hooks out of the interpreter's hook
-lists around a batch of ``os.fork()`` calls while the process has a single
-thread, and puts them back after it in the parent, and at once in each child.
+lists around a batch of forks while the process has a single thread, and puts them
+back after it in the parent, and at once in each child (`Forker.fork()`).
 Every other hook runs as before: random's reseed, the app's own, a library's.
 Anything unexpected -- another thread, lists not found, a Python whose hooks
 differ from the ones read here -- and every hook runs.
@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import gc
 import os
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+
+log = logging.getLogger("mps")
 
 #: The CPython versions whose threading and logging hooks were read for this
 #: (3.13 also refreshes the thread's native id at fork; it gets os.fork()).
@@ -47,12 +50,13 @@ class Forker:
 
     def __init__(self, lists: dict[str, list[Callable[[], Any]]]) -> None:
         self.lists = lists      # "before" / "parent" / "child" -> the interpreter's list
-        self.saved: dict[str, list[Callable[[], Any]]] = {}    # their contents while quiet()
+        #: While quiet(): each list's whole contents, and what was left in it.
+        self.saved: dict[str, tuple[list[Callable[[], Any]], list[Callable[[], Any]]]] = {}
 
     @classmethod
     def find(cls) -> Forker:
         """The interpreter's three hook lists, or none (quiet() does nothing)."""
-        if sys.version_info[:2] not in VERSIONS:
+        if sys.implementation.name != "cpython" or sys.version_info[:2] not in VERSIONS:
             return cls({})
         # Marks that cost nothing if one is never found and stays registered:
         # a C method that does nothing, no Python frame in the child.
@@ -66,7 +70,11 @@ class Forker:
             if len(held) == 1:
                 held[0].pop()
                 lists[where] = held[0]
-        return cls(lists if len(lists) == len(marks) else {})
+        if len(lists) < len(marks):
+            # (gc.freeze() by the app, say: frozen lists are out of get_referrers' sight)
+            log.debug("at-fork hook lists not found: every child runs every at-fork hook")
+            return cls({})
+        return cls(lists)
 
     def skipped(self) -> dict[str, list[Callable[[], Any]]]:
         """The hooks quiet() leaves out now, by list (all empty without the lists)."""
@@ -82,26 +90,39 @@ class Forker:
 
     @contextmanager
     def quiet(self) -> Iterator[None]:
-        """While this is the process's only thread, the hooks `skipped()`
-        names are out of the lists for the block: a batch of forks.  Each
-        child must call `restore()` first thing."""
+        """A batch of fork() calls: while this is the process's only thread,
+        the hooks `skipped()` names are out of the lists for the block."""
         skip = self.skipped() if single_threaded() else {}
-        if not any(skip.values()):
-            yield
-            return
-        self.saved = {where: lst[:] for where, lst in self.lists.items()}
-        for where, lst in self.lists.items():
-            lst[:] = [h for h in lst if not any(h is s for s in skip[where])]
         try:
+            if any(skip.values()):
+                for where, lst in self.lists.items():
+                    whole = lst[:]
+                    lst[:] = [h for h in whole if not any(h is s for s in skip[where])]
+                    self.saved[where] = (whole, lst[:])
             yield
         finally:
             self.restore()
 
+    def fork(self) -> int:
+        """os.fork(); inside quiet(), without the skipped hooks while this is
+        still the only thread.  The child gets every hook back at once, for
+        forks of its own."""
+        if self.saved and not single_threaded():
+            self.restore()      # a thread came up mid-batch: every hook from here on
+        pid = os.fork()
+        if pid == 0:
+            self.restore()
+        return pid
+
     def restore(self) -> None:
-        """Every hook back in its list (in the parent after a batch; in a
-        child at once, for forks of its own)."""
-        for where, items in self.saved.items():
-            self.lists[where][:] = items
+        """Every hook back in its list, with any registered meanwhile after them."""
+        for where, (whole, left) in self.saved.items():
+            lst = self.lists[where]
+            if lst[:len(left)] == left:
+                lst[:] = whole + lst[len(left):]
+            else:       # (not ours to guess at: someone else rewrote the list)
+                log.warning("the at-fork hooks changed during a fork batch; "
+                            "threading's and logging's may be missing")
         self.saved = {}
 
 
