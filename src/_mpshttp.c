@@ -2078,8 +2078,13 @@ static PyObject *respond_core(Responder *self, PyObject *conn, int fd, PyObject 
         keeps = 0;          /* less than declared: the framing is lost */
     /* Sent from here on, for anything the app calls late (see exchange_promote),
      * even while send_all waits with the GIL released. */
-    x->done = Py_BuildValue("(LnNN)", length, whole ? n : (Py_ssize_t)0,
-                            PyBool_FromLong(keeps), PyBool_FromLong(body_allowed));
+    PyObject *declared = PyLong_FromLongLong(length);
+    PyObject *sent = PyLong_FromSsize_t(whole ? n : 0);
+    x->done = declared == NULL || sent == NULL ? NULL
+        : PyTuple_Pack(4, declared, sent, keeps ? Py_True : Py_False,
+                       body_allowed ? Py_True : Py_False);
+    Py_XDECREF(declared);
+    Py_XDECREF(sent);
     if (x->done == NULL)
         goto done;
     if (send_response(self, x, PyTuple_GET_ITEM(head, 0), whole ? data : NULL) < 0)
@@ -2160,12 +2165,34 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
 static PyObject *str_close, *str_server, *key_remote_addr, *key_remote_port,
     *key_server_name, *key_server_port;
 
+/* The decimal digits of v at out, which has room for 5; how many.  (One
+ * request's address and port through glibc's inet_ntop and a "%d" format
+ * cost as much as its environ's keys: vfprintf both times.) */
+static int decimal(unsigned v, char *out)
+{
+    char tmp[5];
+    int n = 0, i;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0 && n < 5);
+    for (i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
 static int address_text(const struct sockaddr *sa, char *host, size_t size, int *port)
 {
-    if (sa->sa_family == AF_INET) {
+    if (sa->sa_family == AF_INET && size >= INET_ADDRSTRLEN) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        const unsigned char *a = (const unsigned char *)&in->sin_addr;
+        char *p = host;
         *port = ntohs(in->sin_port);
-        return inet_ntop(AF_INET, &in->sin_addr, host, (socklen_t)size) ? 0 : -1;
+        for (int i = 0; i < 4; i++) {
+            p += decimal(a[i], p);
+            *p++ = i < 3 ? '.' : '\0';
+        }
+        return 0;
     }
     if (sa->sa_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
@@ -2223,8 +2250,9 @@ static PyObject *loop_peer(Responder *self, int fd)
         Py_DECREF(server);
         return peer;
     }
+    char digits[5];
     PyObject *remote = PyUnicode_FromString(host);
-    PyObject *remote_port = PyUnicode_FromFormat("%d", port);
+    PyObject *remote_port = PyUnicode_FromStringAndSize(digits, decimal((unsigned)port, digits));
     PyObject *peer = NULL;
     if (remote != NULL && remote_port != NULL)
         peer = PyTuple_Pack(8, key_remote_addr, remote, key_remote_port, remote_port,

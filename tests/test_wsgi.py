@@ -937,6 +937,27 @@ def test_the_c_loop_answers_as_the_python_layer(start_master: Callable[..., Mast
         assert c.send(req("GET", "/cgi/ka")).reply().json()["served by"] == "python"
 
 
+def test_both_paths_give_the_peers_address_and_port_as_the_client_has_them(
+        start_master: Callable[..., Master]) -> None:
+    """REMOTE_ADDR and REMOTE_PORT of clients on several loopback addresses
+    (parts of one, two and three digits, zeros): the C loop formats them
+    itself, the Python path takes accept()'s."""
+    builds = {"c": STRICT_ENV, "python": {**STRICT_ENV, NO_SPEEDUPS_ENV: "1"}}
+    for layer, env in builds.items():
+        m = start_master(wsgi="wsgi_apps:whoami", bind="127.0.0.1:0", **POOL, env=env)
+        m.wait_ready()
+        for source in ("127.0.0.1", "127.10.200.3", "127.255.0.99"):
+            with socket.create_connection(("127.0.0.1", m.port), timeout=10,
+                                          source_address=(source, 0)) as s:
+                s.sendall(req("GET", "/", "Connection: close"))
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+                mine = s.getsockname()
+            remote = got.partition(b"\r\n\r\n")[2].decode().split()[2:]
+            assert remote == [mine[0], str(mine[1])], (layer, got)
+
+
 def test_the_c_loop_serves_a_unix_socket_as_the_python_layer(
         start_master: Callable[..., Master], tmp_path: Path) -> None:
     """Behind nginx on a Unix socket: REMOTE_ADDR is "" and there is no
