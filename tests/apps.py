@@ -176,6 +176,26 @@ def _break_fork(server: mps.Server) -> None:
     os.fork = fork
 
 
+flaky_midway = mps.Server()
+flaky_midway.handler(echo)
+
+
+@flaky_midway.on_starting
+def _break_third_fork(server: mps.Server) -> None:
+    """Make the master's third fork() fail, the others work: the first batch
+    of children stops part-way."""
+    real_fork = os.fork
+    calls = [0]
+
+    def fork() -> int:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    os.fork = fork
+
+
 hangs_at_boot = mps.Server()
 hangs_at_boot.handler(echo)
 

@@ -214,6 +214,18 @@ def test_fork_failure_backs_off_and_recovers(start_master):
     assert doc["totals"]["spawned"] >= POOL["min_spare"]
 
 
+def test_a_fork_failing_mid_batch_keeps_the_forked_and_frees_the_rest(start_master):
+    # The first batch (start_servers 4) forks two children, fails on the
+    # third: those two serve, the two slots never forked are released (not
+    # left STARTING), and the next pass forks the rest after the back-off.
+    m = start_master(app="apps.py:flaky_midway", **{**POOL, "min_spare": 4})
+    doc = wait_until(lambda: consistent(m) if m.child_pids() and len(m.child_pids()) >= 4
+                     else None, timeout=30, what="four children, the board agreeing")
+    assert m.output().count("fork failed: Resource temporarily unavailable") == 1
+    assert doc["totals"]["spawned"] == len(m.child_pids()) == 4
+    assert m.echo(b"after").endswith(b": after")
+
+
 def test_status_clients_never_delay_pool_maintenance(start_master):
     m = start_master(**POOL)
     m.wait_ready()

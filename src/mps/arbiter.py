@@ -34,6 +34,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
 from . import daemon, logs, metrics, signals, sockets, status
 from .forking import Forker
@@ -661,48 +662,77 @@ class Arbiter:
                 self.retire(child)
 
     def spawn_many(self, count: int) -> None:
-        # What every child of the batch gets, made once: each page the master
-        # writes between two forks is one more private page in every child.
+        """Fork up to ``count`` children, each into a slot reserved first."""
+        assert self.board is not None
+        batch = self.reserve(count)
+        if not batch:
+            return
+        # Between two forks the master does as little as it can: each page
+        # it writes there is one more private page in every child forked
+        # before.  So the slots, the children's records and the signal mask
+        # are made before the batch, the bookkeeping after it.
         close_fds = self.child_close_fds()
-        with self.forker.quiet():
-            for _ in range(count):
-                if not self.spawn(close_fds):
-                    return
-
-    def spawn(self, close_fds: tuple[int, ...]) -> bool:
-        """Fork one child into a reserved slot; False when no slot or fork failed."""
-        assert self.board is not None and self.listener is not None
-        slot = self.board.reserve()
-        if slot < 0:
-            return False
-        s = self.settings
-        limit = s.max_requests + jitter(s.max_requests_jitter) if s.max_requests else 0
-        child = Child(pid=0, slot=slot, generation=self.generation, limit=limit,
-                      born=time.monotonic())
-        # Signals stay blocked across fork() so that none reaches the child
+        pids: list[int] = []
+        # Signals stay blocked across fork() so that none reaches a child
         # while it still has the master's handlers; it unblocks after its own.
+        # (Blocked for the batch: the master's loop, which acts on them, is
+        # not running meanwhile anyway.)
         old_mask = signals.block(RECORDED)
         try:
-            pid = self.forker.fork()
+            with self.forker.quiet():
+                for child in batch:
+                    pid = self.forker.fork()
+                    if pid == 0:
+                        self.become(child, close_fds, old_mask)
+                    pids.append(pid)
         except OSError as exc:
-            signals.set_mask(old_mask)
-            self.board.release(slot)    # roll back, or it says STARTING forever
+            if pids:
+                self.fork_failures = 0  # the streak ended with the batch's first fork
             self.fork_failed(exc)
-            return False
-        if pid == 0:
-            try:
-                child.pid = os.getpid()
-                child_main(self.app, self.board, self.listener, child, self.pid,
-                           close_fds, self.identity, old_mask)
-            finally:
-                os._exit(1)     # This must never return into the master's frames.
-        signals.set_mask(old_mask)
-        child.pid = pid
-        self.board.started(slot, pid)
-        self.children[pid] = child
-        self.totals.spawned += 1
-        self.fork_failures = 0
-        return True
+        else:
+            self.fork_failures = 0
+        finally:
+            signals.set_mask(old_mask)
+            self.enlist(batch, pids)
+
+    def reserve(self, count: int) -> list[Child]:
+        """Up to ``count`` slots reserved (STARTING), with the records of the
+        children to fork into them."""
+        assert self.board is not None
+        s = self.settings
+        now = time.monotonic()
+        batch = []
+        for _ in range(count):
+            slot = self.board.reserve()
+            if slot < 0:
+                break
+            limit = s.max_requests + jitter(s.max_requests_jitter) if s.max_requests else 0
+            batch.append(Child(pid=0, slot=slot, generation=self.generation, limit=limit,
+                               born=now))
+        return batch
+
+    def become(self, child: Child, close_fds: tuple[int, ...], old_mask: set[int]) -> NoReturn:
+        """In a new child: its life, then its exit."""
+        assert self.board is not None and self.listener is not None
+        try:
+            child.pid = os.getpid()
+            child_main(self.app, self.board, self.listener, child, self.pid,
+                       close_fds, self.identity, old_mask)
+        finally:
+            os._exit(1)     # This must never return into the master's frames.
+
+    def enlist(self, batch: list[Child], pids: list[int]) -> None:
+        """After a batch: its children (the first ``len(pids)``) on the board
+        and in the master's table; the slots of those never forked released,
+        or they would say STARTING forever."""
+        assert self.board is not None
+        for child, pid in zip(batch, pids):
+            child.pid = pid
+            self.board.started(child.slot, pid)
+            self.children[pid] = child
+        for child in batch[len(pids):]:
+            self.board.release(child.slot)
+        self.totals.spawned += len(pids)
 
     def children_by_slot(self) -> dict[int, Child]:
         return {c.slot: c for c in self.children.values()}
