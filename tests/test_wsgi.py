@@ -917,8 +917,7 @@ def test_the_c_loop_answers_as_the_python_layer(start_master: Callable[..., Mast
         pytest.skip("mps.http._speedups is not built here (no C compiler at install): "
                     "apt-get install gcc and reinstall mps")
     # (Bound by the master: TCP_DEFER_ACCEPT, so the first read has the
-    # request.  On a listener handed in, a connection accepted before its
-    # bytes arrive goes to the Python path, which waits for them.)
+    # request.  On a listener handed in, see the next test.)
     c_build = start_master(wsgi="wsgi_apps:router", bind="127.0.0.1:0", **POOL, env=STRICT_ENV)
     python = start_master(wsgi="wsgi_apps:router", bind="127.0.0.1:0", **POOL,
                           env={**STRICT_ENV, NO_SPEEDUPS_ENV: "1"})
@@ -935,6 +934,23 @@ def test_the_c_loop_answers_as_the_python_layer(start_master: Callable[..., Mast
     # A kept-alive request is handed to the Python path (it owns keep-alive).
     with Conn(c_build.port) as c:
         assert c.send(req("GET", "/cgi/ka")).reply().json()["served by"] == "python"
+
+
+def test_the_c_loop_waits_for_a_request_that_follows_its_connection(
+        start_master: Callable[..., Master]) -> None:
+    """On a listener handed in (fd://, systemd: no TCP_DEFER_ACCEPT) a child
+    can take a connection before its request arrives; the C loop waits a
+    little for the bytes and serves the request itself."""
+    if not SPEEDUPS:
+        pytest.skip("mps.http._speedups is not built here (no C compiler at install): "
+                    "apt-get install gcc and reinstall mps")
+    m = start_master(wsgi="wsgi_apps:router", **ONE_CHILD, env=STRICT_ENV)   # fd://
+    m.wait_ready()
+    with Conn(m.port) as c:
+        wait_until(lambda: m.status()["children"]["busy"] == 1, interval=0.002,
+                   what="the child holding the connection, no request yet")
+        got = c.send(req("GET", "/cgi/after", "Connection: close")).rest()
+    assert json.loads(got.partition(b"\r\n\r\n")[2])["served by"] == "c-loop"
 
 
 def test_both_paths_give_the_peers_address_and_port_as_the_client_has_them(
