@@ -1241,3 +1241,45 @@ def test_http_date_is_imf_fixdate_whatever_the_instant() -> None:
     rng = random.Random(7)
     for t in [0, 784111777, 951782400, 4102444799] + [rng.uniform(0, 4e9) for _ in range(2000)]:
         assert http_date(t).decode() == formatdate(t, usegmt=True)
+
+
+# ================================================================ the master's warm-up
+
+def test_warm_up_serves_its_own_requests_not_the_apps(tmp_path: Path) -> None:
+    """WSGIHandler.warm_up (run by the master before it forks) talks to a
+    throwaway handler and app of its own: the handler's app is never called,
+    its access log gets no line, and the handler's own state is untouched."""
+    from mps.http.wsgi import Options, WSGIHandler
+    called: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        called.append(environ)
+        start_response("200 OK", [])
+        return [b""]
+
+    log = tmp_path / "access.log"
+    handler = WSGIHandler(app, Options(access_log=str(log)))
+    handler.warm_up()
+    assert called == []
+    assert not log.exists() or log.read_text() == ""
+    assert handler.server is None and handler.keys == {}
+
+
+def test_the_masters_warm_up_never_calls_the_app(start_master: Callable[..., Master],
+                                                  tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    app = tmp_path / "counted.py"
+    app.write_text(
+        "import os\n"
+        "def app(environ, start_response):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write('%d\\n' % os.getpid())\n"
+        "    start_response('200 OK', [('Content-Length', '2')])\n"
+        "    return [b'ok']\n")
+    m = start_master(wsgi=f"{app}:app", **ONE_CHILD)
+    m.wait_ready()
+    assert not calls.exists()       # booted, warmed up, forked: no call yet
+    with Conn(m.port) as c:
+        assert c.send(req("GET", "/", "Connection: close")).reply().body == b"ok"
+    assert calls.read_text().split() == [str(pid) for pid in m.child_pids()]
+    assert "warm-up failed" not in m.output()

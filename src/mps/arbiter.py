@@ -223,9 +223,21 @@ class Arbiter:
         self.app.call_hook("on_starting")
         self.started = True
         self.board.prepare_accept(self.listener)    # once here, not in every child
+        self.warm_up()
         self.forker = Forker.find()     # before gc.freeze(), which hides what it looks for
         gc.freeze()     # keep the master's objects out of the children's GC: less copy-on-write
         self.spawn_many(s.start_servers)
+
+    def warm_up(self) -> None:
+        """The handler's own warm-up (WSGI's: see WSGIHandler.warm_up), once,
+        before the first fork; a failure costs only the saving."""
+        warm = getattr(self.app.handler, "warm_up", None)
+        if warm is None:
+            return
+        try:
+            warm()
+        except Exception as exc:    # (its requests are ours: a bug, not the app's)
+            log.warning("the HTTP warm-up failed (%s); serving without it", exc)
 
     def bind(self) -> None:
         """The listening socket: systemd's (socket activation), or bind's."""
