@@ -34,6 +34,7 @@ import requests
 import wsgi_apps
 from conftest import BACKENDS, TESTS, Master, pid_alive, run_mps, wait_until
 from mps.http.message import NO_SPEEDUPS_ENV, SPEEDUPS
+from mps.http.wsgi import WARM_UP_CONNECTIONS
 
 #: Turns the validator's warnings into errors in the server: a 500 then.
 STRICT_ENV = {"PYTHONWARNINGS": "error::wsgiref.validate.WSGIWarning"}
@@ -946,11 +947,16 @@ def test_the_c_loop_waits_for_a_request_that_follows_its_connection(
                     "apt-get install gcc and reinstall mps")
     m = start_master(wsgi="wsgi_apps:router", **ONE_CHILD, env=STRICT_ENV)   # fd://
     m.wait_ready()
-    with Conn(m.port) as c:
-        wait_until(lambda: m.status()["children"]["busy"] == 1, interval=0.002,
-                   what="the child holding the connection, no request yet")
-        got = c.send(req("GET", "/cgi/after", "Connection: close")).rest()
-    assert json.loads(got.partition(b"\r\n\r\n")[2])["served by"] == "c-loop"
+    served = []
+    for _ in range(3):      # (the wait is short: a test descheduled past it misses it once)
+        with Conn(m.port) as c:
+            wait_until(lambda: m.status()["children"]["busy"] == 1, interval=0.002,
+                       what="the child holding the connection, no request yet")
+            got = c.send(req("GET", "/cgi/after", "Connection: close")).rest()
+        served.append(json.loads(got.partition(b"\r\n\r\n")[2])["served by"])
+        if served[-1] == "c-loop":
+            break
+    assert "c-loop" in served, served
 
 
 def test_both_paths_give_the_peers_address_and_port_as_the_client_has_them(
@@ -1246,10 +1252,12 @@ def test_http_date_is_imf_fixdate_whatever_the_instant() -> None:
 # ================================================================ the master's warm-up
 
 def test_warm_up_serves_its_own_requests_not_the_apps(tmp_path: Path) -> None:
-    """WSGIHandler.warm_up (run by the master before it forks) talks to a
-    throwaway handler and app of its own: the handler's app is never called,
-    its access log gets no line, and the handler's own state is untouched."""
-    from mps.http.wsgi import Options, WSGIHandler
+    """WSGIHandler.mps_warm_up (run by the master before it forks) talks to a
+    throwaway handler and app of its own, on the handler's path (C, or
+    Python with an access log): every request is answered, the handler's
+    app is never called, no access log is opened, the handler's own state
+    is untouched."""
+    from mps.http.wsgi import WSGIHandler, Options
     called: list[Any] = []
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -1258,11 +1266,12 @@ def test_warm_up_serves_its_own_requests_not_the_apps(tmp_path: Path) -> None:
         return [b""]
 
     log = tmp_path / "access.log"
-    handler = WSGIHandler(app, Options(access_log=str(log)))
-    handler.warm_up()
-    assert called == []
-    assert not log.exists() or log.read_text() == ""
-    assert handler.server is None and handler.keys == {}
+    for options in (Options(), Options(access_log=str(log))):
+        handler = WSGIHandler(app, options)
+        assert handler.mps_warm_up() == 3 * WARM_UP_CONNECTIONS
+        assert called == []
+        assert not log.exists()
+        assert handler.server is None and handler.keys == {}
 
 
 def test_the_masters_warm_up_never_calls_the_app(start_master: Callable[..., Master],

@@ -229,9 +229,9 @@ class Arbiter:
         self.spawn_many(s.start_servers)
 
     def warm_up(self) -> None:
-        """The handler's own warm-up (WSGI's: see WSGIHandler.warm_up), once,
+        """The handler's own warm-up (WSGI's: see WSGIHandler.mps_warm_up), once,
         before the first fork; a failure costs only the saving."""
-        warm = getattr(self.app.handler, "warm_up", None)
+        warm = getattr(self.app.handler, "mps_warm_up", None)
         if warm is None:
             return
         try:
@@ -740,8 +740,11 @@ class Arbiter:
         assert self.board is not None
         for child, pid in zip(batch, pids):
             child.pid = pid
-            self.board.started(child.slot, pid)
             self.children[pid] = child
+        for child in batch[:len(pids)]:
+            # (after the table: lock_stuck knows the batch if one of it
+            # holds the board's lock meanwhile)
+            self.board.started(child.slot, child.pid)
         for child in batch[len(pids):]:
             self.board.release(child.slot)
         self.totals.spawned += len(pids)
