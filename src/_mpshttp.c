@@ -1687,6 +1687,7 @@ typedef struct {
     Sink *sink;                     /* its requests (ready: a list) */
     PyObject *make_socket, *finish;
     PyObject *handler;      /* the WSGIHandler: its server (name, port) cache */
+    PyObject *server;       /* that pair, once known (it never changes after) */
     PyObject *keep;         /* what owns addr and addrlen (the board) */
 } Responder;
 
@@ -2203,20 +2204,11 @@ static int address_text(const struct sockaddr *sa, char *host, size_t size, int 
     return -1;
 }
 
-/* WSGIHandler.peer()'s tuple for the connection just accepted: an IP peer's
- * address and port, a Unix socket's peer REMOTE_ADDR "" alone (as Python's
- * for an address that is not a tuple); NULL without an exception for any
- * other family (Python serves it). */
-static PyObject *loop_peer(Responder *self, int fd)
+/* SERVER_NAME/PORT (borrowed, kept in self->server): the handler's, shared
+ * with its peer() -- whichever path saw the child's first connection set
+ * it, from that one -- and asked for once. */
+static PyObject *loop_server(Responder *self, int fd)
 {
-    char host[INET6_ADDRSTRLEN];
-    int port;
-    int unix_peer = ((const struct sockaddr *)self->addr)->sa_family == AF_UNIX;
-    if (!unix_peer
-            && address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
-        return NULL;
-    /* SERVER_NAME/PORT: the handler's, shared with its peer() -- whichever
-     * path saw the child's first connection set it, from that one. */
     PyObject *server = PyObject_GetAttr(self->handler, str_server);
     if (server == NULL)
         return NULL;
@@ -2241,6 +2233,25 @@ static PyObject *loop_peer(Responder *self, int fd)
         PyErr_SetString(PyExc_TypeError, "handler.server: not a (name, port) pair");
         return NULL;
     }
+    self->server = server;
+    return server;
+}
+
+/* WSGIHandler.peer()'s tuple for the connection just accepted: an IP peer's
+ * address and port, a Unix socket's peer REMOTE_ADDR "" alone (as Python's
+ * for an address that is not a tuple); NULL without an exception for any
+ * other family (Python serves it). */
+static PyObject *loop_peer(Responder *self, int fd)
+{
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    int unix_peer = ((const struct sockaddr *)self->addr)->sa_family == AF_UNIX;
+    if (!unix_peer
+            && address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
+        return NULL;
+    PyObject *server = self->server;
+    if (server == NULL && (server = loop_server(self, fd)) == NULL)
+        return NULL;
     if (unix_peer) {
         PyObject *empty = PyUnicode_FromString("");
         PyObject *peer = empty == NULL ? NULL
@@ -2248,7 +2259,6 @@ static PyObject *loop_peer(Responder *self, int fd)
                            PyTuple_GET_ITEM(server, 0), key_server_port,
                            PyTuple_GET_ITEM(server, 1));
         Py_XDECREF(empty);
-        Py_DECREF(server);
         return peer;
     }
     char digits[5];
@@ -2261,7 +2271,6 @@ static PyObject *loop_peer(Responder *self, int fd)
                             PyTuple_GET_ITEM(server, 1));
     Py_XDECREF(remote);
     Py_XDECREF(remote_port);
-    Py_DECREF(server);
     return peer;
 }
 
@@ -2474,6 +2483,7 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
     Py_XSETREF(self->make_socket, Py_NewRef(make_socket));
     Py_XSETREF(self->finish, finish);
     Py_XSETREF(self->handler, Py_NewRef(handler));
+    Py_CLEAR(self->server);
     Py_XSETREF(self->keep, Py_NewRef(owner));
     self->attached = 1;
     Py_RETURN_NONE;
@@ -2512,6 +2522,7 @@ static int responder_traverse(Responder *self, visitproc visit, void *arg)
     Py_VISIT(self->make_socket);
     Py_VISIT(self->finish);
     Py_VISIT(self->handler);
+    Py_VISIT(self->server);
     Py_VISIT(self->keep);
     if (self->attached)
         Py_VISIT(self->buf.obj);
@@ -2534,6 +2545,7 @@ static int responder_clear(Responder *self)
     Py_CLEAR(self->make_socket);
     Py_CLEAR(self->finish);
     Py_CLEAR(self->handler);
+    Py_CLEAR(self->server);
     Py_CLEAR(self->keep);
     if (self->attached) {
         self->attached = 0;

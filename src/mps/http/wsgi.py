@@ -22,7 +22,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
