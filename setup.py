@@ -62,6 +62,6 @@ setup(
     cffi_modules=["build_ffi.py:ffibuilder"],
     # The HTTP layer's per-request string work (a CPython extension: it builds
     # dicts and bytes, which cffi cannot hand back cheaply).
-    ext_modules=[Extension("mps.http._speedups", ["src/_mpshttp.c"])],
+    ext_modules=[Extension("mps.http._speedups", ["src/_mpshttp.c"], depends=["src/_mpsaddr.h"])],
     cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithCore},
 )

@@ -1622,6 +1622,8 @@ static PyObject *speedups_configure(PyObject *module, PyObject *args)
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "_mpsaddr.h"
+
 static PyObject *str_start_response, *str_write, *str_send_interim,
     *key_forwarded_for, *key_forwarded_proto;
 
@@ -2166,43 +2168,6 @@ static PyObject *responder_respond(Responder *self, PyObject *const *args, Py_ss
 
 static PyObject *str_close, *str_server, *key_remote_addr, *key_remote_port,
     *key_server_name, *key_server_port;
-
-/* The decimal digits of v at out, which has room for 5; how many.  (One
- * request's address and port through glibc's inet_ntop and a "%d" format
- * cost as much as its environ's keys: vfprintf both times.) */
-static int decimal(unsigned v, char *out)
-{
-    char tmp[5];
-    int n = 0, i;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0 && n < 5);
-    for (i = 0; i < n; i++)
-        out[i] = tmp[n - 1 - i];
-    return n;
-}
-
-static int address_text(const struct sockaddr *sa, char *host, size_t size, int *port)
-{
-    if (sa->sa_family == AF_INET && size >= INET_ADDRSTRLEN) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        const unsigned char *a = (const unsigned char *)&in->sin_addr;
-        char *p = host;
-        *port = ntohs(in->sin_port);
-        for (int i = 0; i < 4; i++) {
-            p += decimal(a[i], p);
-            *p++ = i < 3 ? '.' : '\0';
-        }
-        return 0;
-    }
-    if (sa->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        *port = ntohs(in6->sin6_port);
-        return inet_ntop(AF_INET6, &in6->sin6_addr, host, (socklen_t)size) ? 0 : -1;
-    }
-    return -1;
-}
 
 /* SERVER_NAME/PORT (borrowed, kept in self->server): the handler's, shared
  * with its peer() -- whichever path saw the child's first connection set
