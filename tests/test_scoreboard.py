@@ -873,6 +873,155 @@ def test_accept_that_times_out_leaves_the_slot_idle(board: Scoreboard) -> None:
     assert snap.connections == 0 and snap.idle_counter == 1
 
 
+# ----------------------------------------------------------------- the acceptor
+
+
+class Waiting:
+    """A child's accept set-up: a non-blocking listener and the epoll set the
+    worker makes (the listener EPOLLEXCLUSIVE, and the signal wake-up pipe),
+    handed to the board as Worker.boot does."""
+
+    def __init__(self, board: Scoreboard, family: int, address: object) -> None:
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.bind(address)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.waiter = select.epoll()
+        self.waiter.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.waiter.register(self.wake_r, select.EPOLLIN)
+        board.prepare_accept(self.listener)
+        board.set_waiter(self.waiter)
+
+    def close(self) -> None:
+        self.waiter.close()
+        self.listener.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+@pytest.fixture
+def waiting(board: Scoreboard) -> Iterator[Callable[[int, object], Waiting]]:
+    made: list[Waiting] = []
+
+    def make(family: int, address: object) -> Waiting:
+        made.append(Waiting(board, family, address))
+        return made[-1]
+    yield make
+    for w in made:
+        w.close()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "unix", "unix-named"])
+def test_the_acceptor_gives_what_accept_gives(board: Scoreboard, waiting: Any,
+                                              tmp_path: Path, family: str) -> None:
+    """The worker's per-connection call: a socket.socket, the peer's address as
+    socket.accept() gives it, the busy transition; with idle_first, the
+    previous connection's idle transition first."""
+    if family == "ipv6" and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    fam, address = {"ipv4": (socket.AF_INET, ("127.0.0.1", 0)),
+                    "ipv6": (socket.AF_INET6, ("::1", 0)),
+                    "unix": (socket.AF_UNIX, str(tmp_path / "l.sock")),
+                    "unix-named": (socket.AF_UNIX, str(tmp_path / "l.sock"))}[family]
+    w = waiting(fam, address)
+    slot = child_slot(board)
+    accept = board.acceptor(slot, w.listener)
+    for n, idle_first in ((1, False), (2, True)):
+        client = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            if family == "unix-named":
+                name = str(tmp_path / f"client{n}.sock")
+                client.bind(name)
+            client.connect(w.listener.getsockname())
+            conn, addr = accept(idle_first)
+            with conn:
+                assert type(conn) is socket.socket
+                assert conn.family == fam and conn.type == socket.SOCK_STREAM
+                expected = client.getsockname() if fam != socket.AF_UNIX else (
+                    name if family == "unix-named" else "")
+                assert addr == expected
+                assert type(addr) is type(expected)
+                talk(conn, client)
+                snap = board.snapshot()
+                assert snap.slots[slot].state == State.BUSY
+                assert snap.slots[slot].connections == n
+                assert snap.idle_counter == 0 and consistent(snap)
+        finally:
+            client.close()
+
+
+def test_the_acceptor_sleeps_until_a_connection_comes(board: Scoreboard, waiting: Any) -> None:
+    """Nothing queued: it waits in epoll (the worker's idle sleep) and takes
+    the connection that comes, from a client started after the call."""
+    import threading
+    w = waiting(socket.AF_INET, ("127.0.0.1", 0))
+    slot = child_slot(board)
+    accept = board.acceptor(slot, w.listener)
+    clients: list[socket.socket] = []
+    timer = threading.Timer(0.2, lambda: clients.append(
+        socket.create_connection(w.listener.getsockname(), timeout=DEADLINE)))
+    timer.start()
+    try:
+        conn, addr = accept(False)
+        conn.close()
+        timer.join(DEADLINE)
+        assert addr == clients[0].getsockname()
+    finally:
+        timer.cancel()
+        for c in clients:
+            c.close()
+
+
+def test_the_acceptor_returns_on_a_signal_and_leaves_when_retired(
+        board: Scoreboard, waiting: Any) -> None:
+    w = waiting(socket.AF_INET, ("127.0.0.1", 0))
+    slot = child_slot(board)
+    accept = board.acceptor(slot, w.listener)
+    os.write(w.wake_w, b"s")        # what a handled signal writes
+    with pytest.raises(InterruptedError):
+        accept(False)
+    assert state(board, slot) == State.IDLE
+    os.read(w.wake_r, 8)
+    with socket.create_connection(w.listener.getsockname(), timeout=DEADLINE):
+        conn, _ = accept(False)
+        conn.close()
+    board.retire(slot)              # the master, while it served
+    with pytest.raises(OSError) as info:
+        accept(True)
+    assert info.value.errno == errno.ESHUTDOWN
+    assert state(board, slot) == State.EXITING
+
+
+def test_the_c_board_accepts_in_c() -> None:
+    """Where mps._accept is built (with the C core), the C board's acceptor
+    is its C type, not the Python accept() wrapped."""
+    if scoreboard._lib is None:
+        pytest.skip("the C core is not built (install a C compiler and reinstall mps)")
+    if scoreboard._Acceptor is None:
+        pytest.fail("mps._accept was not built beside the C core")
+    board = scoreboard.CScoreboard(NSLOTS)
+    w = Waiting(board, socket.AF_INET, ("127.0.0.1", 0))
+    try:
+        accept = board.acceptor(child_slot(board), w.listener)
+        assert type(accept) is scoreboard._Acceptor
+        with pytest.raises(ValueError):
+            scoreboard._Acceptor((0, 0, 0, 0, -1, -1, -1, 0, 0), board, socket.socket,
+                                 2, 1, 0, str)
+    finally:
+        w.close()
+        board.close()
+
+
 # ----------------------------------------------------------------- a stopped holder
 
 

@@ -53,6 +53,10 @@ try:
     from ._mpscore import ffi as _ffi, lib as _lib
 except ImportError:  # no compiler at install time: the Python backend serves
     _ffi = _lib = None
+try:
+    from ._accept import Acceptor as _Acceptor
+except ImportError:  # (built with the C core; accept() is the same call, from Python)
+    _Acceptor = None    # type: ignore[assignment,misc]
 
 log = logging.getLogger("mps")
 
@@ -311,6 +315,13 @@ class Scoreboard(ABC):
             wake(self.wake_fd)
         return conn, addr
 
+    def acceptor(self, slot: int, listener: socket.socket
+                 ) -> Callable[[bool], tuple[socket.socket, Any]]:
+        """Child, after :meth:`set_waiter`: ``accept(slot, listener,
+        idle_first)`` as a call of ``idle_first`` alone, for the worker's
+        loop to make once per connection."""
+        return partial(self.accept, slot, listener)
+
 
 def wake(fd: int) -> None:
     """Write one byte to the master's wake-up pipe; a full pipe is awake enough."""
@@ -442,6 +453,21 @@ class CScoreboard(Scoreboard):
         accept, begin, board, peer_buf, addrlen = self._entry
         return (accept, begin, board, slot, self._peers.fd, self._epoll_fd, self.wake_fd,
                 peer_buf, addrlen)
+
+    def acceptor(self, slot: int, listener: socket.socket
+                 ) -> Callable[[bool], tuple[socket.socket, Any]]:
+        # The whole accept in C (mps._accept): the C call of accept(), then
+        # the socket and the peer's address, with no Python frame between.
+        # Per connection that saves what wrapping the call costs in Python:
+        # cffi's conversions, this method's frame, Peers.decode (measured
+        # about 1.9 us of an accept and close's 15.5; see RESULTS.md).
+        if _Acceptor is None or self._epoll_fd < 0:
+            return super().acceptor(slot, listener)
+        entry = self.accept_entry(slot, listener)
+        peers = self._peers
+        assert peers is not None
+        return _Acceptor(entry, self, socket.socket, peers.family, peers.type, peers.proto,
+                         peers.decode)
 
     def adopt(self, fd: int) -> tuple[socket.socket, Any]:
         """accept()'s answer for a connection a C caller accepted (accept_entry)."""

@@ -1,9 +1,12 @@
 """The child: boot, serve connections, leave.  It never returns to the master.
 
-Per connection the child makes two scoreboard calls: ``accept`` (on the C
-backend one C call: accept4() with the GIL released, then the busy
-transition, then the master's wake-up when idle children ran short) and
-``idle``.  Nothing on that path logs or allocates beyond the connection.
+Per connection the child makes one scoreboard call, its acceptor
+(``Scoreboard.acceptor``): the previous connection's idle transition, the
+wait and accept4() with the GIL released, the busy transition and the
+master's wake-up when idle children ran short.  On the C backend that is one
+C call, and the socket and the peer's address are made in C too
+(``mps._accept``).  Nothing on that path logs or allocates beyond the
+connection.
 
 A handler may take the accept over (``direct``: mps.http's C connection
 loop, on the C board): one C call then accepts the same way and serves the
@@ -143,7 +146,7 @@ class Worker:
     def serve(self) -> int:
         # Locals: this loop runs once per connection.
         board, listener, slot = self.board, self.listener, self.child.slot
-        accept, handle = board.accept, self.app.handler
+        accept, handle = board.acceptor(slot, listener), self.app.handler
         one = self.serve_one
         # With the C loop: the C board's adopt(fd), and the handler as one that
         # takes a connection over with its first bytes read.
@@ -156,7 +159,7 @@ class Worker:
             preread = 0
             try:
                 if one is None:
-                    conn, addr = accept(slot, listener, done)
+                    conn, addr = accept(done)
                 else:
                     try:
                         # accept(), and the connection served in C where it can be

@@ -1,0 +1,236 @@
+/*
+ * _mpsaccept.c - mps._accept: a child's accept, start to finish in C.
+ *
+ *   Acceptor(entry, owner, socket_type, family, type, proto, decode)
+ *       entry: what Scoreboard.accept_entry(slot, listener) hands over (the
+ *       C core's mps_accept_busy, the board, the slot, the fds and the peer
+ *       buffer, as addresses); owner keeps that memory alive (the board);
+ *       socket_type(family, type, proto, fd) makes the connection's socket;
+ *       decode(addrlen) turns the buffer into the address of any family
+ *       other than IPv4.
+ *   acceptor(idle_first) -> (socket, address)
+ *       Scoreboard.accept(slot, listener, idle_first), with no Python frame
+ *       of mps's: the same C call with the GIL released (the idle
+ *       transition, the wait in epoll, accept4(), the busy transition), then
+ *       the socket object and the (host, port) pair built here.  Raises
+ *       OSError as accept() does.
+ *
+ * Why: per connection, the Python wrapper around that C call -- cffi's
+ * conversion of eight arguments, the method's frame, the peer's decoding --
+ * cost about as much as the C call's own user time, and the naive Python
+ * prefork that issue 11 measures mps against pays none of it (its accept()
+ * is one C call too).  The socket is still socket.socket's (the handler's
+ * API), made the way socket.accept() makes it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#include "_mpsaddr.h"
+
+/* mps_accept_busy (src/_mpscore.c), as Scoreboard.accept_entry hands it over */
+typedef int (*accept_fn)(void *board, int64_t slot, int listen_fd, int epoll_fd,
+                         int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;      /* acceptor(idle_first): no argument tuple */
+    accept_fn accept;
+    void *board, *addr;
+    uint32_t *addrlen;
+    int64_t slot;
+    int listen_fd, epoll_fd, wake_fd;
+    PyObject *owner, *socket_type, *decode;
+    PyObject *family, *type, *proto;        /* socket_type's first three arguments */
+} Acceptor;
+
+static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
+{
+    unsigned long long accept, begin, board, addr, addrlen;
+    long long slot;
+    int listen_fd, epoll_fd, wake_fd;
+    PyObject *owner, *socket_type, *family, *type, *proto, *decode;
+    static char *names[] = {"entry", "owner", "socket_type", "family", "type", "proto",
+                            "decode", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "(KKKLiiiKK)OOO!O!O!O:Acceptor", names,
+                                     &accept, &begin, &board, &slot, &listen_fd, &epoll_fd,
+                                     &wake_fd, &addr, &addrlen, &owner, &socket_type,
+                                     &PyLong_Type, &family, &PyLong_Type, &type,
+                                     &PyLong_Type, &proto, &decode))
+        return -1;
+    (void)begin;
+    if (accept == 0 || board == 0 || addr == 0 || addrlen == 0) {
+        PyErr_SetString(PyExc_ValueError, "Acceptor: a NULL address in entry");
+        return -1;
+    }
+    if (!PyCallable_Check(socket_type) || !PyCallable_Check(decode)) {
+        PyErr_SetString(PyExc_TypeError, "Acceptor: socket_type and decode must be callable");
+        return -1;
+    }
+    self->accept = (accept_fn)(uintptr_t)accept;
+    self->board = (void *)(uintptr_t)board;
+    self->addr = (void *)(uintptr_t)addr;
+    self->addrlen = (uint32_t *)(uintptr_t)addrlen;
+    self->slot = slot;
+    self->listen_fd = listen_fd;
+    self->epoll_fd = epoll_fd;
+    self->wake_fd = wake_fd;
+    Py_XSETREF(self->owner, Py_NewRef(owner));
+    Py_XSETREF(self->socket_type, Py_NewRef(socket_type));
+    Py_XSETREF(self->decode, Py_NewRef(decode));
+    Py_XSETREF(self->family, Py_NewRef(family));
+    Py_XSETREF(self->type, Py_NewRef(type));
+    Py_XSETREF(self->proto, Py_NewRef(proto));
+    return 0;
+}
+
+/* The peer's address as socket.accept() gives it: (host, port) for IPv4
+ * here, anything else through decode(addrlen). */
+static PyObject *peer_address(Acceptor *self, uint32_t len)
+{
+    const struct sockaddr *sa = (const struct sockaddr *)self->addr;
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (sa->sa_family != AF_INET || len < sizeof(struct sockaddr_in)
+            || address_text(sa, host, sizeof host, &port) < 0) {
+        PyObject *n = PyLong_FromUnsignedLong(len);
+        PyObject *out = n == NULL ? NULL : PyObject_CallOneArg(self->decode, n);
+        Py_XDECREF(n);
+        return out;
+    }
+    PyObject *text = PyUnicode_FromString(host);
+    PyObject *number = PyLong_FromLong(port);
+    PyObject *out = NULL;
+    if (text != NULL && number != NULL)
+        out = PyTuple_Pack(2, text, number);
+    Py_XDECREF(text);
+    Py_XDECREF(number);
+    return out;
+}
+
+static PyObject *acceptor_call(PyObject *obj, PyObject *const *args, size_t nargsf,
+                               PyObject *kwnames)
+{
+    Acceptor *self = (Acceptor *)obj;
+    if (self->accept == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Acceptor: not initialised");
+        return NULL;
+    }
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "acceptor(idle_first) takes one argument");
+        return NULL;
+    }
+    int idle_first = PyObject_IsTrue(args[0]);
+    if (idle_first < 0)
+        return NULL;
+    *self->addrlen = (uint32_t)sizeof(struct sockaddr_storage);
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = self->accept(self->board, self->slot, self->listen_fd, self->epoll_fd, idle_first,
+                      self->wake_fd, self->addr, self->addrlen);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        errno = -fd;
+        return PyErr_SetFromErrno(PyExc_OSError);   /* (its subclass, as accept() raises) */
+    }
+    PyObject *address = peer_address(self, *self->addrlen);
+    if (address == NULL) {
+        close(fd);
+        return NULL;
+    }
+    PyObject *number = PyLong_FromLong(fd);
+    if (number == NULL) {
+        close(fd);
+        Py_DECREF(address);
+        return NULL;
+    }
+    PyObject *call[4] = {self->family, self->type, self->proto, number};
+    PyObject *conn = PyObject_Vectorcall(self->socket_type, call, 4, NULL);
+    Py_DECREF(number);
+    if (conn == NULL) {
+        close(fd);      /* (the socket type refused it, so it does not own fd) */
+        Py_DECREF(address);
+        return NULL;
+    }
+    PyObject *out = PyTuple_Pack(2, conn, address);
+    Py_DECREF(conn);
+    Py_DECREF(address);
+    return out;
+}
+
+static PyObject *acceptor_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    Acceptor *self = (Acceptor *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->vectorcall = acceptor_call;
+    return (PyObject *)self;
+}
+
+static int acceptor_traverse(Acceptor *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->socket_type);
+    Py_VISIT(self->decode);
+    return 0;
+}
+
+static int acceptor_clear(Acceptor *self)
+{
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->socket_type);
+    Py_CLEAR(self->decode);
+    Py_CLEAR(self->family);
+    Py_CLEAR(self->type);
+    Py_CLEAR(self->proto);
+    self->accept = NULL;
+    return 0;
+}
+
+static void acceptor_dealloc(Acceptor *self)
+{
+    PyObject_GC_UnTrack(self);
+    acceptor_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject AcceptorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mps._accept.Acceptor",
+    .tp_doc = "Acceptor(entry, owner, socket_type, family, type, proto, decode): "
+              "acceptor(idle_first) -> (socket, address), Scoreboard.accept in C.",
+    .tp_basicsize = sizeof(Acceptor),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = acceptor_new,
+    .tp_init = (initproc)acceptor_init,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Acceptor, vectorcall),
+    .tp_traverse = (traverseproc)acceptor_traverse,
+    .tp_clear = (inquiry)acceptor_clear,
+    .tp_dealloc = (destructor)acceptor_dealloc,
+};
+
+static struct PyModuleDef accept_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "mps._accept",
+    .m_doc = "A child's accept in C: Scoreboard.accept's C call, socket and address.",
+    .m_size = 0,
+};
+
+PyMODINIT_FUNC PyInit__accept(void)
+{
+    if (PyType_Ready(&AcceptorType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&accept_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "Acceptor", (PyObject *)&AcceptorType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
