@@ -261,7 +261,8 @@ def test_bench_usage_error_is_one_line(bench: Bench, args: list[str], words: lis
 HTTP_ROW_KEYS = {"kind", "server", "shape", "rep", "requests", "requests_per_s", "errors",
                  "cpu_us_per_req", "p50_us", "p99_us", "connections", "retries", "unfinished",
                  "per_client", "min_per_client", "zero_clients", "max_gap_us", "uss_kib",
-                 "pss_kib", "uss_kib_fresh", "workers"}
+                 "pss_kib", "uss_kib_fresh", "workers", "loadgen_cpu_us_per_req",
+                 "idle_us_per_req"}
 
 
 @needs_cc
@@ -285,6 +286,9 @@ def test_bench_http_mps_alone_json(bench: Bench) -> None:
         assert row["zero_clients"] == counts.count(0)
         assert row["workers"] == 4 and 0 < row["uss_kib"] <= row["pss_kib"] * 4
         assert row["uss_kib_fresh"] > 0
+        # The loadgen makes a connection per request or writes one per
+        # response: it never costs nothing.
+        assert row["loadgen_cpu_us_per_req"] > 0 and row["idle_us_per_req"] >= 0
     close = next(row for row in rows if row["shape"] == "close")
     assert close["connections"] == close["requests"]    # one connection per request
     statuses = {(t["target"], t["shape"]): t["status"] for t in doc["targets"]}
@@ -305,6 +309,9 @@ def test_bench_http_report_and_a_missing_uwsgi_in_one_line(bench: Bench, tmp_pat
     assert r.stderr.count("\n") == 1 and "uWSGI skipped" in r.stderr, r.stderr
     assert "no-uwsgi" in r.stderr
     assert "\n| mps |" in r.stdout and "\n| uwsgi" not in r.stdout
+    cores = r.stdout[r.stdout.index("### where the CPU went"):].splitlines()
+    mps_row = next(line for line in cores if line.startswith("| mps |")).split("|")[1:-1]
+    assert len(mps_row) == 5 and all(float(c) >= 0 for c in mps_row[2:]), mps_row
     table = r.stdout[r.stdout.index("### targets"):].splitlines()
     rows = [line.split("|")[1:-1] for line in table if line.startswith("| ")][1:]
     assert rows, r.stdout

@@ -697,17 +697,38 @@ def wait_http(port: int, pid: int, log_path: Path, timeout: float = 30.0) -> Non
 
 
 def load_http(port: int, shape: str, clients: int, seconds: float) -> dict[str, Any]:
+    """One loadgen run; its result, plus ``loadgen_cpu_s`` (the load
+    generator's own user+sys seconds) and ``idle_cpu_s`` (the machine's idle
+    CPU seconds meanwhile): on a small machine the two say how much of it the
+    server under test could have had."""
     # Keep-alive: a request that waits the whole run is starvation (counted
     # in per_client), not a timeout error.
     timeout = max(5.0, seconds + 2) if shape == "keepalive" else 5.0
+    before, idle = os.times(), host_idle_s()
     out = subprocess.run([build("loadgen"), "--port", str(port), "--clients", str(clients),
                           "--seconds", str(seconds), "--http", shape,
                           "--timeout", str(timeout)],
                          capture_output=True, text=True, timeout=seconds + 60)
+    idle, after = host_idle_s() - idle, os.times()
     if out.returncode != 0:
         raise MpsError(f"loadgen failed: {out.stderr.strip()[-200:]}")
     result: dict[str, Any] = json.loads(out.stdout)
+    # (os.times' children_*: the processes this one has reaped -- here the
+    # loadgen alone; the servers are reaped when they stop.)
+    result["loadgen_cpu_s"] = (after.children_user + after.children_system
+                               - before.children_user - before.children_system)
+    result["idle_cpu_s"] = idle
     return result
+
+
+def host_idle_s() -> float:
+    """The machine's idle CPU seconds so far, all CPUs (/proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def smaps_rollup(pid: int) -> tuple[int, int]:
@@ -760,6 +781,8 @@ def measure_http(run: HttpRun, kind: str, shape: str, rep: int) -> dict[str, Any
     result.update(
         kind=kind, server=server_label(kind, shape), shape=shape, rep=rep,
         cpu_us_per_req=round(1e6 * cpu / max(1, requests), 2),
+        loadgen_cpu_us_per_req=round(1e6 * result.pop("loadgen_cpu_s") / max(1, requests), 2),
+        idle_us_per_req=round(1e6 * result.pop("idle_cpu_s") / max(1, requests), 2),
         conns_per_req=round(result["connections"] / max(1, requests), 3),
         workers=len(memory),
         uss_kib=statistics.median(m[0] for m in memory) if memory else None,
@@ -917,6 +940,20 @@ def http_report(rows: list[dict[str, Any]], run: HttpRun) -> str:
                 f"| {min(r['min_per_client'] for r in rs)} "
                 f"| {max(r['zero_clients'] for r in rs)} "
                 f"| {max(r['max_gap_us'] for r in rs) / 1000:.0f} |")
+    lines += ["\n### where the CPU went, per request (medians, µs)\n",
+              "The load generator shares the machine with the server; what it and the "
+              "idle time take, the server could not have had.\n",
+              "| server | shape | server CPU | load generator CPU | idle |",
+              "|---|---|---|---|---|"]
+    for shape in run.shapes:
+        for kind in run.servers:
+            rs = [r for r in rows if r["kind"] == kind and r["shape"] == shape]
+            if rs:
+                lines.append(
+                    f"| {server_label(kind, shape)} | {SHAPE_TITLE[shape]} "
+                    f"| {statistics.median(r['cpu_us_per_req'] for r in rs):.1f} "
+                    f"| {statistics.median(r['loadgen_cpu_us_per_req'] for r in rs):.1f} "
+                    f"| {statistics.median(r['idle_us_per_req'] for r in rs):.1f} |")
     lines += ["\n### private memory per idle worker (median over workers and runs)\n",
               "| server | USS MiB, freshly started | USS MiB, after the load "
               "| largest after the load | PSS MiB, after the load |",
