@@ -10,10 +10,13 @@
  *       other than IPv4.
  *   acceptor(idle_first) -> (socket, address)
  *       Scoreboard.accept(slot, listener, idle_first), with no Python frame
- *       of mps's: the same C call with the GIL released (the idle
- *       transition, the wait in epoll, accept4(), the busy transition), then
- *       the socket object and the (host, port) pair built here.  Raises
- *       OSError as accept() does.
+ *       of mps's for an IPv4 peer: the same C call with the GIL released
+ *       (the idle transition, the wait in epoll, accept4(), the busy
+ *       transition), then the socket object and the (host, port) pair built
+ *       here.  Raises OSError as accept() does.  A connection accepted but
+ *       lost on the way (its socket or address could not be made) leaves
+ *       the slot busy; the next call then makes the idle transition first,
+ *       whatever its idle_first.
  *
  * Why: per connection, the Python wrapper around that C call -- cffi's
  * conversion of eight arguments, the method's frame, the peer's decoding --
@@ -25,6 +28,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <unistd.h>
@@ -45,6 +49,7 @@ typedef struct {
     int listen_fd, epoll_fd, wake_fd;
     PyObject *owner, *socket_type, *decode;
     PyObject *family, *type, *proto;        /* socket_type's first three arguments */
+    int idle_owed;          /* a connection was lost after its busy transition */
 } Acceptor;
 
 static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
@@ -62,6 +67,10 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
                                      &PyLong_Type, &proto, &decode))
         return -1;
     (void)begin;
+    if (self->accept != NULL) {     /* (a call may be under way, the GIL released) */
+        PyErr_SetString(PyExc_RuntimeError, "Acceptor: already initialised");
+        return -1;
+    }
     if (accept == 0 || board == 0 || addr == 0 || addrlen == 0) {
         PyErr_SetString(PyExc_ValueError, "Acceptor: a NULL address in entry");
         return -1;
@@ -111,6 +120,17 @@ static PyObject *peer_address(Acceptor *self, uint32_t len)
     return out;
 }
 
+/* A connection accepted (and marked busy) that cannot be handed over: close
+ * it -- unless the socket type already did, as CPython's does when it fails
+ * after taking the fd -- and owe the slot its idle transition. */
+static PyObject *lost(Acceptor *self, int fd)
+{
+    if (fcntl(fd, F_GETFD) >= 0)
+        close(fd);
+    self->idle_owed = 1;
+    return NULL;
+}
+
 static PyObject *acceptor_call(PyObject *obj, PyObject *const *args, size_t nargsf,
                                PyObject *kwnames)
 {
@@ -126,34 +146,39 @@ static PyObject *acceptor_call(PyObject *obj, PyObject *const *args, size_t narg
     int idle_first = PyObject_IsTrue(args[0]);
     if (idle_first < 0)
         return NULL;
-    *self->addrlen = (uint32_t)sizeof(struct sockaddr_storage);
+    if (self->idle_owed) {
+        idle_first = 1;
+        self->idle_owed = 0;
+    }
+    /* (the call's arguments read while the GIL is held) */
+    accept_fn accept = self->accept;
+    void *board = self->board, *addr = self->addr;
+    uint32_t *addrlen = self->addrlen;
+    int64_t slot = self->slot;
+    int listen_fd = self->listen_fd, epoll_fd = self->epoll_fd, wake_fd = self->wake_fd;
+    *addrlen = (uint32_t)sizeof(struct sockaddr_storage);
     int fd;
     Py_BEGIN_ALLOW_THREADS
-    fd = self->accept(self->board, self->slot, self->listen_fd, self->epoll_fd, idle_first,
-                      self->wake_fd, self->addr, self->addrlen);
+    fd = accept(board, slot, listen_fd, epoll_fd, idle_first, wake_fd, addr, addrlen);
     Py_END_ALLOW_THREADS
     if (fd < 0) {
         errno = -fd;
         return PyErr_SetFromErrno(PyExc_OSError);   /* (its subclass, as accept() raises) */
     }
-    PyObject *address = peer_address(self, *self->addrlen);
-    if (address == NULL) {
-        close(fd);
-        return NULL;
-    }
+    PyObject *address = peer_address(self, *addrlen);
+    if (address == NULL)
+        return lost(self, fd);
     PyObject *number = PyLong_FromLong(fd);
     if (number == NULL) {
-        close(fd);
         Py_DECREF(address);
-        return NULL;
+        return lost(self, fd);
     }
     PyObject *call[4] = {self->family, self->type, self->proto, number};
     PyObject *conn = PyObject_Vectorcall(self->socket_type, call, 4, NULL);
     Py_DECREF(number);
     if (conn == NULL) {
-        close(fd);      /* (the socket type refused it, so it does not own fd) */
         Py_DECREF(address);
-        return NULL;
+        return lost(self, fd);
     }
     PyObject *out = PyTuple_Pack(2, conn, address);
     Py_DECREF(conn);

@@ -2271,10 +2271,10 @@ static Request *lone_request(Sink *sink)
  * Before it sleeps there, it asks again a few times: the client is most
  * often in the middle of its send() on the other core, and the bytes come
  * within a microsecond or two.  A sleep and a wake-up cost more than these
- * reads (under the bench's close load, 0.13 first reads per request found
- * nothing; with six retries 0.02 still slept, and each request took 1.3 us
- * less CPU in four interleaved pairs, with fewer context switches).  Eight
- * failed recv() calls cost a few microseconds at most. */
+ * reads (under the bench's close load, 0.12-0.14 first reads per request
+ * found nothing; with eight retries 0.01-0.02 still sleep, with fewer
+ * context switches, and in interleaved pairs each request took about 1 us
+ * less CPU).  Eight failed recv() calls cost a few microseconds at most. */
 #define FIRST_BYTES_WAIT_MS 200
 #define FIRST_BYTES_RETRIES 8
 

@@ -55,7 +55,8 @@ def test_sdist_carries_what_building_and_testing_need(dists: dict[str, Path]) ->
     with tarfile.open(dists["sdist"]) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     needed = {"pyproject.toml", "setup.py", "build_ffi.py", "MANIFEST.in", "README.md",
-              "LICENSE", "src/_mpscore.c", "src/mps/py.typed", "benchmarks/RESULTS.md",
+              "LICENSE", "src/_mpscore.c", "src/_mpshttp.c", "src/_mpsaccept.c",
+              "src/_mpsaddr.h", "src/mps/py.typed", "benchmarks/RESULTS.md",
               "scripts/update_readme.py", ".ci/run"}
     needed |= {f"src/mps/_bench/{p.name}" for p in (ROOT / "src/mps/_bench").glob("*.c")}
     needed |= {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}
@@ -139,10 +140,10 @@ LOCKS = ("locks", "--procs", "1", "--seconds", "0.05", "--reps", "1", "--json")
 def test_sdist_installs_with_a_compiler_and_serves_on_the_c_backend(
         dists: dict[str, Path], tmp_path: Path) -> None:
     py, _ = install_sdist(dists["sdist"], tmp_path / "venv", ENV)
-    probe = subprocess.run([py, "-c", "from mps.scoreboard import c_available; "
-                                      "print(c_available())"],
+    probe = subprocess.run([py, "-c", "from mps.scoreboard import c_available, _Acceptor; "
+                                      "print(c_available(), _Acceptor is not None)"],
                            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
-    assert probe.stdout.strip() == "True", probe.stderr
+    assert probe.stdout.strip() == "True True", probe.stderr
     serve_once(py, tmp_path, "c")
     assert lock_backends(bench(py, tmp_path, *LOCKS)) == {"c", "python", "cffi-floor", "c-raw"}
     assert list((tmp_path / "bench-cache").glob("lockbench-*"))

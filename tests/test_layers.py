@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "mps"
 #: The compiled modules setup.py builds (no .py file to find them by).
-EXTENSIONS = {"mps._mpscore", "mps.http._speedups"}
+EXTENSIONS = {"mps._mpscore", "mps._accept", "mps.http._speedups"}
 
 
 def module_name(path: Path) -> str:

@@ -968,8 +968,15 @@ def test_the_acceptor_sleeps_until_a_connection_comes(board: Scoreboard, waiting
     slot = child_slot(board)
     accept = board.acceptor(slot, w.listener)
     clients: list[socket.socket] = []
-    timer = threading.Timer(0.2, lambda: clients.append(
-        socket.create_connection(w.listener.getsockname(), timeout=DEADLINE)))
+
+    def connect() -> None:
+        try:
+            clients.append(socket.create_connection(w.listener.getsockname(),
+                                                    timeout=DEADLINE))
+        finally:
+            if not clients:
+                os.write(w.wake_w, b"s")    # no client: end the wait, fail below
+    timer = threading.Timer(0.2, connect)
     timer.start()
     try:
         conn, addr = accept(False)
@@ -1002,6 +1009,42 @@ def test_the_acceptor_returns_on_a_signal_and_leaves_when_retired(
     assert state(board, slot) == State.EXITING
 
 
+def test_a_connection_lost_after_its_busy_transition_owes_the_slot_its_idle() -> None:
+    """The socket cannot be made (here: the socket type refuses it) after
+    the slot went busy: the connection is closed, the error raised, and the
+    next call goes idle first even when not asked to."""
+    if scoreboard._Acceptor is None:
+        pytest.skip("mps._accept is not built (install a C compiler and reinstall mps)")
+    board = scoreboard.CScoreboard(NSLOTS)
+    w = Waiting(board, socket.AF_INET, ("127.0.0.1", 0))
+    made: list[socket.socket] = []
+
+    def refusing(family: int, type: int, proto: int, fd: int) -> socket.socket:
+        raise OSError(errno.EMFILE, "no socket for you")
+    try:
+        slot = child_slot(board)
+        peers = board._peers
+        assert peers is not None
+        accept = scoreboard._Acceptor(board.accept_entry(slot, w.listener), board, refusing,
+                                      peers.family, peers.type, peers.proto, peers.decode)
+        made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
+        with pytest.raises(OSError) as info:
+            accept(False)
+        assert info.value.errno == errno.EMFILE
+        assert made[0].recv(16) == b""          # closed, not leaked
+        assert state(board, slot) == State.BUSY
+        os.write(w.wake_w, b"s")
+        with pytest.raises(InterruptedError):
+            accept(False)                       # not asked to go idle ...
+        assert state(board, slot) == State.IDLE     # ... and it did
+        assert consistent(board.snapshot())
+    finally:
+        for c in made:
+            c.close()
+        w.close()
+        board.close()
+
+
 def test_the_c_board_accepts_in_c() -> None:
     """Where mps._accept is built (with the C core), the C board's acceptor
     is its C type, not the Python accept() wrapped."""
@@ -1017,6 +1060,9 @@ def test_the_c_board_accepts_in_c() -> None:
         with pytest.raises(ValueError):
             scoreboard._Acceptor((0, 0, 0, 0, -1, -1, -1, 0, 0), board, socket.socket,
                                  2, 1, 0, str)
+        with pytest.raises(RuntimeError):
+            accept.__init__(board.accept_entry(0, w.listener), board,    # type: ignore[misc]
+                            socket.socket, 2, 1, 0, str)
     finally:
         w.close()
         board.close()

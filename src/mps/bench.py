@@ -704,8 +704,9 @@ def load_http(port: int, shape: str, clients: int, seconds: float) -> dict[str, 
     # Keep-alive: a request that waits the whole run is starvation (counted
     # in per_client), not a timeout error.
     timeout = max(5.0, seconds + 2) if shape == "keepalive" else 5.0
+    program = build("loadgen")      # (a first build is not the loadgen's CPU)
     before, idle = os.times(), host_idle_s()
-    out = subprocess.run([build("loadgen"), "--port", str(port), "--clients", str(clients),
+    out = subprocess.run([program, "--port", str(port), "--clients", str(clients),
                           "--seconds", str(seconds), "--http", shape,
                           "--timeout", str(timeout)],
                          capture_output=True, text=True, timeout=seconds + 60)
@@ -717,18 +718,16 @@ def load_http(port: int, shape: str, clients: int, seconds: float) -> dict[str, 
     # loadgen alone; the servers are reaped when they stop.)
     result["loadgen_cpu_s"] = (after.children_user + after.children_system
                                - before.children_user - before.children_system)
-    result["idle_cpu_s"] = idle
+    result["idle_cpu_s"] = max(0.0, idle)
     return result
 
 
 def host_idle_s() -> float:
-    """The machine's idle CPU seconds so far, all CPUs (/proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    """The machine's idle CPU seconds so far, all its CPUs (/proc/stat: in a
+    container limited to fewer CPUs, the host's idle ones count too)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def smaps_rollup(pid: int) -> tuple[int, int]:
@@ -916,7 +915,8 @@ def span(values: Sequence[float]) -> str:
 
 
 def http_report(rows: list[dict[str, Any]], run: HttpRun) -> str:
-    """Markdown: one table per shape, the memory table, the ratios."""
+    """Markdown: one table per shape, where the CPU went, the memory table,
+    the ratios."""
     lines = []
     for shape in run.shapes:
         mine = [r for r in rows if r["shape"] == shape]
@@ -941,8 +941,8 @@ def http_report(rows: list[dict[str, Any]], run: HttpRun) -> str:
                 f"| {max(r['zero_clients'] for r in rs)} "
                 f"| {max(r['max_gap_us'] for r in rs) / 1000:.0f} |")
     lines += ["\n### where the CPU went, per request (medians, µs)\n",
-              "The load generator shares the machine with the server; what it and the "
-              "idle time take, the server could not have had.\n",
+              "The load generator shares the machine with the server: its CPU is CPU the "
+              "server could not have had; idle CPU is what nobody used.\n",
               "| server | shape | server CPU | load generator CPU | idle |",
               "|---|---|---|---|---|"]
     for shape in run.shapes:

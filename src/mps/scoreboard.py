@@ -24,8 +24,10 @@ Slot life: EMPTY -> STARTING (master, before fork) -> IDLE <-> BUSY (child)
 -> EXITING (child, or master retiring it) -> EMPTY (master, when it reaps).
 Invariant: ``idle counter == number of IDLE slots``.
 
-This module is the only importer of ``mps._mpscore``; C errors (``-errno``)
-are mapped to ``OSError`` in one place, :func:`_check`.
+This module is the only importer of ``mps._mpscore`` and ``mps._accept``;
+the C core's errors (``-errno``) become ``OSError`` in :func:`_check`, and
+on the child's accept path where its call is made (``CScoreboard.accept``,
+the acceptor in C).
 """
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ class Scoreboard(ABC):
 
     master: reserve, started, release, retire, snapshot, audit, set_min_spare,
             lock_holder
-    child:  idle (also once after boot), accept (accept + busy), busy, done
+    child:  idle (also once after boot), acceptor (its call per connection:
+            idle + accept + busy), accept (the same, in Python), busy, done
 
     The master's calls wait for the lock at most :attr:`lock_timeout` seconds
     at a time.  Each time that expires they call :attr:`on_stuck` with the
@@ -460,7 +463,9 @@ class CScoreboard(Scoreboard):
         # the socket and the peer's address, with no Python frame between.
         # Per connection that saves what wrapping the call costs in Python:
         # cffi's conversions, this method's frame, Peers.decode (measured
-        # about 1.9 us of an accept and close's 15.5; see RESULTS.md).
+        # 0.9 us of an accept and close's 15.1; see RESULTS.md, fifth
+        # session).  A connection lost after its busy transition (no socket
+        # could be made) is closed there and the next call goes idle first.
         if _Acceptor is None or self._epoll_fd < 0:
             return super().acceptor(slot, listener)
         entry = self.accept_entry(slot, listener)
