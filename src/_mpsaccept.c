@@ -27,6 +27,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
@@ -50,7 +51,151 @@ typedef struct {
     PyObject *owner, *socket_type, *decode;
     PyObject *family, *type, *proto;        /* socket_type's first three arguments */
     int idle_owed;          /* a connection was lost after its busy transition */
+    /* The fast socket (see "the socket object" below): a fresh socket's C
+     * fields, copied into each new one; fast is 0 until the probe passed. */
+    int fast;
+    Py_ssize_t fields;                      /* _socket.socket's bytes after the header */
+    Py_ssize_t io_refs_at, closed_at;       /* socket.socket's two slots */
+    PyObject *default_timeout;              /* socket.getdefaulttimeout */
+    char template[64];
 } Acceptor;
+
+/* ------------------------------------------------------------ the socket object
+ *
+ * socket.socket(family, type, proto, fd) runs socket.py's __init__ (a Python
+ * frame), _socket.socket.__init__ -- which calls getsockname() to check that
+ * fd is a socket, a system call per connection for a descriptor accept4()
+ * just made -- and sets two slots.  What it leaves is a fresh socket's C
+ * fields (the fd, family, type and proto as given, the default timeout, the
+ * error handler) and _io_refs = 0, _closed = False.
+ *
+ * So the acceptor makes one socket that way, from a duplicate of the
+ * listener, and checks it: the fd, family, type and proto where CPython's
+ * socket object keeps them (PySocketSockObject, Modules/socketmodule.h), and
+ * the two slots where their member descriptors say.  If every check passes,
+ * each new socket is allocated by its type and gets that socket's fields
+ * with its own fd, and the two slots -- the state __init__ would have left
+ * -- and __init__'s audit event is raised for it.
+ * If any fails (another CPython's layout, a socket type of the app's), or
+ * while a default timeout is set (socket.setdefaulttimeout: __init__ would
+ * also make the fd non-blocking), sockets are made by calling the type. */
+
+static PyObject *int_zero;
+
+/* The offset of socket_type's member slot ``name`` (an object slot), or -1. */
+static Py_ssize_t slot_offset(PyObject *socket_type, const char *name)
+{
+    PyObject *descr = PyObject_GetAttrString(socket_type, name);
+    if (descr == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_ssize_t at = -1;
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX)
+            at = member->offset;
+    }
+    Py_DECREF(descr);
+    return at;
+}
+
+static int timeout_is_default(Acceptor *self)
+{
+    PyObject *timeout = PyObject_CallNoArgs(self->default_timeout);
+    if (timeout == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(timeout);
+    return timeout == Py_None;
+}
+
+/* Make a socket the slow way and keep its fields as the template, if it is
+ * laid out as this file expects.  Never raises: 0 leaves the slow way. */
+static int probe_layout(Acceptor *self, int family, int type, int proto)
+{
+    if (!PyType_Check(self->socket_type))
+        return 0;
+    PyTypeObject *tp = (PyTypeObject *)self->socket_type, *base = tp->tp_base;
+    if (base == NULL || (base->tp_flags & Py_TPFLAGS_HEAPTYPE) || base->tp_base != &PyBaseObject_Type)
+        return 0;
+    Py_ssize_t fields = base->tp_basicsize - (Py_ssize_t)sizeof(PyObject);
+    if (fields < 4 * (Py_ssize_t)sizeof(int) || fields > (Py_ssize_t)sizeof self->template)
+        return 0;
+    Py_ssize_t io_refs_at = slot_offset(self->socket_type, "_io_refs");
+    Py_ssize_t closed_at = slot_offset(self->socket_type, "_closed");
+    if (io_refs_at < base->tp_basicsize || closed_at < base->tp_basicsize
+            || io_refs_at == closed_at)
+        return 0;
+    if (!timeout_is_default(self))
+        return 0;
+    int fd = fcntl(self->listen_fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    PyObject *probe = PyObject_CallFunction(self->socket_type, "iiii", family, type, proto, fd);
+    if (probe == NULL) {
+        PyErr_Clear();
+        if (fcntl(fd, F_GETFD) >= 0)
+            close(fd);
+        return 0;
+    }
+    int ok = 0;
+    if (Py_TYPE(probe) == tp) {
+        const int *c = (const int *)((const char *)probe + sizeof(PyObject));
+        PyObject *io_refs = *(PyObject **)((char *)probe + io_refs_at);
+        PyObject *closed = *(PyObject **)((char *)probe + closed_at);
+        ok = c[0] == fd && c[1] == family && c[2] == type && c[3] == proto
+            && io_refs != NULL && PyLong_CheckExact(io_refs) && PyLong_AsLong(io_refs) == 0
+            && closed == Py_False;
+        if (ok) {
+            memcpy(self->template, (const char *)probe + sizeof(PyObject), (size_t)fields);
+            self->fields = fields;
+            self->io_refs_at = io_refs_at;
+            self->closed_at = closed_at;
+        }
+    }
+    PyObject *closing = PyObject_CallMethod(probe, "close", NULL);
+    if (closing == NULL) {
+        PyErr_Clear();
+        ok = 0;
+    }
+    Py_XDECREF(closing);
+    Py_DECREF(probe);
+    return ok;
+}
+
+/* The connection's socket, as socket_type(family, type, proto, fd) makes
+ * it; NULL with an exception if it cannot be made. */
+static PyObject *make_socket(Acceptor *self, int fd)
+{
+    if (self->fast && timeout_is_default(self)) {
+        PyTypeObject *tp = (PyTypeObject *)self->socket_type;
+        PyObject *conn = tp->tp_alloc(tp, 0);
+        if (conn == NULL)
+            return NULL;
+        char *fields = (char *)conn + sizeof(PyObject);
+        memcpy(fields, self->template, (size_t)self->fields);
+        *(int *)fields = fd;
+        *(PyObject **)((char *)conn + self->io_refs_at) = Py_NewRef(int_zero);
+        *(PyObject **)((char *)conn + self->closed_at) = Py_NewRef(Py_False);
+        /* __init__'s audit event (PEP 578), which an audit hook may refuse */
+        if (PySys_Audit("socket.__new__", "OOOO", conn, self->family, self->type,
+                        self->proto) < 0) {
+            *(int *)fields = -1;        /* (the caller closes fd) */
+            Py_DECREF(conn);
+            return NULL;
+        }
+        return conn;
+    }
+    PyObject *number = PyLong_FromLong(fd);
+    if (number == NULL)
+        return NULL;
+    PyObject *call[4] = {self->family, self->type, self->proto, number};
+    PyObject *conn = PyObject_Vectorcall(self->socket_type, call, 4, NULL);
+    Py_DECREF(number);
+    return conn;
+}
 
 static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
 {
@@ -93,6 +238,18 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->family, Py_NewRef(family));
     Py_XSETREF(self->type, Py_NewRef(type));
     Py_XSETREF(self->proto, Py_NewRef(proto));
+    PyObject *socket_module = PyImport_ImportModule("socket");
+    if (socket_module == NULL)
+        return -1;
+    Py_XSETREF(self->default_timeout,
+               PyObject_GetAttrString(socket_module, "getdefaulttimeout"));
+    Py_DECREF(socket_module);
+    if (self->default_timeout == NULL)
+        return -1;
+    long f = PyLong_AsLong(family), t = PyLong_AsLong(type), p = PyLong_AsLong(proto);
+    if (PyErr_Occurred())
+        return -1;
+    self->fast = probe_layout(self, (int)f, (int)t, (int)p);
     return 0;
 }
 
@@ -168,14 +325,7 @@ static PyObject *acceptor_call(PyObject *obj, PyObject *const *args, size_t narg
     PyObject *address = peer_address(self, *addrlen);
     if (address == NULL)
         return lost(self, fd);
-    PyObject *number = PyLong_FromLong(fd);
-    if (number == NULL) {
-        Py_DECREF(address);
-        return lost(self, fd);
-    }
-    PyObject *call[4] = {self->family, self->type, self->proto, number};
-    PyObject *conn = PyObject_Vectorcall(self->socket_type, call, 4, NULL);
-    Py_DECREF(number);
+    PyObject *conn = make_socket(self, fd);
     if (conn == NULL) {
         Py_DECREF(address);
         return lost(self, fd);
@@ -201,6 +351,7 @@ static int acceptor_traverse(Acceptor *self, visitproc visit, void *arg)
     Py_VISIT(self->owner);
     Py_VISIT(self->socket_type);
     Py_VISIT(self->decode);
+    Py_VISIT(self->default_timeout);
     return 0;
 }
 
@@ -212,7 +363,9 @@ static int acceptor_clear(Acceptor *self)
     Py_CLEAR(self->family);
     Py_CLEAR(self->type);
     Py_CLEAR(self->proto);
+    Py_CLEAR(self->default_timeout);
     self->accept = NULL;
+    self->fast = 0;
     return 0;
 }
 
@@ -222,6 +375,12 @@ static void acceptor_dealloc(Acceptor *self)
     acceptor_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+static PyMemberDef acceptor_members[] = {
+    {"fast", T_INT, offsetof(Acceptor, fast), READONLY,
+     "1: sockets are made from a checked template, without socket.socket's __init__"},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static PyTypeObject AcceptorType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -233,6 +392,7 @@ static PyTypeObject AcceptorType = {
     .tp_new = acceptor_new,
     .tp_init = (initproc)acceptor_init,
     .tp_call = PyVectorcall_Call,
+    .tp_members = acceptor_members,
     .tp_vectorcall_offset = offsetof(Acceptor, vectorcall),
     .tp_traverse = (traverseproc)acceptor_traverse,
     .tp_clear = (inquiry)acceptor_clear,
@@ -249,6 +409,8 @@ static struct PyModuleDef accept_module = {
 PyMODINIT_FUNC PyInit__accept(void)
 {
     if (PyType_Ready(&AcceptorType) < 0)
+        return NULL;
+    if (int_zero == NULL && (int_zero = PyLong_FromLong(0)) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accept_module);
     if (module == NULL)

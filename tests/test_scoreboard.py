@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -1043,6 +1044,133 @@ def test_a_connection_lost_after_its_busy_transition_owes_the_slot_its_idle() ->
             c.close()
         w.close()
         board.close()
+
+
+def c_acceptor_board() -> tuple[Scoreboard, Waiting]:
+    if scoreboard._Acceptor is None:
+        pytest.skip("mps._accept is not built (install a C compiler and reinstall mps)")
+    board = scoreboard.CScoreboard(NSLOTS)
+    return board, Waiting(board, socket.AF_INET, ("127.0.0.1", 0))
+
+
+def test_the_c_acceptors_socket_is_the_one_socket_socket_makes() -> None:
+    """On the CPythons mps supports, the acceptor makes each socket from a
+    checked template (no __init__, no getsockname); the socket must be the
+    one socket.socket(family, type, proto, fd) would have made."""
+    board, w = c_acceptor_board()
+    made: list[socket.socket] = []
+    try:
+        accept = board.acceptor(child_slot(board), w.listener)
+        assert type(accept) is scoreboard._Acceptor
+        assert accept.fast == 1, "the layout probe failed on this CPython"
+        made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
+        conn, addr = accept(False)
+        with conn:
+            assert type(conn) is socket.socket
+            assert (conn.family, conn.type, conn.proto) == (socket.AF_INET, socket.SOCK_STREAM, 0)
+            assert conn.gettimeout() is None and conn.getblocking()
+            assert conn.getpeername() == made[0].getsockname() == addr
+            assert not os.get_inheritable(conn.fileno())
+            with conn.makefile("rwb") as f:       # (the _io_refs slot at work)
+                made[0].sendall(b"line\n")
+                assert f.readline() == b"line\n"
+            conn.sendall(b"pong")
+            assert made[0].recv(8) == b"pong"
+            fd = conn.fileno()
+        assert conn.fileno() == -1 and "[closed]" in repr(conn)
+        with pytest.raises(OSError):
+            os.fstat(fd)                        # closed for real
+    finally:
+        for c in made:
+            c.close()
+        w.close()
+        board.close()
+
+
+def test_the_c_acceptor_honours_a_default_timeout_and_other_socket_types() -> None:
+    """Where the template would be wrong, sockets are made by calling the
+    type: with socket.setdefaulttimeout in force (the socket then has the
+    timeout, as socket.accept() gives it), and for a socket type the layout
+    probe does not know."""
+    board, w = c_acceptor_board()
+    made: list[socket.socket] = []
+
+    class Mine(socket.socket):
+        __slots__ = ("tag",)
+    try:
+        slot = child_slot(board)
+        accept = board.acceptor(slot, w.listener)
+        socket.setdefaulttimeout(7.5)
+        try:
+            made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
+            conn, _ = accept(False)
+        finally:
+            socket.setdefaulttimeout(None)
+        with conn:
+            # (a timeout makes the descriptor non-blocking underneath)
+            assert conn.gettimeout() == 7.5 and not os.get_blocking(conn.fileno())
+        peers = board._peers
+        assert peers is not None
+        other = scoreboard._Acceptor(board.accept_entry(slot, w.listener), board, Mine,
+                                     peers.family, peers.type, peers.proto, peers.decode)
+        assert other.fast == 0
+        made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
+        conn, _ = other(True)
+        with conn:
+            assert type(conn) is Mine and conn.gettimeout() is None
+            assert conn.getpeername() == made[-1].getsockname()
+    finally:
+        for c in made:
+            c.close()
+        w.close()
+        board.close()
+
+
+AUDIT_PROBE = """
+import os, select, socket, sys
+from mps import scoreboard
+seen, armed = [], []
+def hook(event, args):
+    if event == "socket.__new__":
+        if armed and os.environ.get("REFUSE"):
+            raise RuntimeError("refused by the audit hook")
+        seen.append(args)
+sys.addaudithook(hook)
+board = scoreboard.CScoreboard(2)
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0)); listener.listen(4); listener.setblocking(False)
+waiter = select.epoll(); waiter.register(listener, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+board.prepare_accept(listener); board.set_waiter(waiter)
+slot = board.reserve(); board.started(slot, os.getpid()); board.idle(slot)
+accept = board.acceptor(slot, listener)
+assert accept.fast == 1
+client = socket.create_connection(listener.getsockname(), timeout=10)
+before = len(seen)
+armed.append(1)
+try:
+    conn, addr = accept(False)
+except RuntimeError as exc:
+    print("refused", client.recv(8) == b"")
+else:
+    new = seen[before:]
+    print("events", len(new), new[0][0] is conn, new[0][1:] == (2, 1, 0))
+"""
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_the_c_acceptor_raises_sockets_audit_event(refuse: bool) -> None:
+    """socket.socket's __init__ raises the "socket.__new__" audit event (PEP
+    578); the acceptor's template path raises it too, and an audit hook that
+    refuses it refuses the connection, which is closed.  (In a fresh
+    interpreter: an audit hook cannot be removed.)"""
+    if scoreboard._Acceptor is None:
+        pytest.skip("mps._accept is not built (install a C compiler and reinstall mps)")
+    env = {**os.environ, **({"REFUSE": "1"} if refuse else {})}
+    out = subprocess.run([sys.executable, "-c", AUDIT_PROBE], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == (["refused", "True"] if refuse
+                                  else ["events", "1", "True", "True"]), out.stdout
 
 
 def test_the_c_board_accepts_in_c() -> None:

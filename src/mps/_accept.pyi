@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 class Acceptor:
+    fast: int
     def __init__(self, entry: tuple[int, ...], owner: object,
                  socket_type: Callable[[int, int, int, int], socket.socket],
                  family: int, type: int, proto: int,
