@@ -54,6 +54,7 @@ typedef struct {
     /* The fast socket (see "the socket object" below): a fresh socket's C
      * fields, copied into each new one; fast is 0 until the probe passed. */
     int fast;
+    int c_family, c_type, c_proto;          /* (the audit event's) */
     Py_ssize_t fields;                      /* _socket.socket's bytes after the header */
     Py_ssize_t io_refs_at, closed_at;       /* socket.socket's two slots */
     PyObject *default_timeout;              /* socket.getdefaulttimeout */
@@ -79,8 +80,6 @@ typedef struct {
  * If any fails (another CPython's layout, a socket type of the app's), or
  * while a default timeout is set (socket.setdefaulttimeout: __init__ would
  * also make the fd non-blocking), sockets are made by calling the type. */
-
-static PyObject *int_zero;
 
 /* The offset of socket_type's member slot ``name`` (an object slot), or -1. */
 static Py_ssize_t slot_offset(PyObject *socket_type, const char *name)
@@ -115,11 +114,23 @@ static int timeout_is_default(Acceptor *self)
  * laid out as this file expects.  Never raises: 0 leaves the slow way. */
 static int probe_layout(Acceptor *self, int family, int type, int proto)
 {
-    if (!PyType_Check(self->socket_type))
+    /* socket.socket itself, on _socket.socket itself: no subclass of the
+     * app's, whose __init__ might do more (from 3.12 both are heap types,
+     * so identity, not the type's flags, says what they are) */
+    PyObject *socket_module = PyImport_ImportModule("socket");
+    PyObject *c_module = PyImport_ImportModule("_socket");
+    PyObject *py_type = socket_module ? PyObject_GetAttrString(socket_module, "socket") : NULL;
+    PyObject *c_type = c_module ? PyObject_GetAttrString(c_module, "socket") : NULL;
+    Py_XDECREF(socket_module);
+    Py_XDECREF(c_module);
+    int known = py_type != NULL && py_type == self->socket_type && c_type != NULL
+        && PyType_Check(py_type) && (PyObject *)((PyTypeObject *)py_type)->tp_base == c_type;
+    Py_XDECREF(py_type);
+    Py_XDECREF(c_type);
+    PyErr_Clear();
+    if (!known)
         return 0;
     PyTypeObject *tp = (PyTypeObject *)self->socket_type, *base = tp->tp_base;
-    if (base == NULL || (base->tp_flags & Py_TPFLAGS_HEAPTYPE) || base->tp_base != &PyBaseObject_Type)
-        return 0;
     Py_ssize_t fields = base->tp_basicsize - (Py_ssize_t)sizeof(PyObject);
     if (fields < 4 * (Py_ssize_t)sizeof(int) || fields > (Py_ssize_t)sizeof self->template)
         return 0;
@@ -145,9 +156,13 @@ static int probe_layout(Acceptor *self, int family, int type, int proto)
         const int *c = (const int *)((const char *)probe + sizeof(PyObject));
         PyObject *io_refs = *(PyObject **)((char *)probe + io_refs_at);
         PyObject *closed = *(PyObject **)((char *)probe + closed_at);
+        PyObject *timeout = PyObject_CallMethod(probe, "gettimeout", NULL);
+        if (timeout == NULL)
+            PyErr_Clear();
         ok = c[0] == fd && c[1] == family && c[2] == type && c[3] == proto
             && io_refs != NULL && PyLong_CheckExact(io_refs) && PyLong_AsLong(io_refs) == 0
-            && closed == Py_False;
+            && closed == Py_False && timeout == Py_None;
+        Py_XDECREF(timeout);
         if (ok) {
             memcpy(self->template, (const char *)probe + sizeof(PyObject), (size_t)fields);
             self->fields = fields;
@@ -177,11 +192,11 @@ static PyObject *make_socket(Acceptor *self, int fd)
         char *fields = (char *)conn + sizeof(PyObject);
         memcpy(fields, self->template, (size_t)self->fields);
         *(int *)fields = fd;
-        *(PyObject **)((char *)conn + self->io_refs_at) = Py_NewRef(int_zero);
+        *(PyObject **)((char *)conn + self->io_refs_at) = PyLong_FromLong(0);  /* (cached) */
         *(PyObject **)((char *)conn + self->closed_at) = Py_NewRef(Py_False);
         /* __init__'s audit event (PEP 578), which an audit hook may refuse */
-        if (PySys_Audit("socket.__new__", "OOOO", conn, self->family, self->type,
-                        self->proto) < 0) {
+        if (PySys_Audit("socket.__new__", "Oiii", conn, self->c_family, self->c_type,
+                        self->c_proto) < 0) {
             *(int *)fields = -1;        /* (the caller closes fd) */
             Py_DECREF(conn);
             return NULL;
@@ -238,17 +253,19 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->family, Py_NewRef(family));
     Py_XSETREF(self->type, Py_NewRef(type));
     Py_XSETREF(self->proto, Py_NewRef(proto));
-    PyObject *socket_module = PyImport_ImportModule("socket");
-    if (socket_module == NULL)
+    PyObject *c_module = PyImport_ImportModule("_socket");   /* (not a patched socket's) */
+    if (c_module == NULL)
         return -1;
-    Py_XSETREF(self->default_timeout,
-               PyObject_GetAttrString(socket_module, "getdefaulttimeout"));
-    Py_DECREF(socket_module);
+    Py_XSETREF(self->default_timeout, PyObject_GetAttrString(c_module, "getdefaulttimeout"));
+    Py_DECREF(c_module);
     if (self->default_timeout == NULL)
         return -1;
     long f = PyLong_AsLong(family), t = PyLong_AsLong(type), p = PyLong_AsLong(proto);
     if (PyErr_Occurred())
         return -1;
+    self->c_family = (int)f;
+    self->c_type = (int)t;
+    self->c_proto = (int)p;
     self->fast = probe_layout(self, (int)f, (int)t, (int)p);
     return 0;
 }
@@ -409,8 +426,6 @@ static struct PyModuleDef accept_module = {
 PyMODINIT_FUNC PyInit__accept(void)
 {
     if (PyType_Ready(&AcceptorType) < 0)
-        return NULL;
-    if (int_zero == NULL && (int_zero = PyLong_FromLong(0)) == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&accept_module);
     if (module == NULL)

@@ -1080,6 +1080,39 @@ def test_the_c_acceptors_socket_is_the_one_socket_socket_makes() -> None:
         assert conn.fileno() == -1 and "[closed]" in repr(conn)
         with pytest.raises(OSError):
             os.fstat(fd)                        # closed for real
+        # An object like any other socket: weak references, the cycle
+        # collector, the type's reference count, the error handler, and the
+        # finalizer of one never closed.
+        import gc
+        import warnings
+        import weakref
+        for _ in range(8):      # (the clients are socket.socket objects too: made first)
+            made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
+        refs = sys.getrefcount(socket.socket)
+        for _ in range(8):
+            conn, _ = accept(True)
+            conn.close()
+        del conn
+        assert sys.getrefcount(socket.socket) == refs
+        made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
+        conn, _ = accept(True)
+        assert gc.is_tracked(conn)
+        gone = weakref.ref(conn)
+        with pytest.raises(OSError):
+            conn.connect(w.listener.getsockname())      # already connected: EISCONN
+        fd = conn.fileno()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del conn
+            gc.collect()
+        warned = [c for c in caught if issubclass(c.category, ResourceWarning)]
+        assert warned, caught
+        assert warned[0].source is gone()       # (the warning keeps it, as any socket's)
+        del caught, warned
+        gc.collect()
+        assert gone() is None
+        with pytest.raises(OSError):
+            os.fstat(fd)
     finally:
         for c in made:
             c.close()
@@ -1166,9 +1199,9 @@ def test_the_c_acceptor_raises_sockets_audit_event(refuse: bool) -> None:
     if scoreboard._Acceptor is None:
         pytest.skip("mps._accept is not built (install a C compiler and reinstall mps)")
     env = {**os.environ, **({"REFUSE": "1"} if refuse else {})}
-    out = subprocess.run([sys.executable, "-c", AUDIT_PROBE], capture_output=True, text=True,
-                         timeout=60, env=env)
-    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-W", "error::ResourceWarning", "-c", AUDIT_PROBE],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.split() == (["refused", "True"] if refuse
                                   else ["events", "1", "True", "True"]), out.stdout
 

@@ -461,11 +461,14 @@ class CScoreboard(Scoreboard):
                  ) -> Callable[[bool], tuple[socket.socket, Any]]:
         # The whole accept in C (mps._accept): the C call of accept(), then
         # the socket and the peer's address, with no Python frame between.
-        # Per connection that saves what wrapping the call costs in Python:
-        # cffi's conversions, this method's frame, Peers.decode (measured
-        # 0.9 us of an accept and close's 15.1; see RESULTS.md, fifth
-        # session).  A connection lost after its busy transition (no socket
-        # could be made) is closed there and the next call goes idle first.
+        # The socket is made from a checked template of socket.socket's
+        # fields (no __init__ frame, no getsockname() per connection).  Per
+        # connection that saves what making it in Python costs: cffi's
+        # conversions, this method's frame, Peers.decode, socket.__init__
+        # (measured 2.4 us of an accept and close's 15.0; see RESULTS.md,
+        # fifth session).  A connection lost after its busy transition (no
+        # socket could be made) is closed there and the next call goes idle
+        # first.
         if _Acceptor is None or self._epoll_fd < 0:
             return super().acceptor(slot, listener)
         entry = self.accept_entry(slot, listener)

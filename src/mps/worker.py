@@ -5,7 +5,8 @@ Per connection the child makes one scoreboard call, its acceptor
 wait and accept4() with the GIL released, the busy transition and the
 master's wake-up when idle children ran short.  On the C backend that is one
 C call, and the socket and the peer's address are made in C too
-(``mps._accept``).  Nothing on that path logs or allocates beyond the
+(``mps._accept``; the socket from a checked template, without
+``socket.socket.__init__`` and its getsockname()).  Nothing on that path logs or allocates beyond the
 connection.
 
 A handler may take the accept over (``direct``: mps.http's C connection
