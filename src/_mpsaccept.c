@@ -40,6 +40,15 @@
 typedef int (*accept_fn)(void *board, int64_t slot, int listen_fd, int epoll_fd,
                          int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
 
+/* What template() checked and copied, handed to each child's Acceptor. */
+struct socket_template {
+    uintptr_t socket_type;              /* the type it was made for (the same after fork) */
+    int family, type, proto;
+    Py_ssize_t fields;                  /* _socket.socket's bytes after the header */
+    Py_ssize_t io_refs_at, closed_at;   /* socket.socket's two slots */
+    char bytes[64];                     /* a fresh socket's fields */
+};
+
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;      /* acceptor(idle_first): no argument tuple */
@@ -51,14 +60,10 @@ typedef struct {
     PyObject *owner, *socket_type, *decode;
     PyObject *family, *type, *proto;        /* socket_type's first three arguments */
     int idle_owed;          /* a connection was lost after its busy transition */
-    /* The fast socket (see "the socket object" below): a fresh socket's C
-     * fields, copied into each new one; fast is 0 until the probe passed. */
+    /* The fast socket (see "the socket object" below): fast is 0 without a
+     * template that fits this acceptor. */
     int fast;
-    int c_family, c_type, c_proto;          /* (the audit event's) */
-    Py_ssize_t fields;                      /* _socket.socket's bytes after the header */
-    Py_ssize_t io_refs_at, closed_at;       /* socket.socket's two slots */
-    PyObject *default_timeout;              /* socket.getdefaulttimeout */
-    char template[64];
+    struct socket_template t;
 } Acceptor;
 
 /* ------------------------------------------------------------ the socket object
@@ -70,8 +75,10 @@ typedef struct {
  * fields (the fd, family, type and proto as given, the default timeout, the
  * error handler) and _io_refs = 0, _closed = False.
  *
- * So the acceptor makes one socket that way, from a duplicate of the
- * listener, and checks it: the fd, family, type and proto where CPython's
+ * So the master, once before it forks (template(), from
+ * Scoreboard.prepare_accept: in a child the probe would copy the pages of
+ * everything it touches), makes one socket that way, from a duplicate of
+ * the listener, and checks it: the fd, family, type and proto where CPython's
  * socket object keeps them (PySocketSockObject, Modules/socketmodule.h), and
  * the two slots where their member descriptors say.  If every check passes,
  * each new socket is allocated by its type and gets that socket's fields
@@ -99,9 +106,11 @@ static Py_ssize_t slot_offset(PyObject *socket_type, const char *name)
     return at;
 }
 
-static int timeout_is_default(Acceptor *self)
+static PyObject *default_timeout;       /* _socket.getdefaulttimeout */
+
+static int timeout_is_default(void)
 {
-    PyObject *timeout = PyObject_CallNoArgs(self->default_timeout);
+    PyObject *timeout = PyObject_CallNoArgs(default_timeout);
     if (timeout == NULL) {
         PyErr_Clear();
         return 0;
@@ -110,9 +119,10 @@ static int timeout_is_default(Acceptor *self)
     return timeout == Py_None;
 }
 
-/* Make a socket the slow way and keep its fields as the template, if it is
- * laid out as this file expects.  Never raises: 0 leaves the slow way. */
-static int probe_layout(Acceptor *self, int family, int type, int proto)
+/* Make a socket the slow way and keep its fields in t, if it is laid out as
+ * this file expects.  Never raises: 0 leaves the slow way. */
+static int probe_layout(PyObject *socket_type, int family, int type, int proto, int listen_fd,
+                        struct socket_template *t)
 {
     /* socket.socket itself, on _socket.socket itself: no subclass of the
      * app's, whose __init__ might do more (from 3.12 both are heap types,
@@ -123,28 +133,28 @@ static int probe_layout(Acceptor *self, int family, int type, int proto)
     PyObject *c_type = c_module ? PyObject_GetAttrString(c_module, "socket") : NULL;
     Py_XDECREF(socket_module);
     Py_XDECREF(c_module);
-    int known = py_type != NULL && py_type == self->socket_type && c_type != NULL
+    int known = py_type != NULL && py_type == socket_type && c_type != NULL
         && PyType_Check(py_type) && (PyObject *)((PyTypeObject *)py_type)->tp_base == c_type;
     Py_XDECREF(py_type);
     Py_XDECREF(c_type);
     PyErr_Clear();
     if (!known)
         return 0;
-    PyTypeObject *tp = (PyTypeObject *)self->socket_type, *base = tp->tp_base;
+    PyTypeObject *tp = (PyTypeObject *)socket_type, *base = tp->tp_base;
     Py_ssize_t fields = base->tp_basicsize - (Py_ssize_t)sizeof(PyObject);
-    if (fields < 4 * (Py_ssize_t)sizeof(int) || fields > (Py_ssize_t)sizeof self->template)
+    if (fields < 4 * (Py_ssize_t)sizeof(int) || fields > (Py_ssize_t)sizeof t->bytes)
         return 0;
-    Py_ssize_t io_refs_at = slot_offset(self->socket_type, "_io_refs");
-    Py_ssize_t closed_at = slot_offset(self->socket_type, "_closed");
+    Py_ssize_t io_refs_at = slot_offset(socket_type, "_io_refs");
+    Py_ssize_t closed_at = slot_offset(socket_type, "_closed");
     if (io_refs_at < base->tp_basicsize || closed_at < base->tp_basicsize
             || io_refs_at == closed_at)
         return 0;
-    if (!timeout_is_default(self))
+    if (!timeout_is_default())
         return 0;
-    int fd = fcntl(self->listen_fd, F_DUPFD_CLOEXEC, 0);
+    int fd = fcntl(listen_fd, F_DUPFD_CLOEXEC, 0);
     if (fd < 0)
         return 0;
-    PyObject *probe = PyObject_CallFunction(self->socket_type, "iiii", family, type, proto, fd);
+    PyObject *probe = PyObject_CallFunction(socket_type, "iiii", family, type, proto, fd);
     if (probe == NULL) {
         PyErr_Clear();
         if (fcntl(fd, F_GETFD) >= 0)
@@ -164,10 +174,14 @@ static int probe_layout(Acceptor *self, int family, int type, int proto)
             && closed == Py_False && timeout == Py_None;
         Py_XDECREF(timeout);
         if (ok) {
-            memcpy(self->template, (const char *)probe + sizeof(PyObject), (size_t)fields);
-            self->fields = fields;
-            self->io_refs_at = io_refs_at;
-            self->closed_at = closed_at;
+            memcpy(t->bytes, (const char *)probe + sizeof(PyObject), (size_t)fields);
+            t->socket_type = (uintptr_t)socket_type;
+            t->family = family;
+            t->type = type;
+            t->proto = proto;
+            t->fields = fields;
+            t->io_refs_at = io_refs_at;
+            t->closed_at = closed_at;
         }
     }
     PyObject *closing = PyObject_CallMethod(probe, "close", NULL);
@@ -180,23 +194,39 @@ static int probe_layout(Acceptor *self, int family, int type, int proto)
     return ok;
 }
 
+/* template(socket_type, family, type, proto, fd) -> bytes | None: the
+ * master's probe (see above), for Acceptor's template argument. */
+static PyObject *accept_template(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *socket_type;
+    int family, type, proto, fd;
+    if (!PyArg_ParseTuple(args, "Oiiii:template", &socket_type, &family, &type, &proto, &fd))
+        return NULL;
+    struct socket_template t;
+    memset(&t, 0, sizeof t);
+    if (!probe_layout(socket_type, family, type, proto, fd, &t))
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)&t, sizeof t);
+}
+
 /* The connection's socket, as socket_type(family, type, proto, fd) makes
  * it; NULL with an exception if it cannot be made. */
 static PyObject *make_socket(Acceptor *self, int fd)
 {
-    if (self->fast && timeout_is_default(self)) {
+    if (self->fast && timeout_is_default()) {
+        const struct socket_template *t = &self->t;
         PyTypeObject *tp = (PyTypeObject *)self->socket_type;
         PyObject *conn = tp->tp_alloc(tp, 0);
         if (conn == NULL)
             return NULL;
         char *fields = (char *)conn + sizeof(PyObject);
-        memcpy(fields, self->template, (size_t)self->fields);
+        memcpy(fields, t->bytes, (size_t)t->fields);
         *(int *)fields = fd;
-        *(PyObject **)((char *)conn + self->io_refs_at) = PyLong_FromLong(0);  /* (cached) */
-        *(PyObject **)((char *)conn + self->closed_at) = Py_NewRef(Py_False);
+        *(PyObject **)((char *)conn + t->io_refs_at) = PyLong_FromLong(0);     /* (cached) */
+        *(PyObject **)((char *)conn + t->closed_at) = Py_NewRef(Py_False);
         /* __init__'s audit event (PEP 578), which an audit hook may refuse */
-        if (PySys_Audit("socket.__new__", "Oiii", conn, self->c_family, self->c_type,
-                        self->c_proto) < 0) {
+        if (PySys_Audit("socket.__new__", "Oiii", conn, t->family, t->type, t->proto) < 0) {
             *(int *)fields = -1;        /* (the caller closes fd) */
             Py_DECREF(conn);
             return NULL;
@@ -217,14 +247,14 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
     unsigned long long accept, begin, board, addr, addrlen;
     long long slot;
     int listen_fd, epoll_fd, wake_fd;
-    PyObject *owner, *socket_type, *family, *type, *proto, *decode;
+    PyObject *owner, *socket_type, *family, *type, *proto, *decode, *template = Py_None;
     static char *names[] = {"entry", "owner", "socket_type", "family", "type", "proto",
-                            "decode", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "(KKKLiiiKK)OOO!O!O!O:Acceptor", names,
+                            "decode", "template", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "(KKKLiiiKK)OOO!O!O!O|O:Acceptor", names,
                                      &accept, &begin, &board, &slot, &listen_fd, &epoll_fd,
                                      &wake_fd, &addr, &addrlen, &owner, &socket_type,
                                      &PyLong_Type, &family, &PyLong_Type, &type,
-                                     &PyLong_Type, &proto, &decode))
+                                     &PyLong_Type, &proto, &decode, &template))
         return -1;
     (void)begin;
     if (self->accept != NULL) {     /* (a call may be under way, the GIL released) */
@@ -253,20 +283,21 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->family, Py_NewRef(family));
     Py_XSETREF(self->type, Py_NewRef(type));
     Py_XSETREF(self->proto, Py_NewRef(proto));
-    PyObject *c_module = PyImport_ImportModule("_socket");   /* (not a patched socket's) */
-    if (c_module == NULL)
-        return -1;
-    Py_XSETREF(self->default_timeout, PyObject_GetAttrString(c_module, "getdefaulttimeout"));
-    Py_DECREF(c_module);
-    if (self->default_timeout == NULL)
-        return -1;
     long f = PyLong_AsLong(family), t = PyLong_AsLong(type), p = PyLong_AsLong(proto);
     if (PyErr_Occurred())
         return -1;
-    self->c_family = (int)f;
-    self->c_type = (int)t;
-    self->c_proto = (int)p;
-    self->fast = probe_layout(self, (int)f, (int)t, (int)p);
+    /* The master's template, if it was made for this very socket type and
+     * kind of socket (anything else: sockets are made by calling the type). */
+    self->fast = 0;
+    if (template != Py_None) {
+        if (!PyBytes_Check(template) || PyBytes_GET_SIZE(template) != sizeof self->t) {
+            PyErr_SetString(PyExc_TypeError, "Acceptor: template is not one of template()'s");
+            return -1;
+        }
+        memcpy(&self->t, PyBytes_AS_STRING(template), sizeof self->t);
+        self->fast = self->t.socket_type == (uintptr_t)socket_type && self->t.family == f
+            && self->t.type == t && self->t.proto == p;
+    }
     return 0;
 }
 
@@ -368,7 +399,6 @@ static int acceptor_traverse(Acceptor *self, visitproc visit, void *arg)
     Py_VISIT(self->owner);
     Py_VISIT(self->socket_type);
     Py_VISIT(self->decode);
-    Py_VISIT(self->default_timeout);
     return 0;
 }
 
@@ -380,7 +410,6 @@ static int acceptor_clear(Acceptor *self)
     Py_CLEAR(self->family);
     Py_CLEAR(self->type);
     Py_CLEAR(self->proto);
-    Py_CLEAR(self->default_timeout);
     self->accept = NULL;
     self->fast = 0;
     return 0;
@@ -416,17 +445,34 @@ static PyTypeObject AcceptorType = {
     .tp_dealloc = (destructor)acceptor_dealloc,
 };
 
+static PyMethodDef accept_methods[] = {
+    {"template", accept_template, METH_VARARGS,
+     "template(socket_type, family, type, proto, fd) -> bytes | None: a checked socket "
+     "of socket_type's fields, for Acceptor (made in the master, before it forks)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef accept_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "mps._accept",
     .m_doc = "A child's accept in C: Scoreboard.accept's C call, socket and address.",
     .m_size = 0,
+    .m_methods = accept_methods,
 };
 
 PyMODINIT_FUNC PyInit__accept(void)
 {
     if (PyType_Ready(&AcceptorType) < 0)
         return NULL;
+    if (default_timeout == NULL) {      /* (_socket's: not a patched socket module's) */
+        PyObject *c_module = PyImport_ImportModule("_socket");
+        if (c_module == NULL)
+            return NULL;
+        default_timeout = PyObject_GetAttrString(c_module, "getdefaulttimeout");
+        Py_DECREF(c_module);
+        if (default_timeout == NULL)
+            return NULL;
+    }
     PyObject *module = PyModule_Create(&accept_module);
     if (module == NULL)
         return NULL;

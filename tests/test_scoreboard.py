@@ -1144,9 +1144,15 @@ def test_the_c_acceptor_honours_a_default_timeout_and_other_socket_types() -> No
             assert conn.gettimeout() == 7.5 and not os.get_blocking(conn.fileno())
         peers = board._peers
         assert peers is not None
+        # The master's template is socket.socket's: it is not taken for
+        # another type, and none is made for one.
+        assert board._template is not None
         other = scoreboard._Acceptor(board.accept_entry(slot, w.listener), board, Mine,
-                                     peers.family, peers.type, peers.proto, peers.decode)
+                                     peers.family, peers.type, peers.proto, peers.decode,
+                                     board._template)
         assert other.fast == 0
+        assert scoreboard._socket_template(Mine, peers.family, peers.type, peers.proto,
+                                           peers.fd) is None
         made.append(socket.create_connection(w.listener.getsockname(), timeout=DEADLINE))
         conn, _ = other(True)
         with conn:

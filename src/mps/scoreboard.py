@@ -56,9 +56,9 @@ try:
 except ImportError:  # no compiler at install time: the Python backend serves
     _ffi = _lib = None
 try:
-    from ._accept import Acceptor as _Acceptor
+    from ._accept import Acceptor as _Acceptor, template as _socket_template
 except ImportError:  # (built with the C core; accept() is the same call, from Python)
-    _Acceptor = None    # type: ignore[assignment,misc]
+    _Acceptor = _socket_template = None     # type: ignore[assignment,misc]
 
 log = logging.getLogger("mps")
 
@@ -374,6 +374,7 @@ class CScoreboard(Scoreboard):
         self._peers: Peers | None = None
         self._peer_buf: Any = None
         self._entry: tuple[int, ...] = ()
+        self._template: bytes | None = None
         self.busy = partial(_lib.mps_busy, self._board)
         self.idle = partial(_lib.mps_idle, self._board)
         self.idle_count = partial(_lib.mps_idle_count, self._board)
@@ -422,6 +423,11 @@ class CScoreboard(Scoreboard):
         self._entry = tuple(int(_ffi.cast("uintptr_t", p)) for p in (
             _ffi.addressof(_lib, "mps_accept_busy"), _ffi.addressof(_lib, "mps_begin_request"),
             self._board, self._peer_buf, self._addrlen))
+        # The acceptor's checked socket template (mps._accept), made here
+        # too: probing in a child would copy every page it touches.
+        peers = self._peers
+        self._template = None if _socket_template is None else _socket_template(
+            socket.socket, peers.family, peers.type, peers.proto, peers.fd)
 
     def accept(self, slot: int, listener: socket.socket, idle_first: bool = False,
                wait: bool = True) -> tuple[socket.socket, Any]:
@@ -475,7 +481,7 @@ class CScoreboard(Scoreboard):
         peers = self._peers
         assert peers is not None
         return _Acceptor(entry, self, socket.socket, peers.family, peers.type, peers.proto,
-                         peers.decode)
+                         peers.decode, self._template)
 
     def adopt(self, fd: int) -> tuple[socket.socket, Any]:
         """accept()'s answer for a connection a C caller accepted (accept_entry)."""
