@@ -63,8 +63,8 @@ setup(
     # The HTTP layer's per-request string work (a CPython extension: it builds
     # dicts and bytes, which cffi cannot hand back cheaply).
     # A child's accept, socket and address in C (Scoreboard.acceptor), for
-    # the same reason; the two share src/_mpsaddr.h.
-    ext_modules=[Extension("mps.http._speedups", ["src/_mpshttp.c"], depends=["src/_mpsaddr.h"]),
-                 Extension("mps._accept", ["src/_mpsaccept.c"], depends=["src/_mpsaddr.h"])],
+    # the same reason; the two share src/_mpschild.h.
+    ext_modules=[Extension("mps.http._speedups", ["src/_mpshttp.c"], depends=["src/_mpschild.h"]),
+                 Extension("mps._accept", ["src/_mpsaccept.c"], depends=["src/_mpschild.h"])],
     cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithCore},
 )

@@ -1,7 +1,7 @@
 /*
  * _mpsaccept.c - mps._accept: a child's accept, start to finish in C.
  *
- *   Acceptor(entry, owner, socket_type, family, type, proto, decode)
+ *   Acceptor(entry, owner, socket_type, family, type, proto, decode, template=None)
  *       entry: what Scoreboard.accept_entry(slot, listener) hands over (the
  *       C core's mps_accept_busy, the board, the slot, the fds and the peer
  *       buffer, as addresses); owner keeps that memory alive (the board);
@@ -34,11 +34,7 @@
 #include <stdint.h>
 #include <unistd.h>
 
-#include "_mpsaddr.h"
-
-/* mps_accept_busy (src/_mpscore.c), as Scoreboard.accept_entry hands it over */
-typedef int (*accept_fn)(void *board, int64_t slot, int listen_fd, int epoll_fd,
-                         int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
+#include "_mpschild.h"
 
 /* What template() checked and copied, handed to each child's Acceptor. */
 struct socket_template {
@@ -52,11 +48,8 @@ struct socket_template {
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;      /* acceptor(idle_first): no argument tuple */
-    accept_fn accept;
-    void *board, *addr;
-    uint32_t *addrlen;
-    int64_t slot;
-    int listen_fd, epoll_fd, wake_fd;
+    int ready;                      /* __init__ ran */
+    struct mps_entry entry;         /* the C core's accept (see _mpschild.h) */
     PyObject *owner, *socket_type, *decode;
     PyObject *family, *type, *proto;        /* socket_type's first three arguments */
     int idle_owed;          /* a connection was lost after its busy transition */
@@ -244,39 +237,24 @@ static PyObject *make_socket(Acceptor *self, int fd)
 
 static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
 {
-    unsigned long long accept, begin, board, addr, addrlen;
-    long long slot;
-    int listen_fd, epoll_fd, wake_fd;
+    struct mps_entry entry;
     PyObject *owner, *socket_type, *family, *type, *proto, *decode, *template = Py_None;
     static char *names[] = {"entry", "owner", "socket_type", "family", "type", "proto",
                             "decode", "template", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "(KKKLiiiKK)OOO!O!O!O|O:Acceptor", names,
-                                     &accept, &begin, &board, &slot, &listen_fd, &epoll_fd,
-                                     &wake_fd, &addr, &addrlen, &owner, &socket_type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O&OOO!O!O!O|O:Acceptor", names,
+                                     mps_entry_converter, &entry, &owner, &socket_type,
                                      &PyLong_Type, &family, &PyLong_Type, &type,
                                      &PyLong_Type, &proto, &decode, &template))
         return -1;
-    (void)begin;
-    if (self->accept != NULL) {     /* (a call may be under way, the GIL released) */
+    if (self->ready) {      /* (a call may be under way, the GIL released) */
         PyErr_SetString(PyExc_RuntimeError, "Acceptor: already initialised");
-        return -1;
-    }
-    if (accept == 0 || board == 0 || addr == 0 || addrlen == 0) {
-        PyErr_SetString(PyExc_ValueError, "Acceptor: a NULL address in entry");
         return -1;
     }
     if (!PyCallable_Check(socket_type) || !PyCallable_Check(decode)) {
         PyErr_SetString(PyExc_TypeError, "Acceptor: socket_type and decode must be callable");
         return -1;
     }
-    self->accept = (accept_fn)(uintptr_t)accept;
-    self->board = (void *)(uintptr_t)board;
-    self->addr = (void *)(uintptr_t)addr;
-    self->addrlen = (uint32_t *)(uintptr_t)addrlen;
-    self->slot = slot;
-    self->listen_fd = listen_fd;
-    self->epoll_fd = epoll_fd;
-    self->wake_fd = wake_fd;
+    self->entry = entry;
     Py_XSETREF(self->owner, Py_NewRef(owner));
     Py_XSETREF(self->socket_type, Py_NewRef(socket_type));
     Py_XSETREF(self->decode, Py_NewRef(decode));
@@ -298,6 +276,7 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
         self->fast = self->t.socket_type == (uintptr_t)socket_type && self->t.family == f
             && self->t.type == t && self->t.proto == p;
     }
+    self->ready = 1;
     return 0;
 }
 
@@ -305,7 +284,7 @@ static int acceptor_init(Acceptor *self, PyObject *args, PyObject *kwds)
  * here, anything else through decode(addrlen). */
 static PyObject *peer_address(Acceptor *self, uint32_t len)
 {
-    const struct sockaddr *sa = (const struct sockaddr *)self->addr;
+    const struct sockaddr *sa = (const struct sockaddr *)self->entry.addr;
     char host[INET6_ADDRSTRLEN];
     int port;
     if (sa->sa_family != AF_INET || len < sizeof(struct sockaddr_in)
@@ -340,7 +319,7 @@ static PyObject *acceptor_call(PyObject *obj, PyObject *const *args, size_t narg
                                PyObject *kwnames)
 {
     Acceptor *self = (Acceptor *)obj;
-    if (self->accept == NULL) {
+    if (!self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Acceptor: not initialised");
         return NULL;
     }
@@ -355,22 +334,12 @@ static PyObject *acceptor_call(PyObject *obj, PyObject *const *args, size_t narg
         idle_first = 1;
         self->idle_owed = 0;
     }
-    /* (the call's arguments read while the GIL is held) */
-    accept_fn accept = self->accept;
-    void *board = self->board, *addr = self->addr;
-    uint32_t *addrlen = self->addrlen;
-    int64_t slot = self->slot;
-    int listen_fd = self->listen_fd, epoll_fd = self->epoll_fd, wake_fd = self->wake_fd;
-    *addrlen = (uint32_t)sizeof(struct sockaddr_storage);
-    int fd;
-    Py_BEGIN_ALLOW_THREADS
-    fd = accept(board, slot, listen_fd, epoll_fd, idle_first, wake_fd, addr, addrlen);
-    Py_END_ALLOW_THREADS
+    int fd = mps_entry_accept(&self->entry, idle_first);
     if (fd < 0) {
         errno = -fd;
         return PyErr_SetFromErrno(PyExc_OSError);   /* (its subclass, as accept() raises) */
     }
-    PyObject *address = peer_address(self, *addrlen);
+    PyObject *address = peer_address(self, *self->entry.addrlen);
     if (address == NULL)
         return lost(self, fd);
     PyObject *conn = make_socket(self, fd);
@@ -410,7 +379,7 @@ static int acceptor_clear(Acceptor *self)
     Py_CLEAR(self->family);
     Py_CLEAR(self->type);
     Py_CLEAR(self->proto);
-    self->accept = NULL;
+    self->ready = 0;
     self->fast = 0;
     return 0;
 }

@@ -1622,7 +1622,7 @@ static PyObject *speedups_configure(PyObject *module, PyObject *args)
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "_mpsaddr.h"
+#include "_mpschild.h"
 
 static PyObject *str_start_response, *str_write, *str_send_interim,
     *key_forwarded_for, *key_forwarded_proto;
@@ -1665,12 +1665,6 @@ static PyObject *speedups_date(PyObject *module, PyObject *unused)
     return Py_XNewRef(date_header());
 }
 
-/* mps_accept_busy and mps_begin_request (src/_mpscore.c), as
- * Scoreboard.accept_entry hands them over */
-typedef int (*accept_fn)(void *board, int64_t slot, int listen_fd, int epoll_fd,
-                         int idle_first, int wake_fd, void *addr, uint32_t *addrlen);
-typedef int (*begin_fn)(void *board, int64_t slot, const char *method, const char *target);
-
 typedef struct {
     PyObject_HEAD
     /* what WSGIHandler hands over once (see its __init__) */
@@ -1678,12 +1672,7 @@ typedef struct {
         *header_error, *check, *forwarded;
     /* the connection loop (serve_one), once attach() ran in the child */
     int attached;
-    accept_fn accept;
-    begin_fn begin;         /* PoolView.begin_request's call */
-    void *board, *addr;
-    uint32_t *addrlen;
-    int64_t slot;
-    int listen_fd, epoll_fd, wake_fd;
+    struct mps_entry entry;         /* the C core's accept (see _mpschild.h) */
     Py_buffer buf;                  /* the child's read buffer */
     struct lone *lone;              /* the parse of each connection's first bytes */
     Sink *sink;                     /* its requests (ready: a list) */
@@ -2210,9 +2199,9 @@ static PyObject *loop_peer(Responder *self, int fd)
 {
     char host[INET6_ADDRSTRLEN];
     int port;
-    int unix_peer = ((const struct sockaddr *)self->addr)->sa_family == AF_UNIX;
+    int unix_peer = ((const struct sockaddr *)self->entry.addr)->sa_family == AF_UNIX;
     if (!unix_peer
-            && address_text((const struct sockaddr *)self->addr, host, sizeof host, &port) < 0)
+            && address_text((const struct sockaddr *)self->entry.addr, host, sizeof host, &port) < 0)
         return NULL;
     PyObject *server = self->server;
     if (server == NULL && (server = loop_server(self, fd)) == NULL)
@@ -2329,7 +2318,7 @@ static PyObject *serve_connection(Responder *self, int fd)
         goto python;
     }
     /* (bytes end in a NUL, and llhttp lets none into either) */
-    self->begin(self->board, self->slot, PyBytes_AS_STRING(req->method),
+    self->entry.begin(self->entry.board, self->entry.slot, PyBytes_AS_STRING(req->method),
                 PyBytes_AS_STRING(req->url));
     out = respond_core(self, NULL, fd, Py_None, req, peer, 0, &x);
     if (out == NULL) {
@@ -2388,12 +2377,7 @@ static PyObject *responder_serve_one(Responder *self, PyObject *idle_first_obj)
     int idle_first = PyObject_IsTrue(idle_first_obj);
     if (idle_first < 0)
         return NULL;
-    *self->addrlen = (uint32_t)sizeof(struct sockaddr_storage);
-    int fd;
-    Py_BEGIN_ALLOW_THREADS
-    fd = self->accept(self->board, self->slot, self->listen_fd, self->epoll_fd, idle_first,
-                      self->wake_fd, self->addr, self->addrlen);
-    Py_END_ALLOW_THREADS
+    int fd = mps_entry_accept(&self->entry, idle_first);
     if (fd < 0)
         return PyLong_FromLong(fd);
     return serve_connection(self, fd);
@@ -2405,21 +2389,15 @@ static PyObject *responder_serve_one(Responder *self, PyObject *idle_first_obj)
  * finish() and the server-name cache. */
 static PyObject *responder_attach(Responder *self, PyObject *args)
 {
-    unsigned long long accept, begin, board, addr, addrlen;
-    long long slot, request_line, fields, field_size, max_body;
-    int listen_fd, epoll_fd, wake_fd;
+    struct mps_entry entry;
+    long long request_line, fields, field_size, max_body;
     PyObject *owner, *buffer, *make_socket, *handler;
-    if (!PyArg_ParseTuple(args, "(KKKLiiiKK)OO(LLLL)OO:attach", &accept, &begin, &board,
-                          &slot, &listen_fd, &epoll_fd, &wake_fd, &addr, &addrlen, &owner,
+    if (!PyArg_ParseTuple(args, "O&OO(LLLL)OO:attach", mps_entry_converter, &entry, &owner,
                           &buffer, &request_line, &fields, &field_size, &max_body,
                           &make_socket, &handler))
         return NULL;
     if (!ll_bound) {
         PyErr_SetString(PyExc_RuntimeError, "attach(): llhttp() is not bound");
-        return NULL;
-    }
-    if (accept == 0 || begin == 0 || board == 0 || addr == 0 || addrlen == 0) {
-        PyErr_SetString(PyExc_ValueError, "attach(): a NULL address");
         return NULL;
     }
     if (self->lone == NULL && (self->lone = PyMem_Calloc(1, sizeof *self->lone)) == NULL)
@@ -2449,15 +2427,7 @@ static PyObject *responder_attach(Responder *self, PyObject *args)
         return NULL;
     }
     Py_XSETREF(self->sink, sink);
-    self->accept = (accept_fn)(uintptr_t)accept;
-    self->begin = (begin_fn)(uintptr_t)begin;
-    self->board = (void *)(uintptr_t)board;
-    self->addr = (void *)(uintptr_t)addr;
-    self->addrlen = (uint32_t *)(uintptr_t)addrlen;
-    self->slot = slot;
-    self->listen_fd = listen_fd;
-    self->epoll_fd = epoll_fd;
-    self->wake_fd = wake_fd;
+    self->entry = entry;
     Py_XSETREF(self->make_socket, Py_NewRef(make_socket));
     Py_XSETREF(self->finish, finish);
     Py_XSETREF(self->handler, Py_NewRef(handler));

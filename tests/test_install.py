@@ -56,7 +56,7 @@ def test_sdist_carries_what_building_and_testing_need(dists: dict[str, Path]) ->
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     needed = {"pyproject.toml", "setup.py", "build_ffi.py", "MANIFEST.in", "README.md",
               "LICENSE", "src/_mpscore.c", "src/_mpshttp.c", "src/_mpsaccept.c",
-              "src/_mpsaddr.h", "src/mps/py.typed", "benchmarks/RESULTS.md",
+              "src/_mpschild.h", "src/mps/py.typed", "benchmarks/RESULTS.md",
               "scripts/update_readme.py", ".ci/run"}
     needed |= {f"src/mps/_bench/{p.name}" for p in (ROOT / "src/mps/_bench").glob("*.c")}
     needed |= {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}
