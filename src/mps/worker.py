@@ -6,8 +6,8 @@ wait and accept4() with the GIL released, the busy transition and the
 master's wake-up when idle children ran short.  On the C backend that is one
 C call, and the socket and the peer's address are made in C too
 (``mps._accept``; the socket from a checked template, without
-``socket.socket.__init__`` and its getsockname()).  Nothing on that path logs or allocates beyond the
-connection.
+``socket.socket.__init__`` and its getsockname()).  Nothing on that path logs
+or allocates beyond the connection.
 
 A handler may take the accept over (``direct``: mps.http's C connection
 loop, on the C board): one C call then accepts the same way and serves the
